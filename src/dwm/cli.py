@@ -1,0 +1,66 @@
+"""The `dwm` command. Each subcommand lives in the module that does its work; that module exposes
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only for the subcommand invoked,
+so `dwm prepare` does not pay for importing transformers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from dwm.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": ("dwm.data.corpus", "build the multi-domain corpus from package registries"),
+    "target": ("dwm.data.target", "build LAMBADA-style reference/heldout target sets from held-out novels"),
+    "prepare": ("dwm.data.prepare", "tokenize documents into fixed-length samples (memmap + parquet)"),
+    "train": ("dwm.train.cli", "train a LLaMA-style LM, uniform or with a data weighting model"),
+    "eval": ("dwm.eval.cli", "evaluate a run: held-out loss per domain, LAMBADA accuracy/perplexity, lm-eval"),
+    "export": ("dwm.eval.export", "export a run's model as a Hugging Face directory"),
+    "demo": ("dwm.demo", "prepare the shipped corpus, train uniform and DWM, evaluate, print both"),
+}
+
+
+def _setup_env() -> None:
+    # No dataset or model hub is reachable in the places this runs; fail fast instead of retrying for a minute.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dwm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_env()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:  # a bad input or config: one clear line, no traceback
+        print(f"dwm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

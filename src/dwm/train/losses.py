@@ -1,0 +1,31 @@
+"""Per-sample language-modelling loss: the quantity every weighter weights.
+
+A sample is one row of the prepared memmap: `seq_len` token ids of which the first `n_tokens` are real and the
+rest padding. The loss of sample i is the mean next-token NLL over its real predicted positions
+(positions 1..n_tokens-1 predicted from their prefixes), so that a short padded sample and a full one are on the
+same scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def target_mask(n_tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, T-1] bool: which shifted positions are real targets (target index j+1 < n_tokens)."""
+    pos = torch.arange(1, seq_len, device=n_tokens.device)
+    return pos.unsqueeze(0) < n_tokens.unsqueeze(1)
+
+
+def per_sample_nll(logits: torch.Tensor, input_ids: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL per sequence, [B] in float32 (computed in float32 even under bf16 autocast).
+
+    logits: [B, T, V]; input_ids: [B, T]; n_tokens: [B] number of real tokens (>= 2 for a defined loss).
+    """
+    B, T, V = logits.shape
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = input_ids[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, V), shift_labels.reshape(-1), reduction="none").view(B, T - 1)
+    mask = target_mask(n_tokens, T).to(nll.dtype)
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)

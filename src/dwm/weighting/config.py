@@ -1,0 +1,89 @@
+"""Configuration of the Data Weighting Model: its network, the bi-level update and the stage schedule.
+
+Defaults and why (the paper's text is not available here; see docs/METHOD.md for the derivations):
+- weights w = B * softmax(s / tau): sum to the batch size, w == 1 is uniform training (tau = 1).
+- backend "fd": central finite differences of per-sample losses along v = P grad L_ref(theta'), two forward
+  passes, no second-order graph, so it works with SDPA, torch.compile and DDP; "exact" is the reference.
+- lookahead lr = the LM's current learning rate and P = Adam's current preconditioner ("adam"): the lookahead then
+  points where the real optimizer would move, which is what the weights affect (DoReMi/SoftMoE-style SGD
+  lookaheads mis-scale the step under Adam by orders of magnitude).
+- 5 stages (the paper's number), M bi-level updates at the start of each stage, M = 4% of the stage's LM steps
+  by default, which keeps a whole run's overhead near 1.1x of uniform training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WeightingNetConfig:
+    """The scoring network f_phi(x) -> s."""
+
+    layers: int = 2
+    """transformer encoder layers"""
+    width: int = 128
+    """hidden width"""
+    heads: int = 4
+    """attention heads"""
+    max_len: int = 256
+    """score only the first max_len tokens of a sample (cost control)"""
+    init_from_lm_embedding: bool = False
+    """initialise the token embedding from the LM's (projected to `width` when sizes differ)"""
+    batch_context: bool = False
+    """self-attention across the batch's pooled vectors, so a sample's weight can depend on the rest of the batch"""
+    use_loss_feature: bool = False
+    """feed the LM's current per-sample loss (needs one extra no-grad LM forward per batch)"""
+    use_domain_feature: bool = False
+    """feed a learned embedding of the sample's domain id"""
+    dropout: float = 0.0
+    """dropout inside the encoder"""
+
+
+@dataclass
+class WeightingConfig:
+    """How the batch is weighted: uniform, a learned DWM, or a replayed DWM from another run."""
+
+    mode: str = "uniform"
+    """'uniform', 'dwm' (learn a weighting model by bi-level optimisation), or a RUN_DIR whose stage models to replay"""
+    keep_learning: bool = False
+    """with mode=RUN_DIR: keep updating the replayed model by bi-level updates"""
+    net: WeightingNetConfig = field(default_factory=WeightingNetConfig)
+    temperature: float = 1.0
+    """tau in w = B * softmax(s / tau)"""
+    floor: float = 0.0
+    """lambda in w = (1 - lambda) w + lambda: mixes in uniform weighting"""
+    reference: str = "data/target/reference.jsonl"
+    """LAMBADA-format JSONL the weighting model optimises against (never the heldout split)"""
+    ref_loss: str = "passage"
+    """outer loss on reference passages: 'passage' (mean NLL of every token) or 'target' (NLL of the last word)"""
+    ref_batch_size: int = 16
+    """reference passages per bi-level update"""
+    backend: str = "fd"
+    """hypergradient backend: 'fd' (finite differences, default) or 'exact' (double backward, math attention)"""
+    fd_eps: float = 1e-2
+    """finite-difference step: the perturbation eps*v has norm fd_eps * max(1, ||theta||/sqrt(n)) (see METHOD.md)"""
+    precondition: str = "adam"
+    """P in theta' = theta - eta P g: 'adam' (LM optimizer's current 1/(sqrt(v_hat)+eps)) or 'sgd' (identity)"""
+    lookahead_lr: float = 0.0
+    """eta of the lookahead; 0 = the LM's current learning rate"""
+    schedule: str = "staged"
+    """'staged': K stages, M updates at each stage start then frozen; 'interleaved': one update every `interval` steps"""
+    stages: int = 5
+    """K, number of stages (the paper's 5)"""
+    updates_per_stage: int = 0
+    """M; 0 = auto: max(1, round(update_fraction * steps per stage))"""
+    update_fraction: float = 0.04
+    """with updates_per_stage=0, M as a fraction of the stage's LM steps"""
+    interval: int = 25
+    """interleaved schedule: LM steps between weighting-model updates"""
+    lr: float = 1e-3
+    """weighting model AdamW learning rate"""
+    weight_decay: float = 0.01
+    """weighting model AdamW weight decay"""
+    grad_clip: float = 1.0
+    """clip of the weighting model's gradient norm"""
+    probe_size: int = 2000
+    """training samples (stratified by domain, fixed) scored at every stage boundary for dwm analyze"""
+    min_ess_fraction: float = 0.1
+    """warn when effective sample size / B falls below this"""

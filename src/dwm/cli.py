@@ -31,7 +31,7 @@ def _setup_env() -> None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dwm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dwm", description="dwm: learned, dynamic data weighting for LLM pretraining")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

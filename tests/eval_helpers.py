@@ -1,0 +1,90 @@
+"""Shared builders for the eval/export/harness tests: a tiny trained LLaMA run directory and LAMBADA passages.
+
+The model is overfit for a few seconds on the passages themselves so that some targets are predicted greedily
+(otherwise every accuracy in the comparisons would trivially be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = ["the", "cat", "dog", "house", "garden", "river", "stone", "light", "night", "morning", "king", "queen", "ship", "harbour", "letter", "window", "forest", "bread", "candle", "winter", "summer", "road", "mountain", "village", "doctor", "captain", "sister", "brother"]
+
+
+def make_passages(n: int = 20, seed: int = 0) -> list[str]:
+    """Passages whose last word also occurs earlier (LAMBADA-like), of varying length (some > 64 tokens)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        target = WORDS[i % len(WORDS)]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 45))]
+        words.insert(rng.randrange(len(words)), target)
+        if i % 5 == 0:
+            words[2] = words[2] + ","  # punctuation inside the context
+        out.append(" ".join(words + ["and", "then", "the", target]))
+    return out
+
+
+def write_jsonl(passages: list[str], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in passages)
+    return path
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def make_model(vocab_size: int, max_len: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_len,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def overfit(model, tok, texts: list[str], steps: int = 60, seq: int = 64) -> None:
+    """A few Adam steps on the passages so the greedy predictions hit some targets."""
+    eos = tok.token_to_id("<|endoftext|>")
+    ids = [i for t in texts for i in tok.encode(t).ids + [eos]]
+    rows = torch.tensor([ids[i:i + seq] for i in range(0, len(ids) - seq, seq // 2)], dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(rows, labels=rows).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def make_run(root: Path, passages: list[str], step: int = 10, train_steps: int = 60) -> Path:
+    """A run directory following docs/ARCHITECTURE.md: tokenizer.json, config.toml, checkpoints/LATEST -> model."""
+    run = root / "run"
+    tok = train_tokenizer(passages)
+    model = make_model(tok.get_vocab_size())
+    overfit(model, tok, passages, steps=train_steps)
+    name = f"step_{step:08d}"
+    (run / "checkpoints" / name).mkdir(parents=True)
+    model.save_pretrained(run / "checkpoints" / name / "model")
+    (run / "checkpoints" / "LATEST").write_text(name + "\n")
+    tok.save(str(run / "tokenizer.json"))
+    (run / "config.toml").write_text('[model]\npreset = "test"\n')
+    with open(run / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": step, "tokens": step * 128, "loss": 5.0}) + "\n")
+    return run

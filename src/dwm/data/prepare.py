@@ -1,0 +1,451 @@
+"""`dwm prepare`: documents -> fixed-length token samples (DIR/{split}.bin memmap) + metadata (DIR/{split}.parquet).
+
+Output format: docs/ARCHITECTURE.md ("Prepared data directory"). Design points:
+  * memory is bounded whatever the corpus size: documents stream from the readers in chunks of ~1 MB, a bounded
+    number of chunks are being tokenized at once, rows are appended to the .bin file as they are cut and
+    parquet metadata goes out in row groups;
+  * the split is by document: hash(seed, doc_id) < val_fraction -> val, so a document never straddles splits
+    and the split does not depend on input order or the number of workers;
+  * everything is written into DIR/.tmp-prepare and moved into DIR at the end, meta.json last: a killed run
+    leaves no meta.json, and its re-run starts clean and produces the same bytes as an uninterrupted run;
+  * a finished DIR whose fingerprint (input paths, sizes, mtimes and the options) matches is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dwm.data import tokenizer as tkz
+from dwm.data.readers import Document, InputSource, ReadOptions, SkipCounter, expand_inputs, iter_documents
+from dwm.errors import UserError
+
+FORMAT = "dwm-prepared/1"
+SPLITS = ("train", "val")
+FIXED_COLUMNS = ("sample_id", "doc_id", "domain", "source", "n_tokens")
+OUTPUT_FILES = ("tokenizer.json", "stats.json", *(f"{s}.{e}" for s in SPLITS for e in ("bin", "parquet")))
+TMP_NAME = ".tmp-prepare"
+CHUNK_BYTES = 1 << 20  # text per tokenization task: large enough to amortise overhead, small for memory
+ROW_GROUP = 65536
+# Test hook: hard-exit (like a kill) after this many documents have been written. Used by tests only.
+CRASH_ENV = "DWM_PREPARE_CRASH_AFTER_DOCS"
+
+
+@dataclass
+class PrepareOptions:
+    text_field: str = "text"
+    id_field: str = "id"
+    domain_field: str | None = None
+    score_fields: tuple[str, ...] = ()
+    tokenizer: str | None = None  # path to tokenizer.json / HF tokenizer dir; None: train a BPE
+    vocab_size: int = 8192
+    tokenizer_sample_mb: float = 32.0
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    packing: str = "stream"
+    on_error: str = "skip"
+    workers: int = 0  # 0: all cores
+    seed: int = 0
+    force: bool = False
+    progress: bool | None = None  # None: only on a terminal
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.packing not in ("stream", "doc"):
+            raise UserError(f"--packing must be stream or doc, not {self.packing!r}")
+        if self.on_error not in ("skip", "fail"):
+            raise UserError(f"--on-error must be skip or fail, not {self.on_error!r}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if self.tokenizer_sample_mb <= 0:
+            raise UserError("--tokenizer-sample-mb must be > 0")
+        bad = [f for f in self.score_fields if f in FIXED_COLUMNS]
+        if bad or len(set(self.score_fields)) != len(self.score_fields):
+            raise UserError(f"--score-fields must be distinct and not named like a fixed column {FIXED_COLUMNS}")
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(self.text_field, self.id_field, self.domain_field, tuple(self.score_fields),
+                           self.on_error)
+
+
+def is_val(doc_id: str, seed: int, val_fraction: float) -> bool:
+    """Deterministic document-level split: a 64-bit hash of (seed, doc_id) against the fraction."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "little") < val_fraction * 2.0**64
+
+
+# --- fingerprint / completion ---------------------------------------------------------------------------------
+def _file_sig(p: Path) -> list:
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(sources: list[InputSource], opts: PrepareOptions) -> str:
+    """Hash of what determines the output: input files (path, size, mtime) and the options that matter."""
+    files = []
+    for s in sources:
+        files.extend(_file_sig(f) for f in (s.files or (s.path,)))
+    o = asdict(opts)
+    for k in ("workers", "force", "progress"):
+        o.pop(k)
+    if opts.tokenizer:
+        tp = Path(opts.tokenizer)
+        o["tokenizer"] = [_file_sig(f) for f in sorted(tp.iterdir()) if f.is_file()] if tp.is_dir() \
+            else _file_sig(tp)
+    blob = json.dumps({"format": FORMAT, "files": files, "options": o}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_complete(out: Path, fp: str) -> bool:
+    """True when out/meta.json is a finished prepare with this fingerprint and all its files exist."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("fingerprint") == fp and all((out / f).is_file() for f in OUTPUT_FILES)
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+class SplitWriter:
+    """Cuts one split's token stream into rows, appends them to {split}.bin and their metadata to parquet."""
+
+    def __init__(self, d: Path, name: str, seq_len: int, dtype: np.dtype, eos_id: int, pad_id: int,
+                 packing: str, score_columns: tuple[str, ...]):
+        self.seq_len, self.dtype, self.eos_id, self.pad_id, self.packing = seq_len, dtype, eos_id, pad_id, packing
+        self.score_columns = score_columns
+        self.bin = open(d / f"{name}.bin", "wb")  # noqa: SIM115 - closed in close()
+        fields = [("sample_id", pa.int64()), ("doc_id", pa.string()), ("domain", pa.string()),
+                  ("source", pa.string()), ("n_tokens", pa.int32())]
+        self.schema = pa.schema(fields + [(c, pa.float64()) for c in score_columns])
+        self.pq = pq.ParquetWriter(d / f"{name}.parquet", self.schema, compression="zstd")
+        self.n_samples = self.n_docs = self.n_real_tokens = 0
+        self._meta: list[tuple] = []  # per pending row: (doc_id, domain, source, n_tokens, scores)
+        # stream packing state: pending token arrays and, per pending document, its start and metadata
+        self._buf: list[np.ndarray] = []
+        self._buf_len = 0
+        self._starts: list[int] = []
+        self._docs: list[tuple] = []
+
+    def add(self, doc: Document, ids: list[int]) -> None:
+        arr = np.empty(len(ids) + 1, dtype=self.dtype)
+        arr[:-1] = ids
+        arr[-1] = self.eos_id
+        self.n_docs += 1
+        info = (doc.doc_id, doc.domain, doc.source, doc.scores)
+        if self.packing == "doc":
+            self._emit_stream(arr, [0], [info], final=True)
+            return
+        self._buf.append(arr)
+        self._starts.append(self._buf_len)
+        self._docs.append(info)
+        self._buf_len += len(arr)
+        if self._buf_len >= 64 * self.seq_len:
+            self._drain(final=False)
+
+    def end_source(self) -> None:
+        """A source's stream ends: its last partial row is padded (stream packing never crosses sources)."""
+        if self._buf:
+            self._drain(final=True)
+
+    def _drain(self, final: bool) -> None:
+        stream = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
+        consumed = self._emit_stream(stream, self._starts, self._docs, final)
+        rest = stream[consumed:]
+        if len(rest) == 0:
+            self._buf, self._buf_len, self._starts, self._docs = [], 0, [], []
+            return
+        k = int(np.searchsorted(np.asarray(self._starts), consumed, side="right")) - 1
+        self._buf, self._buf_len = [rest], len(rest)
+        self._starts = [s - consumed for s in self._starts[k:]]
+        self._docs = self._docs[k:]
+
+    def _emit_stream(self, stream: np.ndarray, starts: list[int], docs: list[tuple], final: bool) -> int:
+        """Write every full row of `stream` (and the padded tail if final); return the tokens consumed."""
+        L = self.seq_len
+        n_full = len(stream) // L
+        n_rows = n_full + (1 if final and len(stream) % L else 0)
+        if n_rows == 0:
+            return 0
+        if n_rows > n_full:
+            rows = np.full((n_rows, L), self.pad_id, dtype=self.dtype)
+            rows.reshape(-1)[: len(stream)] = stream
+        else:
+            rows = stream[: n_full * L].reshape(n_full, L)
+        self.bin.write(rows.tobytes())
+        row_starts = np.arange(n_rows, dtype=np.int64) * L
+        which = np.searchsorted(np.asarray(starts), row_starts, side="right") - 1
+        consumed = min(len(stream), n_rows * L)
+        for r in range(n_rows):
+            doc_id, domain, source, scores = docs[int(which[r])]
+            n_tok = min(L, len(stream) - r * L)
+            self._meta.append((doc_id, domain, source, n_tok, scores))
+        self.n_real_tokens += consumed
+        if len(self._meta) >= ROW_GROUP:
+            self._flush_meta()
+        return consumed
+
+    def _flush_meta(self) -> None:
+        if not self._meta:
+            return
+        m = self._meta
+        cols = {
+            "sample_id": pa.array(np.arange(self.n_samples, self.n_samples + len(m), dtype=np.int64)),
+            "doc_id": pa.array([r[0] for r in m], pa.string()),
+            "domain": pa.array([r[1] for r in m], pa.string()),
+            "source": pa.array([r[2] for r in m], pa.string()),
+            "n_tokens": pa.array([r[3] for r in m], pa.int32()),
+        }
+        for j, c in enumerate(self.score_columns):
+            cols[c] = pa.array([r[4][j] for r in m], pa.float64())
+        self.pq.write_table(pa.table(cols, schema=self.schema), row_group_size=ROW_GROUP)
+        self.n_samples += len(m)
+        self._meta = []
+
+    def close(self) -> None:
+        self.end_source()
+        self._flush_meta()
+        self.pq.close()
+        self.bin.close()
+
+
+# --- tokenization pipeline ----------------------------------------------------------------------------------
+def _chunks(sources: list[InputSource], ropts: ReadOptions, counter: SkipCounter
+            ) -> Iterator[tuple[int, list[Document]]]:
+    """(source index, documents) chunks of about CHUNK_BYTES; a chunk never spans two sources."""
+    for si, src in enumerate(sources):
+        chunk: list[Document] = []
+        size = 0
+        for doc in iter_documents(src, ropts, counter):
+            chunk.append(doc)
+            size += doc.n_bytes
+            if size >= CHUNK_BYTES or len(chunk) >= 4096:
+                yield si, chunk
+                chunk, size = [], 0
+        if chunk:
+            yield si, chunk
+
+
+def _tokenized(tok, chunks: Iterator[tuple[int, list[Document]]], workers: int
+               ) -> Iterator[tuple[int, list[Document], list[list[int]]]]:
+    """Tokenize chunks in order. With workers > 1, a thread pool (tokenizers releases the GIL while encoding)
+    with at most 2*workers chunks in flight, so memory stays bounded and the order is the input order."""
+    if workers <= 1:
+        for si, docs in chunks:
+            yield si, docs, tkz.encode_batch(tok, [d.text for d in docs])
+        return
+    pending: deque[tuple[int, list[Document], Future]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="dwm-tok") as ex:
+        for si, docs in chunks:
+            pending.append((si, docs, ex.submit(tkz.encode_batch, tok, [d.text for d in docs])))
+            if len(pending) >= 2 * workers:
+                si0, docs0, fut = pending.popleft()
+                yield si0, docs0, fut.result()
+        while pending:
+            si0, docs0, fut = pending.popleft()
+            yield si0, docs0, fut.result()
+
+
+def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions) -> Iterator[str]:
+    """Bounded, deterministic training sample: the first share of each source's train documents."""
+    share = opts.tokenizer_sample_mb * 1e6 / len(sources)
+    ropts = opts.read_options()
+    for src in sources:
+        taken = 0
+        for doc in iter_documents(src, ropts, SkipCounter()):
+            if is_val(doc.doc_id, opts.seed, opts.val_fraction):
+                continue
+            yield doc.text
+            taken += doc.n_bytes
+            if taken >= share:
+                break
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | None = None) -> dict:
+    """Run `dwm prepare`; returns the meta.json dict. Raises UserError on bad inputs/options."""
+    opts = opts or PrepareOptions()
+    opts.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path exists and is not a directory: {out}")
+    sources, ignored = expand_inputs(list(inputs))
+    fp = fingerprint(sources, opts)
+    if not opts.force and is_complete(out, fp):
+        print(f"dwm prepare: {out} is already prepared from these inputs and options; nothing to do "
+              "(--force to redo)")
+        return json.loads((out / "meta.json").read_text())
+    if ignored:
+        print(f"dwm prepare: ignoring {len(ignored)} file(s) of unknown format in input directories, "
+              f"e.g. {ignored[0]}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # from here on, DIR is not a finished prepare
+    tmp = out / TMP_NAME
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftovers: start over, same result
+    tmp.mkdir()
+    t0 = time.time()
+
+    if opts.tokenizer:
+        tok, eos_id, pad_id = tkz.load_tokenizer(opts.tokenizer)
+        tok_info = {"trained": False, "from": str(Path(opts.tokenizer).resolve())}
+    else:
+        tok = tkz.train_bpe(_tokenizer_sample(sources, opts), opts.vocab_size)
+        eos_id, pad_id = tok.token_to_id(tkz.EOS), tok.token_to_id(tkz.PAD)
+        tok_info = {"trained": True, "vocab_size_requested": opts.vocab_size,
+                    "sample_mb": opts.tokenizer_sample_mb}
+    tok.save(str(tmp / "tokenizer.json"))
+    n_vocab = tkz.vocab_size(tok)
+    dtype = tkz.choose_dtype(n_vocab)
+
+    scols = tuple(opts.score_fields)
+    writers = {s: SplitWriter(tmp, s, opts.seq_len, dtype, eos_id, pad_id, opts.packing, scols) for s in SPLITS}
+    counter = SkipCounter()
+    per_domain: dict[str, Counter] = defaultdict(Counter)
+    docs_written = 0
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    workers = opts.workers or _default_workers()
+    from tqdm import tqdm
+
+    bar = tqdm(unit="doc", desc="prepare", disable=(None if opts.progress is None else not opts.progress),
+               dynamic_ncols=True)
+    current = 0
+    n_tokens_total = 0
+    try:
+        for si, docs, ids_list in _tokenized(tok, _chunks(sources, opts.read_options(), counter), workers):
+            if si != current:  # sources end in order; stream packing restarts per source
+                for w in writers.values():
+                    w.end_source()
+                current = si
+            for doc, ids in zip(docs, ids_list):
+                split = "val" if is_val(doc.doc_id, opts.seed, opts.val_fraction) else "train"
+                writers[split].add(doc, ids)
+                st = per_domain[doc.domain]
+                st["docs"] += 1
+                st["tokens"] += len(ids) + 1
+                st["bytes"] += doc.n_bytes
+                n_tokens_total += len(ids) + 1
+                docs_written += 1
+                if crash_after and docs_written >= crash_after:
+                    os._exit(137)
+            bar.update(len(docs))
+            bar.set_postfix(tokens=f"{n_tokens_total:,}", skipped=counter.docs_skipped, refresh=False)
+        for w in writers.values():
+            w.close()
+    finally:
+        bar.close()
+
+    if docs_written == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"no documents to prepare: {counter.docs_in} read, all skipped "
+                        f"({dict(counter.skipped)})")
+    if counter.docs_in != docs_written + counter.docs_skipped:  # a bug, not a user error: never lose silently
+        raise AssertionError(f"docs_in {counter.docs_in} != written {docs_written} + skipped "
+                             f"{counter.docs_skipped}")
+    elapsed = time.time() - t0
+    stats = {
+        "docs_in": counter.docs_in,
+        "docs_written": docs_written,
+        "docs_skipped": counter.docs_skipped,
+        "skipped": dict(sorted(counter.skipped.items())),
+        "skip_examples": counter.examples,
+        "scores_missing": counter.scores_missing,
+        "tokens": n_tokens_total,
+        "bytes": sum(d["bytes"] for d in per_domain.values()),
+        "per_domain": {d: dict(sorted(c.items())) for d, c in sorted(per_domain.items())},
+        "splits": {s: {"n_samples": w.n_samples, "n_docs": w.n_docs, "n_real_tokens": w.n_real_tokens,
+                       "n_pad_tokens": w.n_samples * opts.seq_len - w.n_real_tokens}
+                   for s, w in writers.items()},
+    }
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    meta = {
+        "format": FORMAT,
+        "seq_len": opts.seq_len,
+        "vocab_size": n_vocab,
+        "dtype": dtype.name,
+        "pad_id": int(pad_id),
+        "eos_id": int(eos_id),
+        "packing": opts.packing,
+        "domains": sorted(per_domain),
+        "sources": sorted({s.source for s in sources}),
+        "score_columns": list(scols),
+        "splits": {s: {"n_samples": w.n_samples, "n_docs": w.n_docs} for s, w in writers.items()},
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "tokenizer": tok_info,
+        "inputs": [str(Path(p).resolve()) for p in inputs],
+        "fingerprint": fp,
+    }
+    for f in OUTPUT_FILES:
+        os.replace(tmp / f, out / f)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp / "meta.json", out / "meta.json")  # last: its presence means "complete"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    mb = stats["bytes"] / 1e6
+    print(f"dwm prepare: {docs_written:,} docs ({mb:.1f} MB, {n_tokens_total:,} tokens) -> "
+          f"train {writers['train'].n_samples:,} / val {writers['val'].n_samples:,} samples of {opts.seq_len} "
+          f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.2f} MB/s); skipped {counter.docs_skipped:,}"
+          + (f" {dict(sorted(counter.skipped.items()))}" if counter.docs_skipped else ""))
+    if writers["val"].n_samples == 0:
+        print("dwm prepare: warning: the val split is empty (raise --val-fraction or add documents)",
+              file=sys.stderr)
+    return meta
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".jsonl[.gz|.zst] / .parquet / .txt files, directories of them, or save_to_disk dirs")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id", help="document id field (default id; else <source>:<line>)")
+    p.add_argument("--domain-field", default=None,
+                   help="domain from this record field (default: from the file name <domain>__<source>.*)")
+    p.add_argument("--score-fields", default="", help="comma-separated numeric fields carried as float64 columns")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or HF tokenizer directory (default: train)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocab size of the trained BPE")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=32.0,
+                   help="text used to train the BPE, shared equally between sources")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--packing", choices=("stream", "doc"), default="stream")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="redo even if DIR is already prepared")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = PrepareOptions(
+        text_field=args.text_field, id_field=args.id_field, domain_field=args.domain_field,
+        score_fields=tuple(f.strip() for f in args.score_fields.split(",") if f.strip()),
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb,
+        seq_len=args.seq_len, val_fraction=args.val_fraction, packing=args.packing, on_error=args.on_error,
+        workers=args.workers, seed=args.seed, force=args.force, progress=False if args.no_progress else None)
+    prepare(args.inputs, args.out, opts)
+    return 0

@@ -1,0 +1,355 @@
+"""Input formats -> one stream of `Document`s, with a single error policy.
+
+Supported inputs (a path argument may be a file or a directory):
+  * JSONL: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object a line)
+  * parquet: `.parquet` (read in record batches, never whole)
+  * `.txt` files: one document per file; a directory of them is one source
+  * Hugging Face `datasets.save_to_disk` directories (their arrow stream files, read with pyarrow)
+  * a directory holding any of the above
+
+Every record is either yielded or counted as skipped under a reason (`SkipCounter`), so that the caller can
+assert docs_in == docs_written + docs_skipped. With on_error="fail" the first bad record raises a UserError
+naming the file and line (or row).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dwm.errors import UserError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+HF_MARKERS = ("state.json", "dataset_dict.json")
+
+# reason -> human description (used in messages and kept stable as stats.json keys)
+REASONS: dict[str, str] = {
+    "invalid_json": "invalid JSON (or not a JSON object)",
+    "missing_text": "text field missing",
+    "non_string_text": "text field is not a string",
+    "invalid_utf8": "invalid UTF-8",
+    "binary": "binary content (NUL bytes)",
+    "empty": "empty or whitespace-only document",
+}
+
+
+@dataclass
+class Document:
+    """One document, ready for tokenization. `where` is "file:line" for error messages."""
+
+    text: str
+    doc_id: str
+    domain: str
+    source: str
+    scores: tuple[float, ...] = ()
+    n_bytes: int = 0
+
+
+@dataclass
+class ReadOptions:
+    text_field: str = "text"
+    id_field: str = "id"
+    domain_field: str | None = None
+    score_fields: tuple[str, ...] = ()
+    on_error: str = "skip"  # "skip" | "fail"
+
+
+@dataclass
+class SkipCounter:
+    """Counts documents seen and skipped per reason; keeps the first few examples for the report."""
+
+    docs_in: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    scores_missing: int = 0
+
+    @property
+    def docs_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """One unit of input: a file, a directory of .txt files, or an HF arrow file. Packing streams per source."""
+
+    path: Path
+    kind: str  # "jsonl" | "parquet" | "txt" | "txtdir" | "arrow"
+    domain: str
+    source: str
+    files: tuple[Path, ...] = ()  # for txtdir / arrow: the member files, in order
+
+
+def domain_source_from_name(name: str) -> tuple[str, str]:
+    """`<domain>__<source>.jsonl.zst` -> (domain, source); otherwise (stem, stem)."""
+    stem = name
+    for suf in (*JSONL_SUFFIXES, ".parquet", ".txt", ".arrow"):
+        if stem.endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    if "__" in stem:
+        domain, source = stem.split("__", 1)
+        if domain and source:
+            return domain, source
+    return stem, stem
+
+
+def _hf_source(d: Path) -> list[InputSource]:
+    """A save_to_disk directory: a Dataset (state.json lists the arrow files) or a DatasetDict (one per split)."""
+    domain, source = domain_source_from_name(d.name)
+    if (d / "dataset_dict.json").is_file():
+        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
+        out = []
+        for s in splits:
+            for src in _hf_source(d / s):
+                out.append(InputSource(src.path, "arrow", domain, f"{source}/{s}", src.files))
+        return out
+    try:
+        state = json.loads((d / "state.json").read_text())
+        files = tuple(d / f["filename"] for f in state["_data_files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{d}: not a readable datasets.save_to_disk directory ({e})") from None
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{d}: arrow file {f.name} listed in state.json is missing")
+    return [InputSource(d, "arrow", domain, source, files)]
+
+
+def _file_kind(p: Path) -> str | None:
+    name = p.name
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".txt"):
+        return "txt"
+    return None
+
+
+def expand_inputs(paths: list[str | Path]) -> tuple[list[InputSource], list[Path]]:
+    """Resolve CLI input arguments into ordered sources. Returns (sources, ignored files in directories)."""
+    sources: list[InputSource] = []
+    ignored: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise UserError(f"input path does not exist: {p}")
+        if p.is_file():
+            kind = _file_kind(p)
+            if kind is None:
+                raise UserError(f"{p}: unsupported input format (expected .jsonl[.gz|.zst], .parquet, .txt, "
+                                "a directory of them, or a datasets.save_to_disk directory)")
+            sources.append(InputSource(p, kind, *domain_source_from_name(p.name)))
+            continue
+        if any((p / m).is_file() for m in HF_MARKERS):
+            sources.extend(_hf_source(p))
+            continue
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        txt = tuple(f for f in files if _file_kind(f) == "txt")
+        n_before = len(sources)
+        for f in files:
+            kind = _file_kind(f)
+            if kind in ("jsonl", "parquet"):
+                sources.append(InputSource(f, kind, *domain_source_from_name(f.name)))
+            elif kind is None:
+                ignored.append(f)
+        if txt:
+            sources.append(InputSource(p, "txtdir", *domain_source_from_name(p.name), files=txt))
+        if len(sources) == n_before:
+            raise UserError(f"{p}: directory holds no .jsonl[.gz|.zst], .parquet or .txt files")
+    if not sources:
+        raise UserError("no input given")
+    return sources, ignored
+
+
+def _open_binary(p: Path) -> io.BufferedIOBase:
+    if p.name.endswith(".gz"):
+        return gzip.open(p, "rb")
+    if p.name.endswith(".zst"):
+        import zstandard
+
+        raw = open(p, "rb")  # noqa: SIM115 - owned by the returned reader
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(p, "rb")
+
+
+class _Reader:
+    """Shared validation: turns raw records into Documents or counted skips."""
+
+    def __init__(self, opts: ReadOptions, counter: SkipCounter):
+        self.opts = opts
+        self.counter = counter
+
+    def skip(self, reason: str, where: str) -> None:
+        if self.opts.on_error == "fail":
+            raise UserError(f"{where}: {REASONS[reason]} (use --on-error skip to skip such documents)")
+        self.counter.skipped[reason] += 1
+        if len(self.counter.examples) < 20:
+            self.counter.examples.append(f"{where}: {reason}")
+
+    def from_text(self, text: str, doc_id: str, domain: str, src: InputSource, where: str,
+                  scores: tuple[float, ...] = ()) -> Document | None:
+        try:
+            n_bytes = len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
+            self.skip("invalid_utf8", where)
+            return None
+        if not text.strip():
+            self.skip("empty", where)
+            return None
+        return Document(text, doc_id, domain, src.source, scores, n_bytes)
+
+    def from_record(self, rec: object, src: InputSource, where: str, default_id: str) -> Document | None:
+        o = self.opts
+        if not isinstance(rec, dict):
+            self.skip("invalid_json", where)
+            return None
+        if o.text_field not in rec or rec[o.text_field] is None:
+            self.skip("missing_text", where)
+            return None
+        text = rec[o.text_field]
+        if not isinstance(text, str):
+            self.skip("non_string_text", where)
+            return None
+        doc_id = rec.get(o.id_field)
+        doc_id = default_id if doc_id is None else str(doc_id)
+        domain = src.domain
+        if o.domain_field:
+            d = rec.get(o.domain_field)
+            if d is not None and str(d):
+                domain = str(d)
+        scores: tuple[float, ...] = ()
+        if o.score_fields:
+            vals = []
+            for f in o.score_fields:
+                v = rec.get(f)
+                try:
+                    x = float(v)  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    x = math.nan
+                vals.append(x)
+            scores = tuple(vals)
+        doc = self.from_text(text, doc_id, domain, src, where, scores)
+        if doc is not None:  # missing/non-numeric scores become NaN; counted so they are never silent
+            self.counter.scores_missing += sum(math.isnan(x) for x in scores)
+        return doc
+
+    # --- formats -------------------------------------------------------------------------------------------
+    def jsonl(self, src: InputSource) -> Iterator[Document]:
+        try:
+            with _open_binary(src.path) as f:
+                for lineno, raw in enumerate(f, 1):
+                    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                        raw = raw[3:]
+                    where = f"{src.path}:{lineno}"
+                    self.counter.docs_in += 1
+                    if b"\x00" in raw:
+                        self.skip("binary", where)
+                        continue
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self.skip("invalid_utf8", where)
+                        continue
+                    if not line.strip():
+                        self.skip("empty", where)
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        self.skip("invalid_json", where)
+                        continue
+                    doc = self.from_record(rec, src, where, f"{src.source}:{lineno}")
+                    if doc is not None:
+                        yield doc
+        except (OSError, EOFError) as e:  # corrupt / truncated gzip or zstd stream
+            raise UserError(f"{src.path}: cannot read ({type(e).__name__}: {e})") from None
+        except Exception as e:  # zstandard.ZstdError is not an OSError
+            if type(e).__module__.startswith("zstandard") or "Zstd" in type(e).__name__:
+                raise UserError(f"{src.path}: corrupt zstd stream ({e})") from None
+            raise
+
+    def _batches(self, src: InputSource, batches: Iterator, label: str) -> Iterator[Document]:
+        row = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                row += 1
+                self.counter.docs_in += 1
+                doc = self.from_record(rec, src, f"{label} row {row}", f"{src.source}:{row}")
+                if doc is not None:
+                    yield doc
+
+    def parquet(self, src: InputSource) -> Iterator[Document]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(src.path)
+        except (pa.ArrowException, OSError) as e:  # ArrowInvalid for non-parquet bytes
+            raise UserError(f"{src.path}: not a readable parquet file ({e})") from None
+        names = set(pf.schema_arrow.names)
+        wanted = [self.opts.text_field, self.opts.id_field, self.opts.domain_field or "", *self.opts.score_fields]
+        cols = [c for c in dict.fromkeys(wanted) if c in names]
+        yield from self._batches(src, pf.iter_batches(batch_size=1024, columns=cols), str(src.path))
+
+    def arrow(self, src: InputSource) -> Iterator[Document]:
+        import pyarrow as pa
+
+        for f in src.files:
+            try:
+                reader = pa.ipc.open_stream(pa.memory_map(str(f)))
+            except (pa.ArrowException, OSError):
+                try:
+                    reader = pa.ipc.open_file(pa.memory_map(str(f)))
+                    reader = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                except (pa.ArrowException, OSError) as e:
+                    raise UserError(f"{f}: not a readable arrow file ({e})") from None
+            yield from self._batches(src, reader, str(f))
+
+    def txt_file(self, f: Path, src: InputSource, doc_id: str) -> Document | None:
+        where = f"{f}:1"
+        self.counter.docs_in += 1
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise UserError(f"{f}: cannot read ({e})") from None
+        if b"\x00" in data:
+            self.skip("binary", where)
+            return None
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            self.skip("invalid_utf8", where)
+            return None
+        return self.from_text(text, doc_id, src.domain, src, where)
+
+    def read(self, src: InputSource) -> Iterator[Document]:
+        if src.kind == "jsonl":
+            yield from self.jsonl(src)
+        elif src.kind == "parquet":
+            yield from self.parquet(src)
+        elif src.kind == "arrow":
+            yield from self.arrow(src)
+        elif src.kind == "txt":
+            doc = self.txt_file(src.path, src, src.path.stem)
+            if doc is not None:
+                yield doc
+        elif src.kind == "txtdir":
+            for f in src.files:
+                doc = self.txt_file(f, src, f.relative_to(src.path).as_posix())
+                if doc is not None:
+                    yield doc
+        else:  # pragma: no cover - expand_inputs only makes the kinds above
+            raise ValueError(src.kind)
+
+
+def iter_documents(src: InputSource, opts: ReadOptions, counter: SkipCounter) -> Iterator[Document]:
+    """Documents of one source in file order; bad records are counted in `counter` (or raise, on_error=fail)."""
+    if opts.on_error not in ("skip", "fail"):
+        raise UserError(f"--on-error must be skip or fail, not {opts.on_error!r}")
+    return _Reader(opts, counter).read(src)

@@ -1,0 +1,350 @@
+"""The Trainer: data order, LR schedule, gradient accumulation, DDP, checkpoints and metrics.
+
+How much each sample counts is not the trainer's business: a `Weighter` (dwm/train/weighter.py) returns the
+weights of this rank's share of the global batch once per optimizer step, and the trainer minimises
+sum_i w_i l_i / B_local per micro-batch (DDP's gradient mean then gives the global weighted mean). Uniform training
+is the weighter that returns ones, so a DWM run and its uniform baseline share every other line of code.
+
+Determinism: the data order is a pure function of (seed, epoch) (or the selection manifest's order), and step s
+consumes positions [s*G, (s+1)*G) of that stream; rank r takes the r-th contiguous B_local slice, so the union
+over ranks of a step's samples is the 1-process global batch, and a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dwm.data.dataset import PreparedData
+from dwm.errors import UserError
+from dwm.train import distributed as dist_utils
+from dwm.train.batch import Batch
+from dwm.train.checkpoint import load_latest, save_checkpoint
+from dwm.train.config import Plan, RunConfig, to_dict, to_toml, validate
+from dwm.train.losses import per_sample_nll
+from dwm.train.model import build_model
+from dwm.train.weighter import UniformWeighter, Weighter
+from dwm.weighting.config import WeightingConfig
+
+KILL_HOOK_ENV = "DWM_TEST_KILL_AFTER_STEP"  # tests: SIGKILL this process right after finishing that step
+
+
+def make_weighter(cfg: WeightingConfig) -> Weighter:
+    """'uniform' -> UniformWeighter; 'dwm' or a RUN_DIR -> the Data Weighting Model (imported only when used)."""
+    if cfg.mode == "uniform":
+        return UniformWeighter()
+    from dwm.weighting.dwm_weighter import DWMWeighter
+
+    return DWMWeighter(cfg)
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings, projections), not on norm gains or biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps (step 0 gets 1/warmup), then cosine from 1 to min_ratio at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def load_selection(path: str, n: int) -> np.ndarray:
+    """sample_ids of a selection manifest (restricts and orders the data); UserError when unusable."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"selection manifest {p} does not exist")
+    try:
+        table = pq.read_table(p, columns=["sample_id"])
+    except Exception as e:
+        raise UserError(f"selection manifest {p}: cannot read a `sample_id` column ({e})") from e
+    ids = table.column("sample_id").to_numpy(zero_copy_only=False)
+    if ids.dtype.kind not in "iu":
+        raise UserError(f"selection manifest {p}: sample_id must be integers, got {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if len(ids) == 0:
+        raise UserError(f"selection manifest {p} selects no samples")
+    if ids.min() < 0 or ids.max() >= n:
+        raise UserError(f"selection manifest {p}: sample_id out of range [0, {n})")
+    return ids
+
+
+class Trainer:
+    """One training run. Build it, then call `train()`; see the module docstring for what it guarantees."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, weighter: Weighter | None = None):
+        self.cfg = cfg
+        info = dist_utils.setup(cfg.train.device)
+        self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
+        self.plan: Plan = validate(cfg, world_size=self.world_size)  # type: ignore[assignment]
+        self.run_dir = Path(cfg.out)
+        self.is_main = self.rank == 0
+        t = cfg.train
+        self._seed_everything(t.seed)
+        self.train_data = PreparedData(cfg.data.dir, cfg.data.split)
+        if len(self.train_data) == 0:
+            raise UserError(f"{cfg.data.dir}: split {cfg.data.split!r} has no samples")
+        self.selection = load_selection(cfg.data.selection, len(self.train_data)) if cfg.data.selection else None
+        from tokenizers import Tokenizer
+
+        tok_path = self.train_data.tokenizer_path
+        if not tok_path.is_file():
+            raise UserError(f"{cfg.data.dir}: missing tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.model = build_model(cfg.model.spec, self.plan.vocab_size, attn_implementation=cfg.model.attn_implementation,
+                                 seed=t.seed, max_seq_len=self.plan.seq_len).to(self.device)
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.ddp_model: torch.nn.Module = (DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                               else None) if self.world_size > 1 else self.model)
+        self.forward_model = torch.compile(self.ddp_model) if t.compile else self.ddp_model
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        p = self.plan
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, p.warmup_steps, p.total_steps, cfg.optim.min_lr_ratio))
+        self.total_steps = p.total_steps
+        self.step = 0
+        self.tokens_seen = 0
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.weighter = weighter if weighter is not None else make_weighter(cfg.weighting)
+        self.last_metrics: dict[str, Any] = {}
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        weighter_state = self._resume() if resume else None
+        if not resume:
+            self._start_fresh()
+        self.weighter.attach(self)
+        if weighter_state is not None:
+            self.weighter.load_state_dict(weighter_state)
+
+    # ------------------------------------------------------------ setup
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _start_fresh(self) -> None:
+        """A new run: refuse to overwrite one that has checkpoints."""
+        if (self.ckpt_root / "LATEST").exists():
+            raise UserError(f"{self.run_dir} already has checkpoints: use --resume, or a new --out")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "metrics.jsonl").write_text("")
+            self._write_run_files()
+        dist_utils.barrier()
+
+    def _write_run_files(self) -> None:
+        (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+        shutil.copyfile(self.train_data.tokenizer_path, self.run_dir / "tokenizer.json")
+
+    def _resume(self) -> dict[str, Any]:
+        path, model_sd, state = load_latest(self.ckpt_root)
+        if state.get("global_batch_size") != self.plan.global_batch_size or state.get("seq_len") != self.plan.seq_len:
+            raise UserError(f"--resume: checkpoint {path.name} was trained with global batch "
+                            f"{state.get('global_batch_size')} x seq_len {state.get('seq_len')}, this config has "
+                            f"{self.plan.global_batch_size} x {self.plan.seq_len}")
+        missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
+                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        if tied:
+            self.model.tie_weights()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.lr = self.scheduler.get_last_lr()[0]
+        rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_files()
+            self._truncate_metrics(self.step)
+        dist_utils.barrier()
+        self.log({"event": "resume", "checkpoint": path.name})
+        return state.get("weighter", {})
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics of steps after the checkpoint (they are re-run), so the file reads as one clean run."""
+        mpath = self.run_dir / "metrics.jsonl"
+        if not mpath.is_file():
+            return
+        keep = []
+        for line in mpath.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        mpath.write_text("".join(x + "\n" for x in keep))
+
+    # ------------------------------------------------------------ data order
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
+        if self.selection is not None:
+            order = self.selection
+        elif self.cfg.data.shuffle:
+            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.train_data))
+        else:
+            order = np.arange(len(self.train_data))
+        self._order_cache = (epoch, order)
+        return order
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Sample ids of the whole global batch of optimizer step `step` (stream positions [s*G, (s+1)*G))."""
+        G = self.plan.global_batch_size
+        n = len(self.selection) if self.selection is not None else len(self.train_data)
+        out = np.empty(G, dtype=np.int64)
+        pos, filled = step * G, 0
+        while filled < G:
+            epoch, off = divmod(pos, n)
+            take = min(G - filled, n - off)
+            out[filled:filled + take] = self._epoch_order(epoch)[off:off + take]
+            filled += take
+            pos += take
+        return out
+
+    def local_indices(self, step: int) -> np.ndarray:
+        b = self.plan.local_batch_size
+        return self.global_indices(step)[self.rank * b:(self.rank + 1) * b]
+
+    def local_batch(self, step: int) -> Batch:
+        return self.train_data.batch(self.local_indices(step)).to(self.device)
+
+    # ------------------------------------------------------------ logging
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON object to RUN_DIR/metrics.jsonl (rank 0 only); `step` defaults to the current step."""
+        if not self.is_main:
+            return
+        rec = {"step": self.step, **record}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec, default=float) + "\n")
+
+    # ------------------------------------------------------------ the step
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's batch: weights, accumulated weighted backward, clip, step, schedule.
+        Returns (weighted loss, plain mean loss, grad norm) as device tensors (no host sync)."""
+        p = self.plan
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.weighter.before_step(self, self.step)
+        w = self.weighter.weights(batch).to(self.device, torch.float32)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        m, B = p.micro_batch_size, p.local_batch_size
+        loss_w = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(p.grad_accum):
+            mb = batch.slice(i * m, (i + 1) * m)
+            sync = self.world_size == 1 or i == p.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
+            with ctx:
+                with self._autocast():
+                    logits = self.forward_model(input_ids=mb.input_ids).logits
+                nll = per_sample_nll(logits, mb.input_ids, mb.n_tokens)
+                loss = (w[i * m:(i + 1) * m] * nll).sum() / B
+                loss.backward()
+            loss_w += loss.detach()
+            loss_sum += nll.detach().sum()
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss_w, loss_sum / B, grad_norm
+
+    def _state(self) -> dict[str, Any]:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.step * self.plan.global_batch_size,
+            "global_batch_size": self.plan.global_batch_size, "seq_len": self.plan.seq_len,
+            "world_size": self.world_size, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": dist_utils.all_gather_object(rng),
+            "weighter": self.weighter.state_dict(), "config": to_dict(self.cfg),
+        }
+
+    def save(self) -> None:
+        """Checkpoint the current step (all ranks call it; rank 0 writes)."""
+        state = self._state()
+        if self.is_main:
+            c = self.cfg.checkpoint
+            save_checkpoint(self.ckpt_root, self.step, self.model, state, c.keep_last, c.keep_every)
+        dist_utils.barrier()
+
+    def train(self) -> dict[str, Any]:
+        """Run to total_steps; returns the last logged metrics."""
+        p, cfg = self.plan, self.cfg
+        tokens_per_step = p.global_batch_size * p.seq_len
+        kill_after = int(os.environ.get(KILL_HOOK_ENV, "-1"))
+        bar = None
+        if self.is_main and cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        t_last, steps_since = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            batch = self.local_batch(self.step)
+            loss_w, loss_mean, grad_norm = self.train_step(batch)
+            lr_used = self.lr
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            steps_since += 1
+            if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                vals = dist_utils.all_mean([loss_w.item(), loss_mean.item()], self.device)
+                now = time.perf_counter()
+                rec = {"loss": vals[0], "loss_mean": vals[1], "lr": lr_used, "grad_norm": float(grad_norm),
+                       "tokens_per_s": steps_since * tokens_per_step / max(now - t_last, 1e-9),
+                       "tokens_seen": self.tokens_seen, **self.weighter.step_metrics()}
+                self.last_metrics = {"step": self.step, **rec}
+                self.log(rec)
+                t_last, steps_since = now, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr_used:.2e}")
+            if bar is not None:
+                bar.update(1)
+            every = cfg.checkpoint.every
+            if (every and self.step % every == 0) or self.step == self.total_steps:
+                self.save()
+            if self.step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if bar is not None:
+            bar.close()
+        return self.last_metrics

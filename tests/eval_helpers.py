@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["the", "cat", "dog", "house", "garden", "river", "stone", "light", "night", "morning", "king", "queen", "ship", "harbour", "letter", "window", "forest", "bread", "candle", "winter", "summer", "road", "mountain", "village", "doctor", "captain", "sister", "brother"]
+from dwm.testing import train_tiny_tokenizer
+
+WORDS = [
+    "the", "cat", "dog", "house", "garden", "river", "stone", "light", "night", "morning", "king", "queen",
+    "ship", "harbour", "letter", "window", "forest", "bread", "candle", "winter", "summer", "road", "mountain",
+    "village", "doctor", "captain", "sister", "brother",
+]
 
 
 def make_passages(n: int = 20, seed: int = 0) -> list[str]:
@@ -36,26 +42,13 @@ def write_jsonl(passages: list[str], path: Path) -> Path:
     return path
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
 def make_model(vocab_size: int, max_len: int = 64, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The `tiny` preset, its context cut to `max_len` so that long passages exercise left truncation."""
+    from dwm.train.model import build_model
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_len,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    model = build_model("tiny", vocab_size, seed=seed)
+    model.config.max_position_embeddings = max_len  # RoPE does not depend on it: same weights, same logits
+    return model
 
 
 def overfit(model, tok, texts: list[str], steps: int = 60, seq: int = 64) -> None:
@@ -73,18 +66,26 @@ def overfit(model, tok, texts: list[str], steps: int = 60, seq: int = 64) -> Non
     model.eval()
 
 
-def make_run(root: Path, passages: list[str], step: int = 10, train_steps: int = 60) -> Path:
-    """A run directory following docs/ARCHITECTURE.md: tokenizer.json, config.toml, checkpoints/LATEST -> model."""
-    run = root / "run"
-    tok = train_tokenizer(passages)
+def make_run(root: Path, passages: list[str], step: int = 10, train_steps: int = 60,
+             tokenizer_json: Path | None = None, data_dir: Path | None = None, name: str = "run") -> Path:
+    """A run directory following docs/ARCHITECTURE.md: tokenizer.json, config.toml, checkpoints/LATEST -> model.
+
+    The tokenizer is `tokenizer_json` (e.g. a prepared dir's) or one trained on the passages; config.toml names
+    `data_dir` as data.dir when given.
+    """
+    from tokenizers import Tokenizer
+
+    run = root / name
+    tok = Tokenizer.from_file(str(tokenizer_json)) if tokenizer_json else train_tiny_tokenizer(passages, 300)
     model = make_model(tok.get_vocab_size())
     overfit(model, tok, passages, steps=train_steps)
-    name = f"step_{step:08d}"
-    (run / "checkpoints" / name).mkdir(parents=True)
-    model.save_pretrained(run / "checkpoints" / name / "model")
-    (run / "checkpoints" / "LATEST").write_text(name + "\n")
+    ckpt = f"step_{step:08d}"
+    (run / "checkpoints" / ckpt).mkdir(parents=True)
+    model.save_pretrained(run / "checkpoints" / ckpt / "model")
+    (run / "checkpoints" / "LATEST").write_text(ckpt + "\n")
     tok.save(str(run / "tokenizer.json"))
-    (run / "config.toml").write_text('[model]\npreset = "test"\n')
+    data = f'[data]\ndir = "{data_dir}"\n' if data_dir else ""
+    (run / "config.toml").write_text(f'{data}[train]\nglobal_batch_tokens = 128\n')
     with open(run / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"step": step, "tokens": step * 128, "loss": 5.0}) + "\n")
     return run

@@ -54,11 +54,14 @@ def _clean_metrics(res: dict[str, Any]) -> dict[str, Any]:
 
 def run_harness(model_dir: str | Path, tasks: Sequence[str], target: str | Path | None = None,
                 batch_size: int = 16, device: str = "cpu", limit: int | None = None,
-                log_samples: bool = False) -> dict[str, Any]:
+                log_samples: bool = False, include_path: Sequence[str | Path] = (),
+                include_defaults: bool | None = None) -> dict[str, Any]:
     """`lm_eval.simple_evaluate(model="hf", model_args=pretrained=model_dir, ...)` on `tasks`.
 
     Returns {"results": {task: {metric: value}}, "samples": raw lm-eval samples (only if log_samples)}.
-    dwm's local tasks need `target`; other names go to lm-eval's own registry.
+    dwm's local tasks need `target`; other names go to lm-eval's own registry (indexing it takes ~10-30 s, so
+    it is built only when a non-dwm task is asked for, unless include_defaults says otherwise) and to the YAML
+    dirs in `include_path`.
     """
     try:
         import lm_eval
@@ -78,7 +81,12 @@ def run_harness(model_dir: str | Path, tasks: Sequence[str], target: str | Path 
 
     with contextlib.ExitStack() as stack:
         include = stack.enter_context(local_task_dir(target)) if wanted_local else None
-        tm = TaskManager(include_path=str(include) if include else None, include_defaults=bool(external))
+        paths = [str(p) for p in include_path] + ([str(include)] if include else [])
+        for p in include_path:
+            if not Path(p).is_dir():
+                raise UserError(f"task include path is not a directory: {p}")
+        tm = TaskManager(include_path=paths or None,
+                         include_defaults=bool(external) if include_defaults is None else include_defaults)
         unknown = [t for t in external if t not in tm.all_tasks]
         if unknown:
             raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} "

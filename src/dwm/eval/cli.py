@@ -1,0 +1,212 @@
+"""`dwm eval RUN_DIR`: held-out loss/perplexity per domain + LAMBADA accuracy/perplexity (+ optional lm-eval tasks).
+
+Results go to RUN_DIR/eval.json and a table on stdout. `evaluate_run` is the library entry point;
+`format_table` prints several runs side by side (the demo compares uniform vs DWM with it).
+
+The `reference` target set is what the weighting model optimised against, so reporting on it would flatter DWM:
+it is refused unless --allow-reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dwm.errors import UserError
+from dwm.eval.export import export_run, load_run_model, load_run_tokenizer, resolve_checkpoint
+
+DEFAULT_TARGET = "data/target/heldout.jsonl"
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.toml as a dict ({} when absent: eval needs it only for defaults)."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return {}
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _step_and_tokens(run_dir: Path, ckpt_name: str, cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Training step of a checkpoint (from its name) and tokens seen by then: the metrics.jsonl record of that
+    step if it has a token count, else step * train.global_batch_tokens. trainer_state.pt is not read: it holds
+    the optimizer state, twice the model's size."""
+    m = re.fullmatch(r"step_(\d+)", ckpt_name)
+    step = int(m.group(1)) if m else None
+    if step is None:
+        return None, None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        found = None
+        with metrics.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line of a killed run
+                if isinstance(rec, dict) and rec.get("step") == step:
+                    for key in ("tokens_seen", "tokens"):
+                        if isinstance(rec.get(key), int):
+                            found = rec[key]
+        if found is not None:
+            return step, found
+    gbt = cfg.get("train", {}).get("global_batch_tokens")
+    return step, step * gbt if isinstance(gbt, int) else None
+
+
+def _is_reference(target: Path, cfg: dict[str, Any]) -> bool:
+    ref = cfg.get("weighting", {}).get("reference")
+    if ref and Path(ref).resolve() == target.resolve():
+        return True
+    return target.stem == "reference"
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target: str | Path | None = DEFAULT_TARGET,
+                 checkpoint: str | None = None, tasks: list[str] | None = None, batch_size: int = 16,
+                 max_passages: int | None = None, max_samples: int | None = None, allow_reference: bool = False,
+                 device: str = "cpu", write: bool = True) -> dict[str, Any]:
+    """Evaluate one checkpoint of a run; writes RUN_DIR/eval.json (if `write`) and returns the same dict.
+
+    data_dir defaults to the run's `data.dir`; target None skips LAMBADA; tasks are lm-eval task names run on a
+    temporary export of the checkpoint (dwm's local tasks, e.g. `dwm_lambada`, read `target`).
+    """
+    import torch
+
+    run = Path(run_dir)
+    ckpt, name = resolve_checkpoint(run, checkpoint)
+    cfg = _read_config(run)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_passages is not None and max_passages < 1:
+        raise UserError(f"--max-passages must be >= 1, got {max_passages}")
+    target_path = Path(target) if target is not None else None
+    if target_path is not None:
+        if not target_path.is_file():
+            raise UserError(f"target file not found: {target_path} (build it with `dwm target build`)")
+        if _is_reference(target_path, cfg) and not allow_reference:
+            raise UserError(f"{target_path} is the reference set the weighting model optimised against; "
+                            "report on the heldout set (or pass --allow-reference)")
+    if data_dir is None:
+        data_dir = cfg.get("data", {}).get("dir")
+        if data_dir is None:
+            raise UserError(f"{run / 'config.toml'} names no data.dir: pass --data")
+    data_path = Path(data_dir)
+    if not (data_path / "meta.json").is_file():
+        raise UserError(f"prepared data directory not found: {data_path} (pass --data DIR)")
+
+    step, tokens_seen = _step_and_tokens(run, name, cfg)
+    model = load_run_model(ckpt, device=device)
+    tokenizer = load_run_tokenizer(run)
+    result: dict[str, Any] = {
+        "run_dir": str(run), "checkpoint": name, "step": step, "tokens_seen": tokens_seen,
+        "model_dir": str(ckpt / "model"), "data_dir": str(data_path),
+    }
+    from dwm.eval.heldout import heldout_eval
+
+    result["heldout"] = heldout_eval(model, data_path, batch_size=batch_size, max_samples=max_samples)
+    if target_path is not None:
+        from dwm.eval.lambada import lambada_eval
+
+        lam = lambada_eval(model, tokenizer, target_path, batch_size=batch_size, max_passages=max_passages)
+        result["lambada"] = {**lam, "target": str(target_path)}
+    if tasks:
+        from dwm.eval.harness import run_harness
+
+        with tempfile.TemporaryDirectory(prefix="dwm_export_") as tmp:
+            export_run(run, tmp, name)
+            result["harness"] = run_harness(tmp, tasks, target=target_path, batch_size=batch_size,
+                                            device=device, limit=max_passages)["results"]
+    del model
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if write:
+        (run / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    return result
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
+    return str(v)
+
+
+def table_rows(res: dict[str, Any]) -> dict[str, Any]:
+    """{row label: value} of one eval result, in display order."""
+    rows: dict[str, Any] = {"checkpoint": res.get("checkpoint"), "tokens seen": res.get("tokens_seen")}
+    held = res.get("heldout", {})
+    for dom, r in held.get("per_domain", {}).items():
+        rows[f"val loss [{dom}]"] = r["loss"]
+    if "overall" in held:
+        rows["val loss [all]"] = held["overall"]["loss"]
+        rows["val ppl [all]"] = held["overall"]["perplexity"]
+    if "lambada" in res:
+        lam = res["lambada"]
+        rows["LAMBADA acc"] = lam["acc"]
+        rows["LAMBADA ppl"] = lam["perplexity"]
+        rows["LAMBADA n"] = lam["n"]
+    for task, metrics in res.get("harness", {}).items():
+        for k in ("acc", "perplexity"):
+            if k in metrics:
+                rows[f"{task} {k}"] = metrics[k]
+    return rows
+
+
+def format_table(results_by_name: dict[str, dict[str, Any]]) -> str:
+    """Runs as columns, metrics as rows (union of every run's rows; '-' where a run lacks one)."""
+    per_run = {name: table_rows(r) for name, r in results_by_name.items()}
+    labels: list[str] = []
+    for rows in per_run.values():
+        labels += [k for k in rows if k not in labels]
+    cells = [[label] + [_fmt(rows.get(label)) for rows in per_run.values()] for label in labels]
+    header = ["metric", *per_run]
+    widths = [max(len(str(row[i])) for row in [header, *cells]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [header, *cells]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a training run directory (dwm train --out)")
+    p.add_argument("--data", default=None, help="prepared data dir for held-out loss (default: the run's data.dir)")
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help=f"LAMBADA-format JSONL to report (default: {DEFAULT_TARGET}); 'none' to skip")
+    p.add_argument("--checkpoint", default=None, help="checkpoint name (default: checkpoints/LATEST)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks run on an export of the checkpoint (dwm_lambada is offline)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-passages", type=int, default=None, help="evaluate only the first N target passages")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N held-out rows")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--allow-reference", action="store_true",
+                   help="allow reporting on the reference set the weighting model optimised against")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = None if str(args.target).lower() == "none" else args.target
+    tasks = [t for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    res = evaluate_run(args.run_dir, data_dir=args.data, target=target, checkpoint=args.checkpoint, tasks=tasks,
+                       batch_size=args.batch_size, max_passages=args.max_passages, max_samples=args.max_samples,
+                       allow_reference=args.allow_reference, device=device)
+    print(format_table({Path(args.run_dir).name or str(args.run_dir): res}))
+    print(f"wrote {Path(args.run_dir) / 'eval.json'}", file=sys.stderr)
+    return 0

@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from dwm.data.readers import (ReadOptions, SkipCounter, domain_source_from_name, expand_inputs,
-                              iter_documents)
+from dwm.data.readers import ReadOptions, SkipCounter, domain_source_from_name, expand_inputs, iter_documents
 from dwm.errors import UserError
 
 

@@ -19,12 +19,13 @@ def target_mask(n_tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def per_sample_nll(logits: torch.Tensor, input_ids: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL per sequence, [B] in float32 (computed in float32 even under bf16 autocast).
+    """Mean token NLL per sequence, [B] in float32 (computed in float32 even under bf16 autocast; float64 logits
+    stay float64, which the bi-level finite-difference tests need).
 
     logits: [B, T, V]; input_ids: [B, T]; n_tokens: [B] number of real tokens (>= 2 for a defined loss).
     """
     B, T, V = logits.shape
-    shift_logits = logits[:, :-1, :].float()
+    shift_logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))
     shift_labels = input_ids[:, 1:]
     nll = F.cross_entropy(shift_logits.reshape(-1, V), shift_labels.reshape(-1), reduction="none").view(B, T - 1)
     mask = target_mask(n_tokens, T).to(nll.dtype)

@@ -11,7 +11,6 @@ padded positions are simply excluded by `loss_mask`. No attention mask is needed
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dwm.data.target import load_passages, split_context_target
 from dwm.errors import UserError
 
 MODES = ("passage", "target")
-
-
-def split_context_target(text: str) -> tuple[str, str]:
-    """lm-eval's lambada split; uses dwm.data.target's when it exists (same contract, ARCHITECTURE.md)."""
-    try:  # the data owner's implementation is the source of truth
-        from dwm.data.target import split_context_target as _split
-    except ImportError:  # pragma: no cover - before dwm.data.target lands
-        words = text.strip().split(" ")
-        return " ".join(words[:-1]), " " + words[-1]
-    return _split(text)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -53,40 +43,30 @@ class ReferenceSet:
             raise UserError(f"reference loss mode must be one of {MODES}, got {mode!r}")
         if max_len < 2:
             raise UserError(f"reference max_len must be >= 2, got {max_len}")
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"reference file not found: {path} (build it with `dwm target build`)")
-        self.path, self.mode, self.max_len, self.pad_id = path, mode, max_len, pad_id
+        self.path, self.mode, self.max_len, self.pad_id = Path(path), mode, max_len, pad_id
         self.ids: list[list[int]] = []
         self.masks: list[list[bool]] = []
-        self.n_skipped = 0
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{path}:{lineno}: not a JSON object with a 'text' key ({e})") from e
-                item = self._tokenize(tokenizer, str(text))
-                if item is None:
-                    self.n_skipped += 1
-                    continue
-                self.ids.append(item[0])
-                self.masks.append(item[1])
+        self.n_skipped = 0  # passages with nothing to predict within max_len
+        for text in load_passages(self.path):  # UserError naming file:line on a malformed line
+            item = self._tokenize(tokenizer, text)
+            if item is None:
+                self.n_skipped += 1
+                continue
+            self.ids.append(item[0])
+            self.masks.append(item[1])
         if not self.ids:
-            raise UserError(f"{path}: no usable reference passages ({self.n_skipped} too short or empty)")
+            raise UserError(f"{self.path}: no usable reference passages ({self.n_skipped} too short or empty)")
 
     def _tokenize(self, tokenizer: Any, text: str) -> tuple[list[int], list[bool]] | None:
-        text = text.strip()
         if self.mode == "passage":
             ids = _encode(tokenizer, text)[: self.max_len]
             if len(ids) < 2:
                 return None
             return ids, [False] + [True] * (len(ids) - 1)
-        if len(text.split(" ")) < 2:
+        try:
+            context, target = split_context_target(text)
+        except UserError:
             return None
-        context, target = split_context_target(text)
         ctx, tgt = _encode(tokenizer, context), _encode(tokenizer, target)
         if not ctx or not tgt or len(tgt) >= self.max_len:
             return None

@@ -87,5 +87,5 @@ def make_run(root: Path, passages: list[str], step: int = 10, train_steps: int =
     data = f'[data]\ndir = "{data_dir}"\n' if data_dir else ""
     (run / "config.toml").write_text(f'{data}[train]\nglobal_batch_tokens = 128\n')
     with open(run / "metrics.jsonl", "w") as f:
-        f.write(json.dumps({"step": step, "tokens": step * 128, "loss": 5.0}) + "\n")
+        f.write(json.dumps({"step": step, "tokens_seen": step * 100 + 1, "loss": 5.0}) + "\n")
     return run

@@ -1,0 +1,147 @@
+"""TrainConfig: TOML + dotted overrides, typed parsing, validation of every class of bad value, recipes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from dwm.errors import UserError
+from dwm.train.config import (RunConfig, help_config, iter_keys, load_config, recipe_path, to_toml, validate)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPES = ["cpu-small-uniform", "cpu-small-dwm", "cpu-base-dwm", "paper-370m-dwm", "paper-1.3b-dwm"]
+
+
+def test_overrides_parse_by_type():
+    cfg = load_config(None, ["optim.lr=3e-4", "weighting.net.width=64", "train.compile=true", "data.shuffle=no",
+                             "train.max_tokens=1e6", "model.spec=tiny", "weighting.mode=dwm"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.weighting.net.width == 64 and cfg.train.compile is True and cfg.data.shuffle is False
+    assert cfg.train.max_tokens == 1_000_000 and isinstance(cfg.train.max_tokens, int)
+    assert cfg.weighting.mode == "dwm"
+
+
+@pytest.mark.parametrize("item, match", [
+    ("optim.lrr=1", "did you mean optim.lr"),
+    ("nosuch.key=1", "unknown config key nosuch"),
+    ("train.seed=abc", "expected int"),
+    ("train.micro_batch_size=2.5", "expected int"),
+    ("optim.lr=fast", "expected float"),
+    ("optim.lr=nan", "expected float"),
+    ("train.compile=maybe", "expected bool"),
+    ("optim=3", "is a section"),
+    ("optim.lr", "not key=value"),
+])
+def test_bad_overrides(item, match):
+    with pytest.raises(UserError, match=match):
+        load_config(None, [item])
+
+
+def test_toml_types_checked(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[optim]\nlr = "high"\n')
+    with pytest.raises(UserError, match="optim.lr: expected float"):
+        load_config(p)
+    p.write_text('[train]\ncompile = 1\n')
+    with pytest.raises(UserError, match="expected bool"):
+        load_config(p)
+    p.write_text('[optim\nlr = 1\n')
+    with pytest.raises(UserError, match="cannot parse"):
+        load_config(p)
+    p.write_text('[weighting.net]\nwidht = 3\n')
+    with pytest.raises(UserError, match="did you mean weighting.net.width"):
+        load_config(p)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("item, match", [
+    ("optim.lr=0", "optim.lr: must be > 0"),
+    ("optim.lr=-1e-3", "optim.lr: must be > 0"),
+    ("optim.beta2=1.0", "optim.beta2"),
+    ("optim.min_lr_ratio=1.5", "min_lr_ratio"),
+    ("train.micro_batch_size=0", "micro_batch_size"),
+    ("train.max_steps=0", "no training budget"),
+    ("train.max_tokens=1000", "only one of"),
+    ("train.device=tpu", "train.device"),
+    ("train.precision=fp8", "train.precision"),
+    ("model.spec=gpt-17", "unknown preset"),
+    ("model.attn_implementation=magic", "attn_implementation"),
+    ("checkpoint.keep_last=0", "keep_last"),
+    ("weighting.mode=softmax", "weighting.mode"),
+    ("weighting.backend=autograd", "weighting.backend"),
+    ("weighting.schedule=weekly", "weighting.schedule"),
+    ("weighting.ref_loss=word", "weighting.ref_loss"),
+    ("weighting.precondition=newton", "weighting.precondition"),
+    ("weighting.temperature=0", "weighting.temperature"),
+    ("weighting.floor=2", "weighting.floor"),
+    ("weighting.stages=0", "weighting.stages"),
+    ("weighting.net.heads=3", "divisible"),
+    ("weighting.keep_learning=true", "keep_learning"),
+])
+def test_invalid_values_rejected(item, match):
+    cfg = load_config(None, ["train.max_steps=10", item])
+    with pytest.raises(UserError, match=match):
+        validate(cfg, check_paths=False)
+
+
+def test_data_dependent_checks(make_cfg, tmp_path):
+    plan = validate(make_cfg(), world_size=1)
+    assert (plan.seq_len, plan.global_batch_size, plan.grad_accum, plan.total_steps) == (32, 8, 2, 4)
+    assert validate(make_cfg(), world_size=2).grad_accum == 1
+    with pytest.raises(UserError, match="not divisible"):
+        validate(make_cfg("train.micro_batch_size=3"))
+    with pytest.raises(UserError, match="not divisible"):
+        validate(make_cfg(), world_size=3)
+    with pytest.raises(UserError, match="multiple of the data's seq_len"):
+        validate(make_cfg("train.global_batch_tokens=100"))
+    with pytest.raises(UserError, match="does not exist"):
+        validate(make_cfg(f"data.dir={tmp_path / 'nope'}"))
+    with pytest.raises(UserError, match="no split"):
+        validate(make_cfg("data.split=test"))
+    with pytest.raises(UserError, match="data.selection"):
+        validate(make_cfg(f"data.selection={tmp_path / 'nope.parquet'}"))
+    with pytest.raises(UserError, match="weighting.reference"):
+        validate(make_cfg("weighting.mode=dwm", f"weighting.reference={tmp_path / 'ref.jsonl'}"))
+
+
+def test_toml_roundtrip_and_help():
+    cfg = load_config(None, ["optim.lr=3e-4", "weighting.net.width=64", 'out=runs/a "b"', "data.shuffle=false"])
+    text = to_toml(cfg)
+    assert tomllib.loads(text)["weighting"]["net"]["width"] == 64
+    path = Path(__import__("tempfile").mkdtemp()) / "c.toml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+    assert load_config(path) != RunConfig()
+    h = help_config()
+    for key, _, _, doc in iter_keys():
+        assert key in h
+        assert doc, f"{key} has no docstring"
+    assert "weighting.net.width (int, default 128)" in h and "optim.lr (float, default 0.0005)" in h
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_load_and_validate(name, prepared_dir, tmp_path):
+    path = recipe_path(name)
+    assert path.is_file()
+    cfg = load_config(path, [f"data.dir={prepared_dir}", f"weighting.reference={path}"])  # any existing file
+    plan = validate(cfg)
+    assert plan.total_steps > 0 and plan.grad_accum >= 1
+    assert cfg.weighting.mode == ("uniform" if "uniform" in name else "dwm")
+    assert cfg.model.spec == name.rsplit("-", 1)[0]
+
+
+def test_cli_help_config_and_errors(capsys, prepared_dir):
+    from dwm.cli import main
+
+    assert main(["train", "--help-config"]) == 0
+    assert "optim.lr" in capsys.readouterr().out
+    assert main(["train", "--data", str(prepared_dir), "optim.lr=-1", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dwm train: error: config key optim.lr") and "Traceback" not in err

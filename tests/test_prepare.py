@@ -298,3 +298,13 @@ def test_domain_field_and_missing_scores(tmp_path, tok_path):
     assert stats["scores_missing"] == 1
     assert {d: v["docs"] for d, v in stats["per_domain"].items()} == {"law": 3, "news": 3}
     assert sum(v["bytes"] for v in stats["per_domain"].values()) == sum(len(d["text"]) for d in docs)
+
+
+def test_output_inside_input_directory_is_not_read_back(tmp_path, tok_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    write_jsonl(d / "web__a.jsonl", make_docs(20, 5, "a"))
+    o = opts(tokenizer=str(tok_path), val_fraction=0.0)
+    first = prepare([d], d / "prepared", o)
+    again = prepare([d], d / "prepared", PrepareOptions(**{**o.__dict__, "force": True}))
+    assert first == again and first["splits"]["train"]["n_docs"] == 20

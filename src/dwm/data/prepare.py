@@ -295,6 +295,14 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     if out.exists() and not out.is_dir():
         raise UserError(f"output path exists and is not a directory: {out}")
     sources, ignored = expand_inputs(list(inputs))
+    # an output directory inside an input directory (data/ --out data/prepared): never read our own output
+    out_abs = out.resolve()
+    inside = [s for s in sources if s.path.resolve().is_relative_to(out_abs)]
+    if inside:
+        sources = [s for s in sources if s not in inside]
+        print(f"dwm prepare: not reading {len(inside)} file(s) inside the output directory {out}", file=sys.stderr)
+        if not sources:
+            raise UserError(f"all inputs lie inside the output directory {out}")
     fp = fingerprint(sources, opts)
     if not opts.force and is_complete(out, fp):
         print(f"dwm prepare: {out} is already prepared from these inputs and options; nothing to do "

@@ -149,7 +149,9 @@ def expand_inputs(paths: list[str | Path]) -> tuple[list[InputSource], list[Path
         if any((p / m).is_file() for m in HF_MARKERS):
             sources.extend(_hf_source(p))
             continue
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        # hidden files and folders (e.g. a prepare's .tmp-prepare) are never inputs
+        files = sorted(f for f in p.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
         txt = tuple(f for f in files if _file_kind(f) == "txt")
         n_before = len(sources)
         for f in files:

@@ -57,6 +57,8 @@ class WeightingConfig:
     """LAMBADA-format JSONL the weighting model optimises against (never the heldout split)"""
     ref_loss: str = "passage"
     """outer loss on reference passages: 'passage' (mean NLL of every token) or 'target' (NLL of the last word)"""
+    batch_size: int = 0
+    """training samples per bi-level update (global); 0 = the trainer's micro-batch size x number of processes"""
     ref_batch_size: int = 16
     """reference passages per bi-level update"""
     backend: str = "fd"

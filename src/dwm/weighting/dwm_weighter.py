@@ -1,0 +1,388 @@
+"""DWMWeighter: the Data Weighting Model inside the trainer.
+
+    scores s = f_phi(batch)  ->  w = B * softmax(s / tau) over the *global* batch  ->  LM minimises (1/B) sum w_i l_i
+
+The weighting model phi is trained by bi-level updates (`dwm.weighting.bilevel.hypergradient` gives dL_ref/dw;
+autograd chains it into phi through the scores). When phi is updated is the schedule:
+
+- staged (default, the paper's): training is split into K stages of T/K LM steps. At the first step of stage k,
+  phi takes M bi-level updates against the current LM, is saved as `weighting/stage_k`, scores the probe set, and
+  is frozen for the rest of the stage.
+- interleaved: one bi-level update every `interval` LM steps; stage boundaries still save a snapshot and probes.
+- replay (`weighting.mode = RUN_DIR`, transfer): the source run's stage models are loaded in turn, stage k at the
+  same *fraction* of training as in the source run, with no bi-level updates, on any data selection and any LM
+  size (same tokenizer). With `keep_learning`, each replayed stage model is the starting point of M updates.
+
+Bi-level batches are drawn from the training data (or its selection) by the weighter's own seeded generator, so
+the LM's data order and RNG streams are the same with and without DWM, and the weighter's generator is part of the
+checkpoint: a killed DWM run resumes exactly. Under DDP each rank scores its share; scores are all-gathered so the
+softmax runs over the global batch, and phi's gradients are all-reduced, so a 2-process run equals a 1-process one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from dwm.errors import UserError
+from dwm.train.batch import Batch
+from dwm.train.losses import per_sample_nll
+from dwm.train.weighter import Weighter
+from dwm.weighting.bilevel import BACKENDS, adam_preconditioner, hypergradient
+from dwm.weighting.config import WeightingConfig
+from dwm.weighting.net import WeightingNet, load_weighting_net, save_weighting_net, weights_from_scores
+from dwm.weighting.reference import ReferenceSet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dwm.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+PROBE_SEED = 20250713  # probes are a property of the data, not of the run: the same ids for every run
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def weight_stats(w: torch.Tensor, domain_ids: torch.Tensor, domains: list[str]) -> dict[str, float]:
+    """Entropy of w/B (normalised by log B: 1 = uniform), effective sample size (sum w)^2 / sum w^2, min, max and
+    the mean weight of each domain present in the batch."""
+    w = w.detach().double().cpu()
+    B = w.numel()
+    p = w / w.sum()
+    ent = float(-(p * torch.log(p.clamp_min(1e-300))).sum())
+    out = {"w_entropy": ent / math.log(B) if B > 1 else 1.0, "w_ess": float(w.sum() ** 2 / (w * w).sum()),
+           "w_min": float(w.min()), "w_max": float(w.max())}
+    d = domain_ids.detach().cpu()
+    for i in torch.unique(d).tolist():
+        out[f"w_domain/{domains[i]}"] = float(w[d == i].mean())
+    return out
+
+
+def probe_ids(domain_ids: np.ndarray, size: int, seed: int = PROBE_SEED) -> np.ndarray:
+    """A fixed, domain-stratified sample of about `size` training rows: an equal share per domain (all rows of a
+    smaller domain, the remainder spread over the others), sorted."""
+    rng = np.random.default_rng(seed)
+    doms = np.unique(domain_ids)
+    by_dom = {d: np.flatnonzero(domain_ids == d) for d in doms}
+    take, left, budget = {}, sorted(doms, key=lambda d: len(by_dom[d])), size
+    while left:
+        share = budget // len(left)
+        d = left.pop(0)
+        take[d] = min(share, len(by_dom[d]))
+        budget -= take[d]
+    return np.sort(np.concatenate([rng.choice(by_dom[d], take[d], replace=False) for d in doms]))
+
+
+class StageSource:
+    """The stage models of a finished DWM run, for replay (transfer)."""
+
+    def __init__(self, run_dir: str | Path, tokenizer_sha: str):
+        self.dir = Path(run_dir) / "weighting"
+        stems = sorted(self.dir.glob("stage_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+        if not stems:
+            raise UserError(f"--weighting {run_dir}: no weighting/stage_*.json there (not a DWM run, or it has "
+                            f"not reached its first stage)")
+        self.meta = [json.loads(p.read_text()) for p in stems]
+        self.stems = [p.with_suffix("") for p in stems]
+        self.n_stages = int(self.meta[0].get("dwm", {}).get("stages", len(stems)))
+        src_sha = self.meta[0].get("dwm", {}).get("tokenizer_sha256")
+        if src_sha and src_sha != tokenizer_sha:
+            raise UserError(f"--weighting {run_dir}: its weighting model reads another tokenizer's ids; "
+                            f"transfer needs the same tokenizer (prepare the new data with its tokenizer.json)")
+
+    def stem_for(self, stage: int) -> Path:
+        """Stage `stage` of the source, or its last saved stage if the source stopped earlier."""
+        known = {int(m["dwm"]["stage"]): s for m, s in zip(self.meta, self.stems)}
+        return known[max(k for k in known if k <= stage)] if any(k <= stage for k in known) else self.stems[0]
+
+    def domains(self) -> list[str]:
+        return list(self.meta[0].get("dwm", {}).get("domains", []))
+
+
+class DWMWeighter(Weighter):
+    name = "dwm"
+
+    def __init__(self, cfg: WeightingConfig):
+        if cfg.backend not in BACKENDS:
+            raise UserError(f"weighting.backend must be one of {BACKENDS}, got {cfg.backend!r}")
+        if cfg.schedule not in ("staged", "interleaved"):
+            raise UserError(f"weighting.schedule must be 'staged' or 'interleaved', got {cfg.schedule!r}")
+        self.cfg = cfg
+        self.replay = cfg.mode not in ("dwm", "uniform")
+        self.learn = not self.replay or cfg.keep_learning
+        self.stage = -1
+        self.n_updates = 0
+        self.n_skipped = 0
+        self.n_ess_warnings = 0
+        self._metrics: dict[str, float] = {}
+        self._update_log: dict[str, float] = {}
+
+    # ------------------------------------------------------------ setup
+
+    def attach(self, trainer: "Trainer") -> None:
+        cfg = self.cfg
+        self._trainer = trainer  # for the optional loss feature in weights()
+        self.device = trainer.device
+        self.rank, self.world = trainer.rank, trainer.world_size
+        self.total_steps = max(1, trainer.total_steps)
+        self.domains = list(trainer.train_data.domains)
+        self.tokenizer_sha = file_sha256(trainer.train_data.tokenizer_path)
+        self.source = StageSource(cfg.mode, self.tokenizer_sha) if self.replay else None
+        self.n_stages = self.source.n_stages if self.source else cfg.stages
+        if self.n_stages < 1:
+            raise UserError(f"weighting.stages must be >= 1, got {self.n_stages}")
+        if self.source is not None:
+            self.net = self._load_stage_net(0)
+        else:
+            emb = trainer.model.get_input_embeddings().weight if cfg.net.init_from_lm_embedding else None
+            with torch.random.fork_rng(devices=[]):  # phi's init must not shift the LM's RNG streams
+                torch.manual_seed(trainer.cfg.train.seed + 1)
+                self.net = WeightingNet(cfg.net, trainer.plan.vocab_size, len(self.domains), lm_embedding=emb)
+        self.net.to(self.device)
+        steps_per_stage = self.total_steps / self.n_stages
+        self.updates_per_stage = (cfg.updates_per_stage if cfg.updates_per_stage > 0
+                                  else max(1, round(cfg.update_fraction * steps_per_stage)))
+        self.micro = trainer.plan.micro_batch_size
+        self.pool = (trainer.selection if trainer.selection is not None
+                     else np.arange(len(trainer.train_data), dtype=np.int64))
+        self.rng = np.random.default_rng([trainer.cfg.train.seed, 0xD3])
+        self.optimizer = None
+        self.reference = None
+        if self.learn:
+            self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.reference = ReferenceSet(cfg.reference, trainer.tokenizer, max_len=trainer.plan.seq_len,
+                                          mode=cfg.ref_loss, pad_id=trainer.train_data.pad_id)
+            if cfg.ref_batch_size % self.world:
+                raise UserError(f"weighting.ref_batch_size {cfg.ref_batch_size} must be divisible by the "
+                                f"number of processes {self.world}")
+        self.probes = probe_ids(trainer.train_data.domain_ids, min(cfg.probe_size, len(trainer.train_data)))
+        if self.world > 1 and cfg.net.batch_context:
+            raise UserError("weighting.net.batch_context attends across the batch and is single-process only; "
+                            "under DDP each rank would see a different context")
+        trainer.log({"event": "dwm_attach", "mode": "replay" if self.replay else "learn", "learn": self.learn,
+                     "stages": self.n_stages, "updates_per_stage": self.updates_per_stage,
+                     "weighting_params": sum(p.numel() for p in self.net.parameters()),
+                     "reference_passages": len(self.reference) if self.reference else 0})
+
+    def _load_stage_net(self, stage: int) -> WeightingNet:
+        assert self.source is not None
+        net = load_weighting_net(self.source.stem_for(stage), map_location="cpu")
+        if net.cfg.use_domain_feature and self.source.domains() != self.domains:
+            raise UserError(f"--weighting: the source weighting model uses domain ids of {self.source.domains()}, "
+                            f"this data has {self.domains}; replay needs the same domain list")
+        return net
+
+    # ------------------------------------------------------------ schedule
+
+    def stage_of(self, step: int) -> int:
+        return min(self.n_stages - 1, step * self.n_stages // self.total_steps)
+
+    def before_step(self, trainer: "Trainer", step: int) -> None:
+        k = self.stage_of(step)
+        if k != self.stage:
+            self._enter_stage(trainer, k, step)
+        elif self.learn and self.cfg.schedule == "interleaved" and step % self.cfg.interval == 0:
+            self._update(trainer)
+
+    def _enter_stage(self, trainer: "Trainer", k: int, step: int) -> None:
+        if self.source is not None and self.source.n_stages > 1 and k > 0:
+            self.net.load_state_dict(self._load_stage_net(k).state_dict())
+            if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
+                self.optimizer.state.clear()
+        if self.learn:
+            n = self.updates_per_stage if self.cfg.schedule == "staged" else (1 if step % self.cfg.interval == 0
+                                                                              else 0)
+            for _ in range(n):
+                self._update(trainer)
+        self.stage = k
+        self._save_stage(trainer, k, step)
+
+    # ------------------------------------------------------------ weights
+
+    def _gather(self, local: torch.Tensor, keep_grad: bool = False) -> torch.Tensor:
+        """Concatenate every rank's tensor (rank order); with keep_grad the local part stays in the graph."""
+        if self.world == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local.detach().contiguous())
+        if keep_grad:
+            parts[self.rank] = local
+        return torch.cat(parts)
+
+    def _lm_losses(self, trainer: "Trainer", batch: Batch) -> torch.Tensor | None:
+        if not self.cfg.net.use_loss_feature:
+            return None
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(batch), self.micro):
+                mb = batch.slice(i, i + self.micro)
+                out.append(per_sample_nll(trainer.model(input_ids=mb.input_ids).logits, mb.input_ids, mb.n_tokens))
+        return torch.cat(out)
+
+    def _scores(self, batch: Batch, lm_loss: torch.Tensor | None) -> torch.Tensor:
+        return self.net(batch.input_ids, batch.n_tokens, batch.domain_ids, lm_loss)
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        self.net.eval()
+        with torch.no_grad():
+            s = self._scores(batch, self._lm_losses(self._trainer, batch))
+            S = self._gather(s.float())
+            W = weights_from_scores(S, self.cfg.temperature, self.cfg.floor)
+            stats = weight_stats(W, self._gather(batch.domain_ids), self.domains)
+        B = W.numel()
+        if stats["w_ess"] < self.cfg.min_ess_fraction * B:
+            self.n_ess_warnings += 1
+            if self.n_ess_warnings == 1 or self.n_ess_warnings % 100 == 0:
+                log.warning("DWM: effective sample size %.1f of a batch of %d (below %.0f%%; warning %d)",
+                            stats["w_ess"], B, 100 * self.cfg.min_ess_fraction, self.n_ess_warnings)
+        self._metrics = {**stats, "dwm_stage": float(self.stage), "dwm_updates": float(self.n_updates),
+                         "dwm_skipped": float(self.n_skipped), "dwm_ess_warnings": float(self.n_ess_warnings),
+                         **self._update_log}
+        self._update_log = {}
+        n = len(batch)
+        return W[self.rank * n:(self.rank + 1) * n].float()
+
+    def step_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    # ------------------------------------------------------------ bi-level update
+
+    def _lookahead_lr(self, trainer: "Trainer") -> float:
+        """eta: the configured rate, else the LM's scheduled rate for this step, floored at its final (min) rate
+        so that a stage starting inside warm-up (stage 0 at step 0) still looks ahead."""
+        if self.cfg.lookahead_lr > 0:
+            return self.cfg.lookahead_lr
+        o = trainer.cfg.optim
+        return max(float(trainer.scheduler.get_last_lr()[0]), o.lr * o.min_lr_ratio)
+
+    def _update(self, trainer: "Trainer") -> None:
+        """One bi-level update of phi. Never raises from the maths: a non-finite outer loss or hypergradient
+        (on any rank) skips the update, counts it and logs why."""
+        cfg = self.cfg
+        assert self.optimizer is not None and self.reference is not None
+        Bg = cfg.batch_size or self.micro * self.world
+        if Bg % self.world:
+            raise UserError(f"weighting.batch_size {Bg} must be divisible by the number of processes {self.world}")
+        idx = self.rng.choice(self.pool, size=min(Bg, len(self.pool)), replace=False)
+        n_local = len(idx) // self.world
+        batch = trainer.train_data.batch(idx[self.rank * n_local:(self.rank + 1) * n_local]).to(self.device)
+        ref_idx = self.rng.choice(len(self.reference), size=min(cfg.ref_batch_size, len(self.reference)),
+                                  replace=False)
+        r_local = max(1, len(ref_idx) // self.world)
+        ref_ids, ref_mask = self.reference.batch(ref_idx[self.rank * r_local:(self.rank + 1) * r_local])
+        ref_ids, ref_mask = ref_ids.to(self.device), ref_mask.to(self.device)
+
+        self.net.train()
+        s = self._scores(batch, self._lm_losses(trainer, batch))
+        W = weights_from_scores(self._gather(s, keep_grad=True), cfg.temperature, cfg.floor)
+        w_local = W[self.rank * n_local:(self.rank + 1) * n_local]
+        precond = adam_preconditioner(trainer.optimizer, trainer.model) if cfg.precondition == "adam" else None
+        res = hypergradient(trainer.model, batch.input_ids, batch.n_tokens, w_local.detach(), ref_ids, ref_mask,
+                            lr=self._lookahead_lr(trainer), precond=precond, backend=cfg.backend,
+                            fd_eps=cfg.fd_eps, global_batch_size=W.numel())
+        ok, reason = res.ok, res.reason
+        grad_norm = math.nan
+        dL_dw = self._gather(res.dL_dw.to(W.dtype))
+        if ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            (W * dL_dw).sum().backward()
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            if self.world > 1:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat)
+                off = 0
+                for g in grads:
+                    g.copy_(flat[off:off + g.numel()].view_as(g))
+                    off += g.numel()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(),
+                                                             cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            if not math.isfinite(grad_norm):  # same value on every rank after the all-reduce
+                ok, reason = False, "non-finite weighting-model gradient"
+        if ok:
+            self.optimizer.step()
+            self.n_updates += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.n_skipped += 1
+            log.warning("DWM: skipped a bi-level update at step %d: %s", trainer.step, reason)
+        rec = {"event": "bilevel", "stage": self.stage_of(trainer.step), "ok": ok, "reason": reason,
+               "ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after,
+               "hypergrad_norm": float(dL_dw.norm()) if res.ok else math.nan, "phi_grad_norm": grad_norm,
+               "lookahead_lr": self._lookahead_lr(trainer), "fd_eps": res.eps_used, "v_norm": res.v_norm,
+               "updates": self.n_updates, "skipped": self.n_skipped}
+        trainer.log(rec)
+        self._update_log = {"ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after}
+
+    # ------------------------------------------------------------ stage outputs
+
+    def _save_stage(self, trainer: "Trainer", k: int, step: int) -> None:
+        """weighting/stage_k.{safetensors,json} and probes/stage_k.parquet (rank 0); every rank scores nothing
+        else, so the probe pass costs only rank 0."""
+        if trainer.rank != 0:
+            return
+        stem = trainer.run_dir / "weighting" / f"stage_{k}"
+        _, js = save_weighting_net(self.net, stem)
+        meta = json.loads(js.read_text())
+        meta["dwm"] = {"stage": k, "stages": self.n_stages, "step": step, "total_steps": self.total_steps,
+                       "fraction": [k / self.n_stages, (k + 1) / self.n_stages], "temperature": self.cfg.temperature,
+                       "floor": self.cfg.floor, "domains": self.domains, "tokenizer_sha256": self.tokenizer_sha,
+                       "updates": self.n_updates, "skipped": self.n_skipped,
+                       "source": str(self.cfg.mode) if self.replay else None}
+        js.write_text(json.dumps(meta, indent=2))
+        scores = self.score_samples(trainer, self.probes)
+        S = torch.from_numpy(scores)
+        table = pa.table({
+            "sample_id": pa.array(self.probes, pa.int64()),
+            "domain": pa.array([self.domains[i] for i in trainer.train_data.domain_ids[self.probes]]),
+            "score": pa.array(scores, pa.float32()),
+            "weight": pa.array(weights_from_scores(S.double(), self.cfg.temperature, self.cfg.floor).numpy(),
+                               pa.float32()),
+            "stage": pa.array(np.full(len(self.probes), k), pa.int32()),
+            "step": pa.array(np.full(len(self.probes), step), pa.int64()),
+        })
+        (trainer.run_dir / "probes").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, trainer.run_dir / "probes" / f"stage_{k}.parquet")
+        trainer.log({"event": "stage", "stage": k, "probe_weight_by_domain": {
+            d: float(np.mean(table["weight"].to_numpy()[np.asarray(table["domain"].to_pylist()) == d]))
+            for d in sorted(set(table["domain"].to_pylist()))}})
+
+    def score_samples(self, trainer: "Trainer", ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Scores of training rows `ids` under the current weighting model (no batch context beyond each chunk)."""
+        self.net.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(ids), batch_size):
+                b = trainer.train_data.batch(ids[i:i + batch_size]).to(self.device)
+                out.append(self._scores(b, self._lm_losses(trainer, b)).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+    # ------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "stage": self.stage, "rng": self.rng.bit_generator.state, "n_updates": self.n_updates,
+                "n_skipped": self.n_skipped, "n_ess_warnings": self.n_ess_warnings}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.net.load_state_dict(state["net"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.stage = int(state["stage"])
+        self.rng.bit_generator.state = state["rng"]
+        self.n_updates, self.n_skipped = int(state["n_updates"]), int(state["n_skipped"])
+        self.n_ess_warnings = int(state.get("n_ess_warnings", 0))

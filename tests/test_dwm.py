@@ -1,0 +1,200 @@
+"""The Data Weighting Model inside the trainer: stages, stage files and probes, exact resume, transfer (replay),
+DDP equality, guards, and that DWM with weights forced to 1 is exactly uniform training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dwm.testing import make_synthetic_prepared
+from dwm.train.config import load_config
+from dwm.train.trainer import Trainer
+from dwm.weighting.dwm_weighter import probe_ids, weight_stats
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dwm")
+    make_synthetic_prepared(root / "data", n_train=96, n_val=16, seq_len=32, vocab_size=300,
+                            domains=("a", "b", "c"))
+    from dwm.data.dataset import PreparedData
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(root / "data" / "tokenizer.json"))
+    val = PreparedData(root / "data", "val")
+    with open(root / "ref.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"text": tok.decode(val.tokens[i, : val.n_tokens[i]].tolist())[:160]}) + "\n")
+    return {"data": root / "data", "ref": root / "ref.jsonl", "root": root}
+
+
+def overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [f"data.dir={data['data']}", f"out={out}", "model.spec=tiny", "train.global_batch_tokens=256",
+            "train.micro_batch_size=4", f"train.max_steps={STEPS}", f"weighting.reference={data['ref']}",
+            "weighting.net.width=32", "weighting.net.heads=2", "weighting.probe_size=30",
+            "weighting.ref_batch_size=4", "weighting.lr=0.01", "log.progress=false", "log.every=1",
+            "checkpoint.every=5", *extra]
+
+
+def train(data, out, *extra) -> Trainer:
+    torch.set_num_threads(1)
+    t = Trainer(load_config(None, overrides(data, out, *extra)))
+    t.train()
+    return t
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in recs if r.get("event") == kind]
+
+
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "LATEST").read_text().strip()
+    return load_file(str(run / "checkpoints" / latest / "model" / "model.safetensors"))
+
+
+def test_weight_stats_by_hand():
+    w = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    s = weight_stats(w, torch.tensor([0, 0, 1, 1]), ["x", "y"])
+    p = np.array([0.5, 0.25, 0.25])
+    assert s["w_entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(4))
+    assert s["w_ess"] == pytest.approx(16 / 6)
+    assert (s["w_min"], s["w_max"]) == (0.0, 2.0)
+    assert s["w_domain/x"] == pytest.approx(1.5) and s["w_domain/y"] == pytest.approx(0.5)
+
+
+def test_probe_ids_stratified_and_fixed():
+    dom = np.array([0] * 5 + [1] * 100 + [2] * 100)
+    ids = probe_ids(dom, 65)
+    assert len(ids) == 65 and len(set(ids)) == 65
+    counts = np.bincount(dom[ids], minlength=3)
+    assert counts[0] == 5 and abs(counts[1] - counts[2]) <= 1  # the small domain whole, the rest split evenly
+    assert np.array_equal(ids, probe_ids(dom, 65))
+
+
+def test_dwm_run_stages_probes_and_metrics(data, tmp_path):
+    run = tmp_path / "run"
+    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=2")
+    for k in range(5):
+        meta = json.loads((run / "weighting" / f"stage_{k}.json").read_text())
+        assert meta["dwm"]["stage"] == k and meta["dwm"]["step"] == k * STEPS // 5
+        probes = pq.read_table(run / "probes" / f"stage_{k}.parquet")
+        assert probes.num_rows == 30 and set(probes["domain"].to_pylist()) == {"a", "b", "c"}
+        assert float(np.sum(probes["weight"].to_numpy())) == pytest.approx(30, rel=1e-5)
+    bilevel = events(run, "bilevel")
+    assert len(bilevel) == 10 and all(e["ok"] for e in bilevel)  # 5 stages x 2 updates, at stage starts only
+    assert sorted({e["step"] for e in bilevel}) == [0, 4, 8, 12, 16]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "w_ess" in r]
+    assert len(steps) == STEPS
+    for r in steps:
+        assert 0 < r["w_ess"] <= 8 + 1e-6 and r["w_min"] <= 1 <= r["w_max"] and 0 < r["w_entropy"] <= 1 + 1e-9
+    # phi moved: stage models differ and the weights are no longer all 1
+    s0 = load_file(str(run / "weighting" / "stage_0.safetensors"))
+    s4 = load_file(str(run / "weighting" / "stage_4.safetensors"))
+    assert any(not torch.equal(s0[k], s4[k]) for k in s0)
+    assert steps[-1]["w_max"] > steps[-1]["w_min"]
+
+
+def test_floor_one_is_exactly_uniform_training(data, tmp_path):
+    """w = (1-1)*w + 1 == 1: the bi-level updates still run, and must leave the LM bit-identical to uniform."""
+    uni = tmp_path / "uni"
+    dwm = tmp_path / "dwm"
+    train(data, uni)
+    train(data, dwm, "weighting.mode=dwm", "weighting.floor=1.0", "weighting.updates_per_stage=2")
+    assert len(events(dwm, "bilevel")) == 10
+    a, b = final_params(uni), final_params(dwm)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(args: list[str], env_extra: dict[str, str] | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "dwm.cli", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533",
+               "-m", "dwm.cli", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_dwm_kill_and_resume_is_exact(data, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    common = ["weighting.mode=dwm", "weighting.updates_per_stage=2"]
+    r = _cli(overrides(data, full, *common))
+    assert r.returncode == 0, r.stderr
+    r = _cli(overrides(data, killed, *common), {"DWM_TEST_KILL_AFTER_STEP": "11"})
+    assert r.returncode != 0  # SIGKILLed mid-stage 2, after the step-10 checkpoint
+    r = _cli(["--resume", *overrides(data, killed, *common)])
+    assert r.returncode == 0, r.stderr
+    a, b = final_params(full), final_params(killed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    for k in range(5):
+        sa = load_file(str(full / "weighting" / f"stage_{k}.safetensors"))
+        sb = load_file(str(killed / "weighting" / f"stage_{k}.safetensors"))
+        assert all(torch.allclose(sa[n], sb[n], atol=1e-6, rtol=0) for n in sa)
+
+
+def test_replay_matches_stages_by_fraction_without_updates(data, tmp_path):
+    src = tmp_path / "src"
+    train(data, src, "weighting.mode=dwm", "weighting.updates_per_stage=2")
+    # a run twice as long (another length) replays stage k over the same fraction of its training
+    rep = tmp_path / "rep"
+    t = Trainer(load_config(None, overrides(data, rep, f"weighting.mode={src}", f"train.max_steps={2 * STEPS}")))
+    seen = {}
+    orig = t.weighter.before_step
+
+    def spy(trainer, step):
+        orig(trainer, step)
+        seen[step] = {k: v.clone() for k, v in t.weighter.net.state_dict().items()}
+
+    t.weighter.before_step = spy
+    t.train()
+    assert events(rep, "bilevel") == []
+    for step in (0, 9, 10, 25, 39):
+        k = step * 5 // (2 * STEPS)
+        want = load_file(str(src / "weighting" / f"stage_{k}.safetensors"))
+        assert all(torch.equal(seen[step][n], want[n]) for n in want), (step, k)
+    # keep-learning: the replayed model is the start of more bi-level updates
+    kl = tmp_path / "kl"
+    train(data, kl, f"weighting.mode={src}", "weighting.keep_learning=true", "weighting.updates_per_stage=1")
+    assert len(events(kl, "bilevel")) == 5
+
+
+def test_non_finite_outer_loss_skips_update_and_continues(data, tmp_path):
+    run = tmp_path / "nan"
+    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=1", "weighting.lookahead_lr=1e30")
+    ev = events(run, "bilevel")
+    assert len(ev) == 5 and not any(e["ok"] for e in ev) and ev[-1]["skipped"] == 5
+    s0 = load_file(str(run / "weighting" / "stage_0.safetensors"))
+    s4 = load_file(str(run / "weighting" / "stage_4.safetensors"))
+    assert all(torch.equal(s0[k], s4[k]) for k in s0)  # no update was applied
+    assert (run / "checkpoints" / "LATEST").is_file()
+
+
+def test_ddp_two_processes_equal_one(data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["weighting.mode=dwm", "weighting.updates_per_stage=2", "train.max_steps=10", "weighting.batch_size=4"]
+    r = _cli(overrides(data, one, *common))
+    assert r.returncode == 0, r.stderr
+    r = _cli(overrides(data, two, *common), nproc=2)
+    assert r.returncode == 0, r.stderr
+    a, b = final_params(one), final_params(two)
+    assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4) for k in a)
+    for k in range(5):
+        sa = load_file(str(one / "weighting" / f"stage_{k}.safetensors"))
+        sb = load_file(str(two / "weighting" / f"stage_{k}.safetensors"))
+        assert all(torch.allclose(sa[n], sb[n], atol=2e-5, rtol=1e-4) for n in sa)
+    wa = [e for e in events(one, "bilevel")]
+    wb = [e for e in events(two, "bilevel")]
+    assert [round(e["ref_loss_after"], 4) for e in wa] == [round(e["ref_loss_after"], 4) for e in wb]

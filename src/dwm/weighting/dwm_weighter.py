@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -341,6 +342,7 @@ class DWMWeighter(Weighter):
                        "updates": self.n_updates, "skipped": self.n_skipped,
                        "source": str(self.cfg.mode) if self.replay else None}
         js.write_text(json.dumps(meta, indent=2))
+        t0 = time.perf_counter()
         scores = self.score_samples(trainer, self.probes)
         S = torch.from_numpy(scores)
         table = pa.table({
@@ -354,7 +356,8 @@ class DWMWeighter(Weighter):
         })
         (trainer.run_dir / "probes").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, trainer.run_dir / "probes" / f"stage_{k}.parquet")
-        trainer.log({"event": "stage", "stage": k, "probe_weight_by_domain": {
+        trainer.log({"event": "stage", "stage": k, "probe_seconds": time.perf_counter() - t0,
+                     "probe_weight_by_domain": {
             d: float(np.mean(table["weight"].to_numpy()[np.asarray(table["domain"].to_pylist()) == d]))
             for d in sorted(set(table["domain"].to_pylist()))}})
 

@@ -76,11 +76,12 @@ def _is_reference(target: Path, cfg: dict[str, Any]) -> bool:
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target: str | Path | None = DEFAULT_TARGET,
                  checkpoint: str | None = None, tasks: list[str] | None = None, batch_size: int = 16,
                  max_passages: int | None = None, max_samples: int | None = None, allow_reference: bool = False,
-                 device: str = "cpu", write: bool = True) -> dict[str, Any]:
+                 device: str = "cpu", write: bool = True, task_include: list[str] | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint of a run; writes RUN_DIR/eval.json (if `write`) and returns the same dict.
 
     data_dir defaults to the run's `data.dir`; target None skips LAMBADA; tasks are lm-eval task names run on a
-    temporary export of the checkpoint (dwm's local tasks, e.g. `dwm_lambada`, read `target`).
+    temporary export of the checkpoint (dwm's local tasks, e.g. `dwm_lambada`, read `target`; task_include adds
+    directories of the user's own lm-eval task YAMLs).
     """
     import torch
 
@@ -127,7 +128,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
         with tempfile.TemporaryDirectory(prefix="dwm_export_") as tmp:
             export_run(run, tmp, name)
             result["harness"] = run_harness(tmp, tasks, target=target_path, batch_size=batch_size,
-                                            device=device, limit=max_passages)["results"]
+                                            device=device, limit=max_passages,
+                                            include_path=task_include or ())["results"]
     del model
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -190,6 +192,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint name (default: checkpoints/LATEST)")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks run on an export of the checkpoint (dwm_lambada is offline)")
+    p.add_argument("--task-include", action="append", default=None, metavar="DIR",
+                   help="directory of extra lm-eval task YAMLs for --tasks (repeatable)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-passages", type=int, default=None, help="evaluate only the first N target passages")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N held-out rows")
@@ -206,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     res = evaluate_run(args.run_dir, data_dir=args.data, target=target, checkpoint=args.checkpoint, tasks=tasks,
                        batch_size=args.batch_size, max_passages=args.max_passages, max_samples=args.max_samples,
-                       allow_reference=args.allow_reference, device=device)
+                       allow_reference=args.allow_reference, device=device, task_include=args.task_include)
     print(format_table({Path(args.run_dir).name or str(args.run_dir): res}))
     print(f"wrote {Path(args.run_dir) / 'eval.json'}", file=sys.stderr)
     return 0

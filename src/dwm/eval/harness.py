@@ -59,9 +59,8 @@ def run_harness(model_dir: str | Path, tasks: Sequence[str], target: str | Path 
     """`lm_eval.simple_evaluate(model="hf", model_args=pretrained=model_dir, ...)` on `tasks`.
 
     Returns {"results": {task: {metric: value}}, "samples": raw lm-eval samples (only if log_samples)}.
-    dwm's local tasks need `target`; other names go to lm-eval's own registry (indexing it takes ~10-30 s, so
-    it is built only when a non-dwm task is asked for, unless include_defaults says otherwise) and to the YAML
-    dirs in `include_path`.
+    dwm's local tasks need `target`; other names are looked up in the YAML dirs of `include_path`, then in
+    lm-eval's own registry (indexing it takes 10-30 s, so only when needed, unless include_defaults says).
     """
     try:
         import lm_eval
@@ -85,8 +84,10 @@ def run_harness(model_dir: str | Path, tasks: Sequence[str], target: str | Path 
         for p in include_path:
             if not Path(p).is_dir():
                 raise UserError(f"task include path is not a directory: {p}")
-        tm = TaskManager(include_path=paths or None,
-                         include_defaults=bool(external) if include_defaults is None else include_defaults)
+        tm = TaskManager(include_path=paths or None, include_defaults=bool(include_defaults))
+        if include_defaults is None and any(t not in tm.all_tasks for t in external):
+            # only now pay for indexing lm-eval's few thousand built-in tasks
+            tm = TaskManager(include_path=paths or None, include_defaults=True)
         unknown = [t for t in external if t not in tm.all_tasks]
         if unknown:
             raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} "

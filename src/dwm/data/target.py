@@ -11,7 +11,7 @@ The passage filter (`extract_passages`), documented again in data/target/README.
   * a passage is a run of whole consecutive sentences; its last sentence ends in the target word. The sentence's
     closing punctuation is stripped, as LAMBADA does, so the passage ends with the bare word;
   * the target is alphabetic (ASCII letters only: no digits, apostrophes, hyphens or underscores), has
-    >= `min_target_len` (3) letters and is not a stop word;
+    >= `min_target_len` (3) letters, is not a stop word and is not all capitals (speaker tags, headings);
   * the passage has `min_words`..`max_words` (40..120) words: sentences are added backwards from the last one
     until `min_words` is reached; if that overshoots `max_words` the candidate is dropped;
   * by default (`require_in_context=True`) the target (case-insensitive) must occur earlier in the passage,
@@ -150,7 +150,7 @@ def _target_of(sentence: str, flt: PassageFilter) -> tuple[str, str] | None:
     last = body.rsplit(" ", 1)[-1]
     if not (last.isascii() and last.isalpha()) or len(last) < flt.min_target_len:
         return None
-    if last.lower() in STOP_WORDS:
+    if last.lower() in STOP_WORDS or (last.isupper() and len(last) > 1):  # all caps: a speaker tag or heading
         return None
     return body, last
 

@@ -27,8 +27,8 @@ TARGET = REPO / "data" / "target"
 
 _NAMES = ["Harriet", "Edmund", "Marianne", "Willoughby", "Catherine", "Frederick", "Wentworth", "Isabella"]
 _NOUNS = ["garden", "letter", "carriage", "window", "ribbon", "parlour", "journey", "portrait", "orchard"]
-_FILL = ("the walk was long and the weather was kind to them all that morning".split()
-         + "she could not think of any reason to refuse the invitation".split())
+_FILL = ("the walk was long and the weather was kind to them all that morning".split()  # noqa: SIM905
+         + "she could not think of any reason to refuse the invitation".split())  # noqa: SIM905
 
 
 def make_book(seed: int, n_chapters: int = 3, n_sents: int = 60) -> str:

@@ -129,9 +129,9 @@ def test_fd_exact_and_brute_force_agree(use_adam):
     assert model.config._attn_implementation == "sdpa"  # eager only during the exact call
     bf = brute_dw(model, ids, n, w, ref, mask, lr, precond)
     assert fd.ok and ex.ok
-    assert cos(fd.dL_dw, ex.dL_dw) >= 0.999 and rel(fd.dL_dw, ex.dL_dw) < 1e-2
+    assert cos(fd.dL_dw, ex.dL_dw) >= 0.999 and rel(fd.dL_dw, ex.dL_dw) < 1e-3
     assert cos(ex.dL_dw, bf) >= 0.9999 and rel(ex.dL_dw, bf) < 1e-5
-    assert cos(fd.dL_dw, bf) >= 0.999 and rel(fd.dL_dw, bf) < 1e-2
+    assert cos(fd.dL_dw, bf) >= 0.999 and rel(fd.dL_dw, bf) < 1e-3
     assert math.isclose(fd.ref_loss_after, ex.ref_loss_after, rel_tol=1e-9)
     assert math.isclose(fd.ref_loss_before, ref_after(model, ids, n, w, ref, mask, 0.0, None), rel_tol=1e-12)
     assert math.isclose(fd.eps_used * fd.v_norm, 1e-2, rel_tol=1e-9)  # rms(theta) < 1 -> norm fd_eps

@@ -218,12 +218,19 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
         # perturbation norm eps*||v|| = fd_eps * max(1, rms(theta)) (docs/METHOD.md, float32 analysis)
         eps = fd_eps * max(1.0, theta_norm / math.sqrt(n_params)) / v_norm
         losses = []
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            for sign in (1.0, -1.0):
-                for p, vi in zip(params, v):
-                    p.add_(vi, alpha=sign * eps)
-                losses.append(per_sample_nll(model(input_ids=input_ids).logits, input_ids, n_tokens))
-                restore()
+        # full precision for the perturbed pair: bf16 autocast or TF32 matmuls (10-bit mantissa) would round the
+        # ~1e-6-per-element perturbation away
+        matmul_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                for sign in (1.0, -1.0):
+                    for p, vi in zip(params, v):
+                        p.add_(vi, alpha=sign * eps)
+                    losses.append(per_sample_nll(model(input_ids=input_ids).logits, input_ids, n_tokens))
+                    restore()
+        finally:
+            torch.set_float32_matmul_precision(matmul_precision)
         dL_dw = -(lr / B) * (losses[0] - losses[1]) / (2.0 * eps)
         ok = _ok_everywhere(bool(torch.isfinite(dL_dw).all()), device)
         if not ok:

@@ -81,6 +81,11 @@ def _scalar_mean(x: float, device: torch.device) -> float:
     return float(t.item()) / _world()
 
 
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """Global 2-norm; per-tensor norms in the tensors' dtype (no float64 copies), combined in Python floats."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
+
+
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -209,8 +214,8 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
             for vi, Pi in zip(v, P):
                 if Pi is not None:
                     vi.mul_(Pi)
-            v_norm = math.sqrt(sum(float(vi.double().pow(2).sum()) for vi in v))
-            theta_norm = math.sqrt(sum(float(o.double().pow(2).sum()) for o in orig))
+            v_norm = _norm(v)
+            theta_norm = _norm(orig)
         n_params = sum(o.numel() for o in orig)
         if not math.isfinite(v_norm) or v_norm == 0.0:
             return _failed(n_local, device, before, after, f"v = P grad L_ref(theta') has norm {v_norm}", "fd",

@@ -96,7 +96,11 @@ def rss_run(files: list[Path], out: Path, workers: int, vocab: int, seq_len: int
            "--workers", str(workers), "--vocab-size", str(vocab), "--seq-len", str(seq_len), "--no-progress"]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    _, status, ru = os.wait4(proc.pid, 0)
+    try:
+        _, status, ru = os.wait4(proc.pid, 0)
+    except BaseException:  # interrupted: do not leave the child running
+        proc.kill()
+        raise
     secs = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"prepare child failed: {cmd}")
@@ -114,7 +118,11 @@ def main() -> int:
     ap.add_argument("--tp-mb", type=float, default=8.0, help="text used for the throughput comparison")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true", help="keep that section of --out-md, redo RSS")
     a = ap.parse_args()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup (temp dir, child) on kill
 
     lines: list[str] = []
 
@@ -131,83 +139,100 @@ def main() -> int:
         raise SystemExit(f"no corpus in {a.corpus} or {a.full}")
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
-        say("# `dwm prepare` benchmark")
-        say()
-        say(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs visible (shared with other jobs), "
-            f"python {platform.python_version()}")
-        say(f"- corpus: {len(shipped)} files, {mb_of(shipped):.1f} MB compressed{note}")
-        (work / "tp").mkdir()
-        tp_files = subset(shipped, a.tp_mb, work / "tp")
-        say(f"- throughput set: the first {a.tp_mb / len(shipped):.2f} MB of text of each file")
-        # tokenizer, trained once (the default path of prepare), then reused by every timed run
-        t = time.perf_counter()
-        prepare(tp_files, work / "tok", PrepareOptions(vocab_size=a.vocab_size, seq_len=a.seq_len, workers=1,
-                                                      progress=False))
-        t_first = time.perf_counter() - t
-        tok_path = work / "tok" / "tokenizer.json"
-        counter = SkipCounter()
-        texts = [d.text for s in expand_inputs(tp_files)[0] for d in iter_documents(s, ReadOptions(), counter)]
-        text_mb = sum(len(x.encode()) for x in texts) / 1e6
-        say(f"- text: {len(texts):,} documents, {text_mb:.1f} MB of UTF-8; vocab {a.vocab_size}, "
-            f"seq_len {a.seq_len}")
-        say(f"- first prepare incl. BPE training (1 worker): {t_first:.1f} s")
-        say(f"- each run repeated {a.rounds}x, interleaved; best (minimum) time kept. CPU = process time of this "
-            "process (robust to other jobs on the shared machine; meaningless for 2 threads), wall = elapsed")
-        say()
-        say("| run | wall s | wall MB/s | CPU s | CPU MB/s | ratio ours/bare (wall) | ratio (CPU) |")
-        say("|---|---:|---:|---:|---:|---:|---:|")
-        runs: dict[str, list[tuple[float, float]]] = {"bare": [], "w1": [], "w2": []}
-        for _ in range(a.rounds):
-            runs["bare"].append(bare_loop(tok_path, texts))
-            for w in (1, 2):
-                c, t = time.process_time(), time.perf_counter()
-                prepare(tp_files, work / f"w{w}", PrepareOptions(tokenizer=str(tok_path), seq_len=a.seq_len,
-                                                                 workers=w, progress=False, force=True))
-                runs[f"w{w}"].append((time.perf_counter() - t, time.process_time() - c))
-        best = {k: (min(r[0] for r in v), min(r[1] for r in v)) for k, v in runs.items()}
-        bw, bc = best["bare"]
-        names = {"bare": "bare `Tokenizer.encode_batch` loop, 1 thread", "w1": "`prepare`, 1 worker",
-                 "w2": "`prepare`, 2 workers"}
-        for k, (w_, c_) in best.items():
-            cpu_ratio = f"{bc / c_:.2f}" if k != "w2" else "n/a"
-            say(f"| {names[k]} | {w_:.2f} | {text_mb / w_:.2f} | {c_:.2f} | {text_mb / c_:.2f} | "
-                f"{bw / w_:.2f} | {cpu_ratio} |")
-        same = all((work / "w1" / f).read_bytes() == (work / "w2" / f).read_bytes()
-                   for f in ("train.bin", "val.bin", "train.parquet", "val.parquet"))
-        say()
-        say(f"- scaling 1 -> 2 workers (wall): {best['w1'][0] / best['w2'][0]:.2f}x; outputs byte-identical: {same}")
-        say(f"- ours/bare with 1 worker: {bw / best['w1'][0]:.2f} wall, {bc / best['w1'][1]:.2f} CPU (goal >= 0.8)")
-        say("- all wall times (s): " + "; ".join(f"{k}: " + ", ".join(f"{r[0]:.2f}" for r in v)
-                                                for k, v in runs.items()))
-
+        if a.skip_throughput:
+            kept = a.out_md.read_text().split("\n## Peak RSS")[0].rstrip("\n").splitlines() \
+                if a.out_md.is_file() else ["# `dwm prepare` benchmark"]
+            lines.extend(kept)
+            print("\n".join(kept))
+        else:
+            throughput(a, shipped, note, work, say)
         if not a.skip_rss:
-            full = corpus_files(a.full)
-            full_mb = mb_of(full)
-            say()
-            if full and full_mb * 3 >= a.rss_mb:  # compressed size understates text ~3-4x
-                rss_files, what = full, f"{a.full} ({len(full)} files, {full_mb:.1f} MB compressed)"
-            else:
-                base = full or shipped
-                rss_files = replicate(base, a.rss_mb, work)
-                what = (f"SYNTHETIC: {len(base)} files of {a.full if full else a.corpus} replicated to "
-                        f"~{a.rss_mb:.0f} MB of text ({a.full} was {'absent' if not full else f'{full_mb:.1f} MB'})")
-            say(f"## Peak RSS of `dwm prepare` (child process, ru_maxrss) on {what}")
-            say()
-            say("| workers | text MB | docs | tokens | seconds | MB/s | peak RSS MB |")
-            say("|---:|---:|---:|---:|---:|---:|---:|")
-            w = 2
-            rss, secs, st = rss_run(rss_files, work / "rss", w, a.vocab_size, a.seq_len)
-            say(f"| {w} | {st['bytes'] / 1e6:.1f} | {st['docs_written']:,} | {st['tokens']:,} | {secs:.1f} | "
-                f"{st['bytes'] / 1e6 / secs:.2f} | {rss:.0f} |")
-            say()
-            say(f"- includes BPE training on a 32 MB sample, interpreter start and imports; goal < 1024 MB: "
-                f"{'met' if rss < 1024 else 'NOT met'}")
+            rss_section(a, shipped, work, say)
         a.out_md.parent.mkdir(parents=True, exist_ok=True)
         a.out_md.write_text("\n".join(lines) + "\n")
         print(f"\nwrote {a.out_md}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def throughput(a: argparse.Namespace, shipped: list[Path], note: str, work: Path, say) -> None:
+    """Section 1: prepare vs the bare tokenizers loop, 1 and 2 workers."""
+    say("# `dwm prepare` benchmark")
+    say()
+    say(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs visible (shared with other jobs), "
+        f"python {platform.python_version()}")
+    say(f"- corpus: {len(shipped)} files, {mb_of(shipped):.1f} MB compressed{note}")
+    (work / "tp").mkdir()
+    tp_files = subset(shipped, a.tp_mb, work / "tp")
+    say(f"- throughput set: the first {a.tp_mb / len(shipped):.2f} MB of text of each file")
+    # tokenizer, trained once (the default path of prepare), then reused by every timed run
+    t = time.perf_counter()
+    prepare(tp_files, work / "tok", PrepareOptions(vocab_size=a.vocab_size, seq_len=a.seq_len, workers=1,
+                                                  progress=False))
+    t_first = time.perf_counter() - t
+    tok_path = work / "tok" / "tokenizer.json"
+    counter = SkipCounter()
+    texts = [d.text for s in expand_inputs(tp_files)[0] for d in iter_documents(s, ReadOptions(), counter)]
+    text_mb = sum(len(x.encode()) for x in texts) / 1e6
+    say(f"- text: {len(texts):,} documents, {text_mb:.1f} MB of UTF-8; vocab {a.vocab_size}, "
+        f"seq_len {a.seq_len}")
+    say(f"- first prepare incl. BPE training (1 worker): {t_first:.1f} s")
+    say(f"- each run repeated {a.rounds}x, interleaved; best (minimum) time kept. CPU = process time of this "
+        "process (robust to other jobs on the shared machine; meaningless for 2 threads), wall = elapsed")
+    say()
+    say("| run | wall s | wall MB/s | CPU s | CPU MB/s | cores used (CPU/wall) | ratio ours/bare (wall) "
+        "| ratio (CPU) |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|")
+    runs: dict[str, list[tuple[float, float]]] = {"bare": [], "w1": [], "w2": []}
+    for _ in range(a.rounds):
+        runs["bare"].append(bare_loop(tok_path, texts))
+        for w in (1, 2):
+            c, t = time.process_time(), time.perf_counter()
+            prepare(tp_files, work / f"w{w}", PrepareOptions(tokenizer=str(tok_path), seq_len=a.seq_len,
+                                                             workers=w, progress=False, force=True))
+            runs[f"w{w}"].append((time.perf_counter() - t, time.process_time() - c))
+    best = {k: (min(r[0] for r in v), min(r[1] for r in v)) for k, v in runs.items()}
+    bw, bc = best["bare"]
+    names = {"bare": "bare `Tokenizer.encode_batch` loop, 1 thread", "w1": "`prepare`, 1 worker",
+             "w2": "`prepare`, 2 workers"}
+    for k, (w_, c_) in best.items():
+        cpu_ratio = f"{bc / c_:.2f}" if k != "w2" else "n/a"
+        say(f"| {names[k]} | {w_:.2f} | {text_mb / w_:.2f} | {c_:.2f} | {text_mb / c_:.2f} | {c_ / w_:.2f} | "
+            f"{bw / w_:.2f} | {cpu_ratio} |")
+    same = all((work / "w1" / f).read_bytes() == (work / "w2" / f).read_bytes()
+               for f in ("train.bin", "val.bin", "train.parquet", "val.parquet"))
+    say()
+    say(f"- scaling 1 -> 2 workers (wall): {best['w1'][0] / best['w2'][0]:.2f}x; outputs byte-identical: {same}")
+    say(f"- ours/bare with 1 worker: {bw / best['w1'][0]:.2f} wall, {bc / best['w1'][1]:.2f} CPU (goal >= 0.8)")
+    say("- all wall times (s): " + "; ".join(f"{k}: " + ", ".join(f"{r[0]:.2f}" for r in v)
+                                            for k, v in runs.items()))
+
+
+def rss_section(a: argparse.Namespace, shipped: list[Path], work: Path, say) -> None:
+    """Section 2: peak RSS of a prepare child on the full corpus (or a synthetic one of --rss-mb)."""
+    full = corpus_files(a.full)
+    full_mb = mb_of(full)
+    say()
+    if full:  # a snapshot: the corpus builder may rewrite its files while this runs
+        (work / "full").mkdir()
+        full = [Path(shutil.copy2(f, work / "full" / f.name)) for f in full]
+        rss_files, what = full, f"the full corpus {a.full} ({len(full)} files, {full_mb:.1f} MB compressed)"
+    else:
+        rss_files = replicate(shipped, a.rss_mb, work)
+        what = f"SYNTHETIC: the {len(shipped)} files of {a.corpus} replicated to ~{a.rss_mb:.0f} MB of text " \
+               f"({a.full} was absent)"
+    say(f"## Peak RSS of `dwm prepare` (child process, ru_maxrss) on {what}")
+    say()
+    say("| workers | text MB | docs | tokens | seconds | MB/s | peak RSS MB |")
+    say("|---:|---:|---:|---:|---:|---:|---:|")
+    w = 2
+    rss, secs, st = rss_run(rss_files, work / "rss", w, a.vocab_size, a.seq_len)
+    say(f"| {w} | {st['bytes'] / 1e6:.1f} | {st['docs_written']:,} | {st['tokens']:,} | {secs:.1f} | "
+        f"{st['bytes'] / 1e6 / secs:.2f} | {rss:.0f} |")
+    say()
+    say(f"- includes BPE training on a 32 MB sample, interpreter start and imports; goal < 1024 MB: "
+        f"{'met' if rss < 1024 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -238,3 +238,33 @@ def test_no_held_out_book_text_in_shipped_corpus():
     texts = (r["text"] for f in sorted(SHIPPED.glob("*.jsonl.zst")) for r in _read(f))
     leaks = find_leaks(probes, texts)
     assert not leaks, f"{len(leaks)} held-out passage(s) in the shipped corpus, e.g. {leaks[0][:120]!r}"
+
+
+def test_fetch_unpacks_cached_archives_without_a_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import io
+    import tarfile
+    import zipfile
+
+    def no_client(cmd, **kw):  # the archives are in the cache: no client may run
+        raise AssertionError(f"unexpected call {cmd}")
+
+    monkeypatch.setattr(C.subprocess, "run", no_client)
+    (tmp_path / "npm").mkdir()
+    with tarfile.open(tmp_path / "npm" / "scope-data-1.2.0.tgz", "w:gz") as tf:
+        for name in ("package/keep/a.json", "package/drop/b.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"{}"))
+    root, version = C.fetch(C.Package("@scope/data", "npm", "@scope/data@1.2.0", ("package/keep/",)), tmp_path)
+    assert version == "1.2.0" and (root / "package/keep/a.json").is_file()
+    assert not (root / "package/drop").exists()
+
+    (tmp_path / "pypi").mkdir()
+    with zipfile.ZipFile(tmp_path / "pypi" / "some_pkg-0.3-py3-none-any.whl", "w") as z:
+        z.writestr("some_pkg/data/x.txt", "x")
+        z.writestr("some_pkg/__init__.py", "")
+    root, version = C.fetch(C.Package("some-pkg", "pypi", "some-pkg==0.3", ("some_pkg/data/",)), tmp_path)
+    assert version == "0.3" and (root / "some_pkg/data/x.txt").read_text() == "x"
+    assert not (root / "some_pkg/__init__.py").exists()
+    # a second fetch is a cache hit
+    assert C.fetch(C.Package("some-pkg", "pypi", "some-pkg==0.3", ("some_pkg/data/",)), tmp_path) == (root, "0.3")

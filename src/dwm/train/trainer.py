@@ -89,7 +89,12 @@ def load_selection(path: str, n: int) -> np.ndarray:
 
 
 class Trainer:
-    """One training run. Build it, then call `train()`; see the module docstring for what it guarantees."""
+    """One training run. Build it, then call `train()`; see the module docstring for what it guarantees.
+
+    Construction order (what a weighter can rely on): process group, data, tokenizer, model, optimizer, scheduler;
+    on resume the model/optimizer/scheduler/RNG/step are restored from the checkpoint; then `weighter.attach(self)`,
+    then (on resume) `weighter.load_state_dict(saved state)`, so a weighter may build its modules in `attach`.
+    """
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, weighter: Weighter | None = None):
         self.cfg = cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dwm.errors import UserError
-from dwm.train.config import (RunConfig, help_config, iter_keys, load_config, recipe_path, to_toml, validate)
+from dwm.train.config import RunConfig, help_config, iter_keys, load_config, recipe_path, to_toml, validate
 
 if sys.version_info >= (3, 11):
     import tomllib

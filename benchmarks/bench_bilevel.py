@@ -217,7 +217,7 @@ def main() -> int:
         f"memory <= 1.5x ({'met' if fd_m <= 1.5 else 'NOT met'}: {fd_m:.2f} on the step's own memory, "
         f"{(mem['fd']['setup_mb'] + mem['fd']['extra_mb']) / base_total:.2f} on the total)."),
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_bilevel.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "Command: `" + " ".join([".venv/bin/python benchmarks/bench_bilevel.py", *sys.argv[1:]]) + "`",
         "",
         *eps_sweep(),
     ])

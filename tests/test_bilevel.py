@@ -253,3 +253,36 @@ def test_ddp_two_ranks_equal_one_process():
     # each rank holds 3 of the 6 samples and 2 of the 4 reference passages
     assert torch.allclose(both, one.dL_dw, rtol=1e-6, atol=1e-12), (both, one.dL_dw)
     assert math.isclose(parts[0]["after"], one.ref_loss_after, rel_tol=1e-9)
+
+
+def test_adam_lookahead_is_adamw_next_step():
+    """theta' of the `adam_lookahead` preconditioner is exactly where AdamW's optimizer.step() puts the LM
+    (momentum, bias corrections, decoupled weight decay included): L_ref(theta') reported by both backends equals
+    L_ref after a real step on the weighted loss, and the two backends agree on dL/dw."""
+    import copy
+
+    from dwm.weighting.bilevel import adam_lookahead
+
+    torch.set_num_threads(1)
+    model = tiny_lm()
+    ids, n, w, ref, mask = data()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(2):  # momentum and second-moment history
+        opt.zero_grad()
+        per_sample_nll(model(input_ids=ids).logits, ids, n).mean().backward()
+        opt.step()
+    results = {b: hypergradient(model, ids, n, w, ref, mask, lr=1e-2, precond=adam_lookahead(opt, model), backend=b)
+               for b in ("fd", "exact")}
+    real = copy.deepcopy(model)
+    ropt = torch.optim.AdamW(real.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ropt.load_state_dict(opt.state_dict())
+    ropt.zero_grad()
+    ((w * per_sample_nll(real(input_ids=ids).logits, ids, n)).sum() / len(w)).backward()
+    ropt.step()
+    with torch.no_grad():
+        after = float(reference_loss(real(input_ids=ref).logits, ref, mask))
+        before = float(reference_loss(model(input_ids=ref).logits, ref, mask))
+    assert after != pytest.approx(before, rel=1e-6)  # the step moved the reference loss
+    for b, r in results.items():
+        assert r.ok and r.ref_loss_after == pytest.approx(after, rel=1e-9, abs=1e-9), b
+    assert cos(results["fd"].dL_dw, results["exact"].dL_dw) >= 0.999

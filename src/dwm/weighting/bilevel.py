@@ -91,12 +91,11 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """P = 1 / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps) per trainable parameter, from a torch Adam/AdamW state.
-
-    This is the diagonal that Adam's next step divides by, frozen for the lookahead (Adam's momentum is not
-    modelled: the lookahead direction is P g, not P m_hat). Returns None before the optimizer's first step (no state
-    at all): the caller then uses the identity, i.e. an SGD lookahead. A parameter without state while others have
-    one (it never received a gradient) gets P = 0: AdamW skips it too, so the lookahead must not move it.
+    """P = 1 / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps) per trainable parameter, from a torch Adam/AdamW state: the
+    optimizer's *current* diagonal, frozen (the design note's form). None before the first step. A parameter with
+    no state while others have one gets P = 0. Prefer `adam_lookahead`, AdamW's real next step: this stale diagonal
+    is ~1/eps for parameters that rarely get gradient (embedding rows of rare tokens), and a lookahead through it can
+    jump orders of magnitude further than Adam ever moves.
     """
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out: dict[str, torch.Tensor] = {}
@@ -114,6 +113,56 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: torch.nn.Module
         with torch.no_grad():
             out[name] = ((sq / (1.0 - beta2 ** step)).sqrt() + eps).reciprocal().to(p.dtype)
     return out if seen else None
+
+
+@dataclass
+class AdamLookahead:
+    """The lookahead as AdamW's real next step, resolved inside `hypergradient` once its gradient g is known.
+
+    AdamW would move theta by  lr * (m_hat / (sqrt(v_hat) + eps) + wd * theta),  m = beta1 m_t + (1 - beta1) g,
+    v = beta2 v_t + (1 - beta2) g^2. Holding the denominator fixed (its value at this g), theta' is
+        theta' = theta - offset - lr * P_eff g,   P_eff = c / (sqrt(v_hat) + eps),   c = (1 - beta1) / (1 - beta1^{t+1})
+        offset = lr * (beta1 m_t / (1 - beta1^{t+1}) / (sqrt(v_hat) + eps) + wd * theta)
+    which is linear in the weights through g alone, so dL_ref(theta')/dw_i = -(lr/B) <grad L_ref(theta'), P_eff
+    grad l_i>: the same formula as the plain lookahead with P = P_eff, plus a w-independent offset. theta' is then
+    exactly where optimizer.step() would put the LM (tests/test_bilevel.py checks this), so the hypergradient asks
+    "how should this batch be weighted, given how the real optimizer will use it".
+    """
+
+    optimizer: torch.optim.Optimizer
+    model: torch.nn.Module
+
+    def resolve(self, grads: dict[str, torch.Tensor], lr: float
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(P_eff, offset) per trainable parameter name; see the class docstring."""
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        P_eff: dict[str, torch.Tensor] = {}
+        offset: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, p in _trainable(self.model):
+                if id(p) not in group_of:  # not optimised: does not move
+                    P_eff[name] = torch.zeros_like(p)
+                    offset[name] = torch.zeros_like(p)
+                    continue
+                group, state = group_of[id(p)], self.optimizer.state.get(p, {})
+                beta1, beta2 = group["betas"]
+                eps, wd = group["eps"], group.get("weight_decay", 0.0)
+                t = float(state["step"]) + 1.0 if "step" in state else 1.0
+                g = grads[name].detach()
+                v = (beta2 * state["exp_avg_sq"] if "exp_avg_sq" in state else 0.0) + (1.0 - beta2) * g * g
+                denom = (v / (1.0 - beta2 ** t)).sqrt() + eps
+                bc1 = 1.0 - beta1 ** t
+                P_eff[name] = ((1.0 - beta1) / bc1) / denom
+                off = lr * wd * p.detach()
+                if "exp_avg" in state:
+                    off = off + lr * (beta1 / bc1) * state["exp_avg"] / denom
+                offset[name] = off if torch.is_tensor(off) else torch.zeros_like(p)
+        return P_eff, offset
+
+
+def adam_lookahead(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> AdamLookahead:
+    """The `precond` for hypergradient that makes the lookahead AdamW's real next step (AdamLookahead)."""
+    return AdamLookahead(optimizer, model)
 
 
 def _ok_everywhere(ok: bool, device: torch.device) -> bool:
@@ -135,7 +184,7 @@ def _global_batch(n_local: int, device: torch.device) -> int:
 
 def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: torch.Tensor, weights: torch.Tensor,
                   ref_input_ids: torch.Tensor, ref_mask: torch.Tensor, *, lr: float,
-                  precond: dict[str, torch.Tensor] | None = None, backend: str = "fd", fd_eps: float = 1e-2,
+                  precond: dict[str, torch.Tensor] | AdamLookahead | None = None, backend: str = "fd", fd_eps: float = 1e-2,
                   global_batch_size: int | None = None, measure_before: bool = True) -> HyperResult:
     """dL_ref(theta')/dw for this rank's samples; see the module docstring for the maths and guarantees.
 
@@ -172,7 +221,7 @@ def _failed(n: int, device: torch.device, before: float, after: float, reason: s
 
 def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, precond, B, before, fd_eps):
     params = [p for _, p in named]
-    P = [precond.get(n) if precond is not None else None for n, _ in named]
+    P = [precond.get(n) if isinstance(precond, dict) else None for n, _ in named]
     if any(p.dtype not in (torch.float32, torch.float64) for p in params):
         raise UserError("the 'fd' hypergradient needs float32/float64 parameters (a perturbation of norm 0.01 is "
                         "below bf16/fp16 resolution); keep fp32 master weights or use backend 'exact'")
@@ -193,11 +242,17 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
         del l, loss
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
         _all_reduce_(g)
+        offset = None
+        if isinstance(precond, AdamLookahead):  # the same g on every rank -> the same P and offset
+            Pd, od = precond.resolve({n: gi for (n, _), gi in zip(named, g)}, lr)
+            P, offset = [Pd[n] for n, _ in named], [od[n] for n, _ in named]
         with torch.no_grad():  # theta' in place
-            for p, gi, Pi in zip(params, g, P):
+            for i, (p, gi, Pi) in enumerate(zip(params, g, P)):
                 if Pi is not None:
                     gi.mul_(Pi)
                 p.sub_(gi, alpha=lr)
+                if offset is not None:
+                    p.sub_(offset[i])
         del g
         # L_ref(theta') and its gradient, averaged over ranks
         with torch.enable_grad():
@@ -263,13 +318,19 @@ def _exact(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, pr
             l = per_sample_nll(model(input_ids=input_ids).logits, input_ids, n_tokens)
             loss = (w * l.to(w.dtype)).sum() / B
             g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            offset: dict[str, torch.Tensor] = {}
+            if isinstance(precond, AdamLookahead):  # P is held fixed: resolved from g's value, not its graph
+                precond, offset = precond.resolve({n: (gi.detach() if gi is not None else torch.zeros_like(p))
+                                                   for (n, p), gi in zip(named, g)}, lr)
             new = {}
             for (name, p), gi in zip(named, g):
                 if gi is None:
-                    new[name] = p
+                    new[name] = p - offset[name] if name in offset else p
                     continue
                 Pi = precond.get(name) if precond is not None else None
                 new[name] = p - lr * (gi * Pi if Pi is not None else gi)
+                if name in offset:
+                    new[name] = new[name] - offset[name]
             logits = functional_call(model, new, args=(), kwargs={"input_ids": ref_ids}).logits
             L = reference_loss(logits, ref_ids, ref_mask)
             grads = torch.autograd.grad(L, [w, *new.values()], allow_unused=True)

@@ -39,7 +39,7 @@ from dwm.errors import UserError
 from dwm.train.batch import Batch
 from dwm.train.losses import per_sample_nll
 from dwm.train.weighter import Weighter
-from dwm.weighting.bilevel import BACKENDS, adam_preconditioner, hypergradient
+from dwm.weighting.bilevel import BACKENDS, adam_lookahead, hypergradient
 from dwm.weighting.config import WeightingConfig
 from dwm.weighting.net import WeightingNet, load_weighting_net, save_weighting_net, weights_from_scores
 from dwm.weighting.reference import ReferenceSet
@@ -289,7 +289,7 @@ class DWMWeighter(Weighter):
         s = self._scores(batch, self._lm_losses(trainer, batch))
         W = weights_from_scores(self._gather(s, keep_grad=True), cfg.temperature, cfg.floor)
         w_local = W[self.rank * n_local:(self.rank + 1) * n_local]
-        precond = adam_preconditioner(trainer.optimizer, trainer.model) if cfg.precondition == "adam" else None
+        precond = adam_lookahead(trainer.optimizer, trainer.model) if cfg.precondition == "adam" else None
         res = hypergradient(trainer.model, batch.input_ids, batch.n_tokens, w_local.detach(), ref_ids, ref_mask,
                             lr=self._lookahead_lr(trainer), precond=precond, backend=cfg.backend,
                             fd_eps=cfg.fd_eps, global_batch_size=W.numel())

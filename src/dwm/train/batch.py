@@ -25,10 +25,10 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in
                        (self.input_ids, self.n_tokens, self.sample_ids, self.domain_ids)))
 
-    def slice(self, start: int, stop: int) -> "Batch":
+    def slice(self, start: int, stop: int) -> Batch:
         return Batch(self.input_ids[start:stop], self.n_tokens[start:stop],
                      self.sample_ids[start:stop], self.domain_ids[start:stop])

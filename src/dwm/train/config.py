@@ -97,7 +97,7 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda when available), 'cpu' or 'cuda'"""
     precision: str = "auto"
-    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16', 'fp32', or 'fp64' (float64 weights: numerical checks)"""
     compile: bool = False
     """torch.compile the model's forward/backward"""
 
@@ -396,7 +396,7 @@ def validate_static(cfg: RunConfig) -> None:
         raise UserError("set only one of train.max_steps and train.max_tokens")
     _positive("train.seed", t.seed, allow_zero=True)
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    _choice("train.precision", t.precision, ("auto", "bf16", "fp32", "fp64"))
     _positive("checkpoint.every", c.every, allow_zero=True)
     _positive("checkpoint.keep_last", c.keep_last)
     _positive("checkpoint.keep_every", c.keep_every, allow_zero=True)

@@ -25,8 +25,10 @@ def per_sample_nll(logits: torch.Tensor, input_ids: torch.Tensor, n_tokens: torc
     logits: [B, T, V]; input_ids: [B, T]; n_tokens: [B] number of real tokens (>= 2 for a defined loss).
     """
     B, T, V = logits.shape
-    shift_logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))
-    shift_labels = input_ids[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, V), shift_labels.reshape(-1), reduction="none").view(B, T - 1)
+    # Shift the labels, not the logits: logits[:, :-1] would copy the whole [B, T, V] tensor (and its gradient);
+    # the last position's loss (against a dummy label) is computed and dropped.
+    labels = F.pad(input_ids[:, 1:], (0, 1))
+    flat = logits.reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(flat, labels.reshape(-1), reduction="none").view(B, T)[:, :-1]
     mask = target_mask(n_tokens, T).to(nll.dtype)
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)

@@ -116,7 +116,8 @@ class Trainer:
             raise UserError(f"{cfg.data.dir}: missing tokenizer.json")
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.model = build_model(cfg.model.spec, self.plan.vocab_size, attn_implementation=cfg.model.attn_implementation,
-                                 seed=t.seed, max_seq_len=self.plan.seq_len).to(self.device)
+                                 seed=t.seed, max_seq_len=self.plan.seq_len,
+                                 dtype=torch.float64 if t.precision == "fp64" else torch.float32).to(self.device)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.ddp_model: torch.nn.Module = (DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"

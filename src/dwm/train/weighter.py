@@ -28,10 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
 class Weighter:
     name = "base"
 
-    def attach(self, trainer: "Trainer") -> None:
+    def attach(self, trainer: Trainer) -> None:
         """Called once after the model, optimizer, data and (on --resume) the checkpoint are in place."""
 
-    def before_step(self, trainer: "Trainer", step: int) -> None:
+    def before_step(self, trainer: Trainer, step: int) -> None:
         """Called before each LM optimizer step."""
 
     def weights(self, batch: Batch) -> torch.Tensor:

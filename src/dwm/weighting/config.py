@@ -4,9 +4,9 @@ Defaults and why (the paper's text is not available here; see docs/METHOD.md for
 - weights w = B * softmax(s / tau): sum to the batch size, w == 1 is uniform training (tau = 1).
 - backend "fd": central finite differences of per-sample losses along v = P grad L_ref(theta'), two forward
   passes, no second-order graph, so it works with SDPA, torch.compile and DDP; "exact" is the reference.
-- lookahead lr = the LM's current learning rate and P = Adam's current preconditioner ("adam"): the lookahead then
-  points where the real optimizer would move, which is what the weights affect (DoReMi/SoftMoE-style SGD
-  lookaheads mis-scale the step under Adam by orders of magnitude).
+- lookahead lr = the LM's current learning rate and precondition "adam": the lookahead is exactly AdamW's next step
+  (momentum, bias corrections, the current gradient in v_hat; docs/METHOD.md section 3), which is what the weights
+  affect; an SGD lookahead mis-scales the step under Adam by orders of magnitude.
 - 5 stages (the paper's number), M bi-level updates at the start of each stage, M = 4% of the stage's LM steps
   by default, which keeps a whole run's overhead near 1.1x of uniform training.
 - fd_eps = 1e-2: the perturbation theta +/- eps*v has norm fd_eps * max(1, rms(theta)), i.e. DARTS' 0.01/||v|| for
@@ -70,7 +70,7 @@ class WeightingConfig:
     fd_eps: float = 1e-2
     """finite-difference step: the perturbation eps*v has norm fd_eps * max(1, ||theta||/sqrt(n)) (see METHOD.md)"""
     precondition: str = "adam"
-    """P in theta' = theta - eta P g: 'adam' (LM optimizer's current 1/(sqrt(v_hat)+eps)) or 'sgd' (identity)"""
+    """the lookahead: 'adam' (AdamW's real next step, see METHOD.md section 3) or 'sgd' (theta - eta g)"""
     lookahead_lr: float = 0.0
     """eta of the lookahead; 0 = the LM's current learning rate"""
     schedule: str = "staged"

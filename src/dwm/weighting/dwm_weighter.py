@@ -131,7 +131,7 @@ class DWMWeighter(Weighter):
 
     # ------------------------------------------------------------ setup
 
-    def attach(self, trainer: "Trainer") -> None:
+    def attach(self, trainer: Trainer) -> None:
         cfg = self.cfg
         self._trainer = trainer  # for the optional loss feature in weights()
         self.device = trainer.device
@@ -150,7 +150,7 @@ class DWMWeighter(Weighter):
             with torch.random.fork_rng(devices=[]):  # phi's init must not shift the LM's RNG streams
                 torch.manual_seed(trainer.cfg.train.seed + 1)
                 self.net = WeightingNet(cfg.net, trainer.plan.vocab_size, len(self.domains), lm_embedding=emb)
-        self.net.to(self.device)
+        self.net.to(self.device, dtype=next(trainer.model.parameters()).dtype)  # fp64 runs: checks
         steps_per_stage = self.total_steps / self.n_stages
         self.updates_per_stage = (cfg.updates_per_stage if cfg.updates_per_stage > 0
                                   else max(1, round(cfg.update_fraction * steps_per_stage)))
@@ -189,14 +189,14 @@ class DWMWeighter(Weighter):
     def stage_of(self, step: int) -> int:
         return min(self.n_stages - 1, step * self.n_stages // self.total_steps)
 
-    def before_step(self, trainer: "Trainer", step: int) -> None:
+    def before_step(self, trainer: Trainer, step: int) -> None:
         k = self.stage_of(step)
         if k != self.stage:
             self._enter_stage(trainer, k, step)
         elif self.learn and self.cfg.schedule == "interleaved" and step % self.cfg.interval == 0:
             self._update(trainer)
 
-    def _enter_stage(self, trainer: "Trainer", k: int, step: int) -> None:
+    def _enter_stage(self, trainer: Trainer, k: int, step: int) -> None:
         if self.source is not None and self.source.n_stages > 1 and k > 0:
             self.net.load_state_dict(self._load_stage_net(k).state_dict())
             if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
@@ -221,7 +221,7 @@ class DWMWeighter(Weighter):
             parts[self.rank] = local
         return torch.cat(parts)
 
-    def _lm_losses(self, trainer: "Trainer", batch: Batch) -> torch.Tensor | None:
+    def _lm_losses(self, trainer: Trainer, batch: Batch) -> torch.Tensor | None:
         if not self.cfg.net.use_loss_feature:
             return None
         out = []
@@ -260,7 +260,7 @@ class DWMWeighter(Weighter):
 
     # ------------------------------------------------------------ bi-level update
 
-    def _lookahead_lr(self, trainer: "Trainer") -> float:
+    def _lookahead_lr(self, trainer: Trainer) -> float:
         """eta: the configured rate, else the LM's scheduled rate for this step, floored at its final (min) rate
         so that a stage starting inside warm-up (stage 0 at step 0) still looks ahead."""
         if self.cfg.lookahead_lr > 0:
@@ -268,7 +268,7 @@ class DWMWeighter(Weighter):
         o = trainer.cfg.optim
         return max(float(trainer.scheduler.get_last_lr()[0]), o.lr * o.min_lr_ratio)
 
-    def _update(self, trainer: "Trainer") -> None:
+    def _update(self, trainer: Trainer) -> None:
         """One bi-level update of phi. Never raises from the maths: a non-finite outer loss or hypergradient
         (on any rank) skips the update, counts it and logs why."""
         cfg = self.cfg
@@ -328,7 +328,7 @@ class DWMWeighter(Weighter):
 
     # ------------------------------------------------------------ stage outputs
 
-    def _save_stage(self, trainer: "Trainer", k: int, step: int) -> None:
+    def _save_stage(self, trainer: Trainer, k: int, step: int) -> None:
         """weighting/stage_k.{safetensors,json} and probes/stage_k.parquet (rank 0); every rank scores nothing
         else, so the probe pass costs only rank 0."""
         if trainer.rank != 0:
@@ -361,7 +361,7 @@ class DWMWeighter(Weighter):
             d: float(np.mean(table["weight"].to_numpy()[np.asarray(table["domain"].to_pylist()) == d]))
             for d in sorted(set(table["domain"].to_pylist()))}})
 
-    def score_samples(self, trainer: "Trainer", ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def score_samples(self, trainer: Trainer, ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Scores of training rows `ids` under the current weighting model (no batch context beyond each chunk)."""
         self.net.eval()
         out = []

@@ -29,7 +29,7 @@ import torch
 
 from dwm.train.losses import per_sample_nll
 from dwm.train.model import build_model, count_params
-from dwm.weighting.bilevel import adam_preconditioner, hypergradient
+from dwm.weighting.bilevel import adam_lookahead, adam_preconditioner, hypergradient
 
 MODES = ("plain", "fd", "fd_nolog", "exact")
 VOCAB = 8192
@@ -60,7 +60,7 @@ def run_mode(mode, model, opt, data):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return
-    P = adam_preconditioner(opt, model)
+    P = adam_lookahead(opt, model)  # what DWMWeighter uses: the lookahead is AdamW's real next step
     r = hypergradient(model, ids, n, w, ref, mask, lr=3e-4, precond=P, backend="exact" if mode == "exact" else "fd",
                       measure_before=(mode != "fd_nolog"))
     assert r.ok, r.reason
@@ -201,7 +201,7 @@ def main() -> int:
         "",
         (f"Model `{args.preset}` ({count_params(model) / 1e6:.1f}M parameters, vocab {VOCAB}), float32, sdpa "
         f"attention; training batch {args.batch} x {args.seq} tokens, reference batch {args.ref_batch} x "
-        f"{args.ref_len}; Adam preconditioner. {platform.machine()}, torch {torch.__version__}, "
+        f"{args.ref_len}; lookahead = AdamW next step (adam_lookahead). {platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs (shared with other jobs while measured)."),
         (f"Time: median of {args.repeats} interleaved repeats (CPU = process CPU time; wall is load-sensitive). Memory: each mode in its own process; "
         "'step MB' = peak RSS minus RSS after setup (model + AdamW state + data); 'total' adds the setup."),

@@ -63,14 +63,9 @@ def split_context_target(text: str) -> tuple[str, str]:
     return " ".join(words[:-1]), " " + words[-1]
 
 
-def load_passages(path: str | Path) -> list[str]:
-    """Passages of a LAMBADA-format JSONL (ours or a real `lambada_openai` file).
-    Each non-blank line must be a JSON object with a non-empty string "text" of >= 2 words; anything else is a
-    UserError naming file:line, because a silently dropped passage changes the reported accuracy."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"target file not found: {p}")
-    out: list[str] = []
+def _json_lines(p: Path):
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object is a
+    UserError naming file:line."""
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -81,12 +76,24 @@ def load_passages(path: str | Path) -> list[str]:
                 raise UserError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{p}:{n}: expected a JSON object with a \"text\" field")
-            text = obj.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{p}:{n}: missing or empty string field \"text\"")
-            if len(text.split()) < 2:
-                raise UserError(f"{p}:{n}: \"text\" needs at least 2 words (context + target)")
-            out.append(text)
+            yield n, obj
+
+
+def load_passages(path: str | Path) -> list[str]:
+    """Passages of a LAMBADA-format JSONL (ours or a real `lambada_openai` file).
+    Each non-blank line must be a JSON object with a non-empty string "text" of >= 2 words; anything else is a
+    UserError naming file:line, because a silently dropped passage changes the reported accuracy."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"target file not found: {p}")
+    out: list[str] = []
+    for n, obj in _json_lines(p):
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{p}:{n}: missing or empty string field \"text\"")
+        if len(text.split()) < 2:
+            raise UserError(f"{p}:{n}: \"text\" needs at least 2 words (context + target)")
+        out.append(text)
     if not out:
         raise UserError(f"{p}: no passages")
     return out
@@ -236,18 +243,11 @@ def read_books(paths: list[str | Path]) -> dict[str, str]:
         if p.suffix == ".txt":
             books.setdefault(p.stem.lower(), []).append(p.read_text(encoding="utf-8", errors="replace"))
             continue
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise UserError(f"{p}:{n}: expected an object with a string \"text\"")
-                name = obj.get("book") or str(obj.get("id", p.stem)).split("#", 1)[0]
-                books.setdefault(str(name).lower(), []).append(obj["text"])
+        for n, obj in _json_lines(p):
+            if not isinstance(obj.get("text"), str):
+                raise UserError(f"{p}:{n}: expected an object with a string \"text\"")
+            name = obj.get("book") or str(obj.get("id", p.stem)).split("#", 1)[0]
+            books.setdefault(str(name).lower(), []).append(obj["text"])
     return {k: "\n\n".join(v) for k, v in books.items()}
 
 

@@ -209,3 +209,39 @@ def test_ddp_two_processes_equal_one(data, tmp_path):
     sb = [r for r in (json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()) if "w_ess" in r]
     for x, y in zip(sa, sb):  # weight statistics over the global batch, logged by rank 0
         assert x["w_ess"] == pytest.approx(y["w_ess"], rel=1e-9) and x["w_max"] == pytest.approx(y["w_max"], rel=1e-9)
+
+
+def test_interleaved_schedule_updates_every_interval(data, tmp_path):
+    run = tmp_path / "inter"
+    train(data, run, "weighting.mode=dwm", "weighting.schedule=interleaved", "weighting.interval=3")
+    steps = [e["step"] for e in events(run, "bilevel")]
+    assert steps == list(range(0, STEPS, 3))  # one update every 3 LM steps, none extra at stage boundaries
+    assert len(list((run / "weighting").glob("stage_*.safetensors"))) == 5  # stage snapshots still saved
+
+
+def test_low_effective_sample_size_warns_and_counts(data, tmp_path, caplog):
+    run = tmp_path / "ess"
+    with caplog.at_level("WARNING", logger="dwm.weighting.dwm_weighter"):
+        train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=1", "weighting.min_ess_fraction=1.0",
+              "weighting.temperature=0.01")
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"w_ess"' in x][-1]
+    assert last["w_ess"] < 8 and last["dwm_ess_warnings"] >= 1
+    assert any("effective sample size" in r.getMessage() for r in caplog.records)
+
+
+def test_replay_on_another_selection(data, tmp_path):
+    """A learned schedule transfers to another data selection: a manifest of half the samples, reversed."""
+    import pyarrow as pa
+
+    src = tmp_path / "src"
+    train(data, src, "weighting.mode=dwm", "weighting.updates_per_stage=1")
+    sel = tmp_path / "sel.parquet"
+    pq.write_table(pa.table({"sample_id": pa.array(np.arange(95, 47, -1), pa.int64())}), sel)
+    rep = tmp_path / "rep"
+    t = train(data, rep, f"weighting.mode={src}", f"data.selection={sel}")
+    assert events(rep, "bilevel") == []
+    got = t.weighter.net.state_dict()
+    want = load_file(str(src / "weighting" / "stage_4.safetensors"))
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    used = {int(i) for s in range(STEPS) for i in t.global_indices(s)}
+    assert used <= set(range(48, 96))

@@ -15,10 +15,35 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dwm.errors import UserError
 from dwm.weighting.config import WeightingNetConfig
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block on F.scaled_dot_product_attention. nn.TransformerEncoderLayer's inference fast
+    path spends most of its time in a masked softmax on CPU (0.28 s vs 0.16 s for 16 x 256 tokens here), and SDPA
+    picks fused kernels on GPUs; one code path for training and scoring."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, D]; keep [B, L] bool (True = a real token that may be attended to) or None."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        mask = keep[:, None, None, :] if keep is not None else None
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(B, L, D)), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
 
 
 class WeightingNet(nn.Module):
@@ -56,15 +81,11 @@ class WeightingNet(nn.Module):
             self.proj = nn.Identity()
         self.pos = nn.Parameter(torch.zeros(cfg.max_len, cfg.width))
         nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
         self.domain = nn.Embedding(n_domains, cfg.width) if cfg.use_domain_feature else None
         self.loss_proj = nn.Linear(1, cfg.width) if cfg.use_loss_feature else None
-        self.batch_attn = (nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout,
-                                                      activation="gelu", batch_first=True, norm_first=True)
-                           if cfg.batch_context else None)
+        self.batch_attn = EncoderBlock(cfg.width, cfg.heads, cfg.dropout) if cfg.batch_context else None
         self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.width), nn.GELU(),
                                   nn.Linear(cfg.width, 1))
         nn.init.zeros_(self.head[-1].weight)  # initial scores 0 -> initial weights uniform
@@ -77,7 +98,8 @@ class WeightingNet(nn.Module):
         n = n_tokens.to(ids.device).long().clamp(1, L)  # an empty row still pools its first token
         pad = torch.arange(L, device=ids.device).unsqueeze(0) >= n.unsqueeze(1)  # True = ignore
         x = self.proj(self.embed(ids)) + self.pos[:L]
-        x = self.encoder(x, src_key_padding_mask=pad)
+        for block in self.encoder:
+            x = block(x, ~pad)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         h = self.norm((x * keep).sum(1) / keep.sum(1))
         if self.domain is not None:

@@ -80,7 +80,8 @@ def bench(args) -> str:
                 n_updates = sum(1 for x in (run / "metrics.jsonl").read_text().splitlines() if '"bilevel"' in x)
             res = evaluate_run(run, target=REPO / "data/target/heldout.jsonl", max_passages=args.max_passages)
             lam = res["lambada"]
-            rows[name].append({"lambada_loss": math.log(lam["perplexity"]), "lambada_acc": lam["acc"],
+            rows[name].append({"lambada_passage_loss": lam["passage_loss"],
+                               "lambada_target_nll": math.log(lam["perplexity"]), "lambada_acc": lam["acc"],
                                "heldout_loss": res["heldout"]["overall"]["loss"], "train_seconds": secs[name],
                                "probe_seconds": probe})
             print(f"  seed {seed} {name}: {rows[name][-1]}", file=sys.stderr, flush=True)
@@ -92,7 +93,7 @@ def bench(args) -> str:
         "| metric | uniform | DWM |", "|---|---|---|",
         (f"| tokens/s (mean ± se) | {ms([tok / r['train_seconds'] for r in rows['uniform']])} | "
          f"{ms([tok / r['train_seconds'] for r in rows['dwm']])} |")]
-    for key in ("lambada_loss", "lambada_acc", "heldout_loss"):
+    for key in ("lambada_passage_loss", "lambada_target_nll", "lambada_acc", "heldout_loss"):
         lines.append(f"| {key} | {ms([r[key] for r in rows['uniform']])} | {ms([r[key] for r in rows['dwm']])} |")
     lines += ["", (f"**amortised overhead, DWM time / uniform time per seed: {[round(r, 3) for r in ratios]}, "
                    f"median {statistics.median(ratios):.3f}** (goal <= 1.15); probe scoring excluded: "

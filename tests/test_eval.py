@@ -174,3 +174,20 @@ def test_eval_errors(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("dwm eval: error:") and err.count("\n") == 1 and "Traceback" not in err
     assert data.is_dir()
+
+
+def test_passage_loss_matches_hand_computation(setup):
+    """Mean over passages of each passage's mean next-token NLL, one passage at a time, no padding."""
+    import torch.nn.functional as F
+
+    from dwm.eval.lambada import passage_loss
+
+    model, tok = setup["model"], setup["tok"]
+    want = []
+    with torch.no_grad():
+        for p in setup["passages"]:
+            ids = torch.tensor([tok.encode(p.strip(), add_special_tokens=False)[:model.config.max_position_embeddings]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            want.append(float(F.cross_entropy(logits, ids[0, 1:])))
+    got = passage_loss(model, tok, setup["target"], batch_size=5)
+    assert got == pytest.approx(sum(want) / len(want), rel=1e-5)

@@ -118,9 +118,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
 
     result["heldout"] = heldout_eval(model, data_path, batch_size=batch_size, max_samples=max_samples)
     if target_path is not None:
-        from dwm.eval.lambada import lambada_eval
+        from dwm.eval.lambada import lambada_eval, passage_loss
 
         lam = lambada_eval(model, tokenizer, target_path, batch_size=batch_size, max_passages=max_passages)
+        lam["passage_loss"] = passage_loss(model, tokenizer, target_path, batch_size, max_passages)
         result["lambada"] = {**lam, "target": str(target_path)}
     if tasks:
         from dwm.eval.harness import run_harness
@@ -161,6 +162,8 @@ def table_rows(res: dict[str, Any]) -> dict[str, Any]:
         lam = res["lambada"]
         rows["LAMBADA acc"] = lam["acc"]
         rows["LAMBADA ppl"] = lam["perplexity"]
+        if "passage_loss" in lam:
+            rows["LAMBADA passage loss"] = lam["passage_loss"]
         rows["LAMBADA n"] = lam["n"]
     for task, metrics in res.get("harness", {}).items():
         for k in ("acc", "perplexity"):

@@ -149,3 +149,22 @@ def lambada_eval(model: torch.nn.Module, tokenizer: Any, path_or_passages: str |
     prefix = prefix_token_id(tokenizer)
     pairs = [encode_pair(encode, *split_context_target(t), prefix) for t in passages]
     return aggregate(score_pairs(model, pairs, batch_size=batch_size, max_length=max_length))
+
+
+def passage_loss(model: torch.nn.Module, tokenizer: Any, path: str | Path, batch_size: int = 16,
+                 max_passages: int | None = None) -> float:
+    """Mean over passages of the mean next-token NLL of every passage token: the weighting model's outer objective
+    (`weighting.ref_loss = "passage"`) measured on another split. A smoother LAMBADA-style loss than the target
+    word's perplexity, which for small models is dominated by a few unguessable words."""
+    from dwm.weighting.reference import ReferenceSet, reference_loss
+
+    ref = ReferenceSet(path, tokenizer, max_len=model_max_length(model), mode="passage")
+    idx = list(range(len(ref)))[:max_passages]
+    device = next(model.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(idx), batch_size):
+            ids, mask = ref.batch(idx[i:i + batch_size])
+            ids, mask = ids.to(device), mask.to(device)
+            total += float(reference_loss(model(input_ids=ids).logits, ids, mask)) * ids.shape[0]
+    return total / len(idx)

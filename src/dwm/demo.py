@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=150, help="LM optimizer steps per run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--preset", default="cpu-small", help="model preset")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of the prepared corpus")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
     p.add_argument("--max-passages", type=int, default=500, help="heldout passages to evaluate")
     p.add_argument("override", nargs="*", metavar="key=value", help="extra overrides for both runs")
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"target file {p} not found (`dwm target build` builds it)")
     t0 = time.perf_counter()
     print(f"[demo] 1/3 prepare {corpus} -> {out / 'data'}", file=sys.stderr)
-    prepare([corpus], out / "data", PrepareOptions(vocab_size=8192, seq_len=256))
+    prepare([corpus], out / "data", PrepareOptions(vocab_size=args.vocab_size, seq_len=args.seq_len))
 
     results = {}
     for name in ("uniform", "dwm"):

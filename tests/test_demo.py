@@ -7,8 +7,8 @@ import random
 
 from dwm.cli import main
 
-WORDS = {"books": "the lady walked slowly towards the house and smiled at her sister".split(),
-         "code": "def return import class self value list print range index for while".split()}
+WORDS = {"books": ["the", "lady", "walked", "slowly", "towards", "the", "house", "and", "smiled", "at", "her", "sister"],
+         "code": ["def", "return", "import", "class", "self", "value", "list", "print", "range", "index", "for", "while"]}
 
 
 def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
@@ -17,8 +17,7 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     corpus.mkdir()
     for dom, words in WORDS.items():
         with open(corpus / f"{dom}__toy.jsonl", "w") as f:
-            for i in range(40):
-                f.write(json.dumps({"id": f"{dom}{i}", "text": " ".join(rng.choices(words, k=80))}) + "\n")
+            f.writelines(json.dumps({"id": f"{dom}{i}", "text": " ".join(rng.choices(words, k=80))}) + "\n" for i in range(40))
     passages = [" ".join(rng.choices(WORDS["books"], k=30)) + " sister" for _ in range(12)]
     for name in ("reference", "heldout"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))

@@ -202,8 +202,10 @@ class DWMWeighter(Weighter):
             if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
                 self.optimizer.state.clear()
         if self.learn:
-            n = self.updates_per_stage if self.cfg.schedule == "staged" else (1 if step % self.cfg.interval == 0
-                                                                              else 0)
+            if self.cfg.schedule == "staged":
+                n = self.updates_per_stage
+            else:  # interleaved: the boundary step is an ordinary step of the every-`interval` rhythm
+                n = 1 if step % self.cfg.interval == 0 else 0
             for _ in range(n):
                 self._update(trainer)
         self.stage = k

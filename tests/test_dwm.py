@@ -234,12 +234,13 @@ def test_replay_on_another_selection(data, tmp_path):
     import pyarrow as pa
 
     src = tmp_path / "src"
-    train(data, src, "weighting.mode=dwm", "weighting.updates_per_stage=1")
+    train(data, src, "weighting.mode=dwm", "weighting.updates_per_stage=1", "weighting.temperature=0.5")
     sel = tmp_path / "sel.parquet"
     pq.write_table(pa.table({"sample_id": pa.array(np.arange(95, 47, -1), pa.int64())}), sel)
     rep = tmp_path / "rep"
     t = train(data, rep, f"weighting.mode={src}", f"data.selection={sel}")
     assert events(rep, "bilevel") == []
+    assert t.weighter.temperature == 0.5  # replayed as learned, not with this config's default of 1
     got = t.weighter.net.state_dict()
     want = load_file(str(src / "weighting" / "stage_4.safetensors"))
     assert all(torch.equal(got[n], want[n]) for n in want)

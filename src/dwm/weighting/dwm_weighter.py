@@ -141,6 +141,10 @@ class DWMWeighter(Weighter):
         self.tokenizer_sha = file_sha256(trainer.train_data.tokenizer_path)
         self.source = StageSource(cfg.mode, self.tokenizer_sha) if self.replay else None
         self.n_stages = self.source.n_stages if self.source else cfg.stages
+        # a replayed schedule is replayed as it was learned: the source's temperature and floor, not this config's
+        src = self.source.meta[0].get("dwm", {}) if self.source else {}
+        self.temperature = float(src.get("temperature", cfg.temperature))
+        self.floor = float(src.get("floor", cfg.floor))
         if self.n_stages < 1:
             raise UserError(f"weighting.stages must be >= 1, got {self.n_stages}")
         if self.source is not None:
@@ -242,7 +246,7 @@ class DWMWeighter(Weighter):
         with torch.no_grad():
             s = self._scores(batch, self._lm_losses(self._trainer, batch))
             S = self._gather(s.float())
-            W = weights_from_scores(S, self.cfg.temperature, self.cfg.floor)
+            W = weights_from_scores(S, self.temperature, self.floor)
             stats = weight_stats(W, self._gather(batch.domain_ids), self.domains)
         B = W.numel()
         if stats["w_ess"] < self.cfg.min_ess_fraction * B:
@@ -289,7 +293,7 @@ class DWMWeighter(Weighter):
 
         self.net.train()
         s = self._scores(batch, self._lm_losses(trainer, batch))
-        W = weights_from_scores(self._gather(s, keep_grad=True), cfg.temperature, cfg.floor)
+        W = weights_from_scores(self._gather(s, keep_grad=True), self.temperature, self.floor)
         w_local = W[self.rank * n_local:(self.rank + 1) * n_local]
         precond = adam_lookahead(trainer.optimizer, trainer.model) if cfg.precondition == "adam" else None
         res = hypergradient(trainer.model, batch.input_ids, batch.n_tokens, w_local.detach(), ref_ids, ref_mask,
@@ -339,8 +343,8 @@ class DWMWeighter(Weighter):
         _, js = save_weighting_net(self.net, stem)
         meta = json.loads(js.read_text())
         meta["dwm"] = {"stage": k, "stages": self.n_stages, "step": step, "total_steps": self.total_steps,
-                       "fraction": [k / self.n_stages, (k + 1) / self.n_stages], "temperature": self.cfg.temperature,
-                       "floor": self.cfg.floor, "domains": self.domains, "tokenizer_sha256": self.tokenizer_sha,
+                       "fraction": [k / self.n_stages, (k + 1) / self.n_stages], "temperature": self.temperature,
+                       "floor": self.floor, "domains": self.domains, "tokenizer_sha256": self.tokenizer_sha,
                        "updates": self.n_updates, "skipped": self.n_skipped,
                        "source": str(self.cfg.mode) if self.replay else None}
         js.write_text(json.dumps(meta, indent=2))
@@ -351,7 +355,7 @@ class DWMWeighter(Weighter):
             "sample_id": pa.array(self.probes, pa.int64()),
             "domain": pa.array([self.domains[i] for i in trainer.train_data.domain_ids[self.probes]]),
             "score": pa.array(scores, pa.float32()),
-            "weight": pa.array(weights_from_scores(S.double(), self.cfg.temperature, self.cfg.floor).numpy(),
+            "weight": pa.array(weights_from_scores(S.double(), self.temperature, self.floor).numpy(),
                                pa.float32()),
             "stage": pa.array(np.full(len(self.probes), k), pa.int32()),
             "step": pa.array(np.full(len(self.probes), step), pa.int64()),

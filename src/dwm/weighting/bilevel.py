@@ -54,7 +54,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_reduce_(tensors: list[torch.Tensor], average: bool = False) -> None:
+def all_reduce_(tensors: list[torch.Tensor], average: bool = False) -> None:
     """Sum (or average) a list of tensors across ranks in place, as one flat buffer per dtype."""
     world = _world()
     if world == 1:
@@ -241,7 +241,7 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
             g = list(torch.autograd.grad(loss, params, allow_unused=True))
         del l, loss
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
-        _all_reduce_(g)
+        all_reduce_(g)
         offset = None
         if isinstance(precond, AdamLookahead):  # the same g on every rank -> the same P and offset
             Pd, od = precond.resolve({n: gi for (n, _), gi in zip(named, g)}, lr)
@@ -264,7 +264,7 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
         if not math.isfinite(after):
             return _failed(n_local, device, before, after, "non-finite reference loss after the lookahead", "fd")
         v = [torch.zeros_like(p) if vi is None else vi for p, vi in zip(params, v)]
-        _all_reduce_(v, average=True)
+        all_reduce_(v, average=True)
         with torch.no_grad():
             for vi, Pi in zip(v, P):
                 if Pi is not None:

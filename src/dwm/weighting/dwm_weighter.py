@@ -39,7 +39,7 @@ from dwm.errors import UserError
 from dwm.train.batch import Batch
 from dwm.train.losses import per_sample_nll
 from dwm.train.weighter import Weighter
-from dwm.weighting.bilevel import BACKENDS, adam_lookahead, hypergradient
+from dwm.weighting.bilevel import BACKENDS, adam_lookahead, all_reduce_, hypergradient
 from dwm.weighting.config import WeightingConfig
 from dwm.weighting.net import WeightingNet, load_weighting_net, save_weighting_net, weights_from_scores
 from dwm.weighting.reference import ReferenceSet
@@ -305,14 +305,7 @@ class DWMWeighter(Weighter):
         if ok:
             self.optimizer.zero_grad(set_to_none=True)
             (W * dL_dw).sum().backward()
-            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-            if self.world > 1:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                dist.all_reduce(flat)
-                off = 0
-                for g in grads:
-                    g.copy_(flat[off:off + g.numel()].view_as(g))
-                    off += g.numel()
+            all_reduce_([p.grad for p in self.net.parameters() if p.grad is not None])  # sum over ranks
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(),
                                                              cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             if not math.isfinite(grad_norm):  # same value on every rank after the all-reduce

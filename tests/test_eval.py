@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -21,9 +20,6 @@ from dwm.eval.export import load_run_model, load_run_tokenizer, resolve_checkpoi
 from dwm.eval.heldout import heldout_eval
 from dwm.eval.lambada import encode_pair, lambada_eval
 from dwm.testing import make_synthetic_prepared
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

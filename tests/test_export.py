@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from eval_helpers import make_passages, make_run
@@ -11,9 +9,6 @@ from eval_helpers import make_passages, make_run
 from dwm.cli import main
 from dwm.errors import UserError
 from dwm.eval.export import export_run, resolve_checkpoint
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

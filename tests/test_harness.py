@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,9 +13,6 @@ from dwm.errors import UserError
 from dwm.eval.export import export_run, load_run_tokenizer
 from dwm.eval.harness import local_task_dir, local_task_names, run_harness
 from dwm.eval.lambada import encode_pair, lambada_eval, make_encoder, prefix_token_id, score_pairs
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

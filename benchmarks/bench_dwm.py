@@ -39,15 +39,14 @@ def prepared(data: Path | None = None) -> Path:
 def run_once(name: str, data: Path, out: Path, steps: int, seed: int, extra: list[str]) -> tuple[float, Path]:
     import shutil
 
-    from dwm.train.config import load_config, recipe_path
-    from dwm.train.trainer import Trainer
+    from dwm.run import build_trainer, load_config, recipe_path
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(recipe_path(f"cpu-small-{name}"), [
         f"data.dir={data}", f"out={out}", f"train.max_steps={steps}", f"train.seed={seed}",
         "train.global_batch_tokens=4096", f"optim.warmup_steps={max(1, steps // 10)}", f"weighting.reference={REPO / 'data/target/reference.jsonl'}",
         "log.progress=false", f"checkpoint.every={steps}", *extra])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     t0 = time.perf_counter()
     trainer.train()
     return time.perf_counter() - t0, out

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from dwm.data.dataset import PreparedData
+from dwm.run import load_config
 from dwm.testing import make_synthetic_prepared
-from dwm.train.config import load_config
 from dwm.train.model import build_model, count_params
 from dwm.train.trainer import Trainer, lr_factor
 

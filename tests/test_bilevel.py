@@ -15,12 +15,12 @@ from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from dwm.data.passages import passage_nll
 from dwm.errors import UserError
 from dwm.train.losses import per_sample_nll
 from dwm.weighting.bilevel import adam_preconditioner, hypergradient
 from dwm.weighting.config import WeightingNetConfig
 from dwm.weighting.net import WeightingNet, weights_from_scores
-from dwm.weighting.reference import reference_loss
 
 V = 97
 
@@ -69,7 +69,7 @@ def ref_after(model, ids, n, w, ref, mask, lr, precond):
     g = torch.autograd.grad((w * l).sum() / len(w), [p for _, p in named])
     new = {k: (p - lr * (gi * precond[k] if precond else gi)).detach() for (k, p), gi in zip(named, g)}
     with torch.no_grad():
-        return float(reference_loss(functional_call(model, new, args=(), kwargs={"input_ids": ref}).logits,
+        return float(passage_nll(functional_call(model, new, args=(), kwargs={"input_ids": ref}).logits,
                                     ref, mask))
 
 
@@ -112,7 +112,6 @@ def assert_bit_identical(model, snap):
 
 @pytest.mark.parametrize("use_adam", [False, True])
 def test_fd_exact_and_brute_force_agree(use_adam):
-    torch.set_num_threads(1)
     model = tiny_lm()
     ids, n, w, ref, mask = data()
     precond, lr = None, 0.5
@@ -139,7 +138,6 @@ def test_fd_exact_and_brute_force_agree(use_adam):
 
 
 def test_float32_default_eps_matches_exact():
-    torch.set_num_threads(1)
     model = tiny_lm(torch.float32)
     ids, n, w, ref, mask = data()
     w = w.float()
@@ -191,7 +189,6 @@ def bilevel_objective(net, model, ids, n, ref, mask, lr):
 
 @pytest.mark.parametrize("backend", ["exact", "fd"])
 def test_chain_to_phi_matches_finite_difference(backend):
-    torch.set_num_threads(1)
     model = tiny_lm()
     ids, n, _, ref, mask = data()
     torch.manual_seed(3)
@@ -232,13 +229,13 @@ def _ddp_worker(rank, world, path, port):
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_equal_one_process():
+def test_ddp_two_ranks_equal_one_process(free_port):
     model = tiny_lm()
     ids, n, w, ref, mask = data(B=6, R=4)
     opt = adam_state(model, ids, n)
     one = hypergradient(model, ids, n, w, ref, mask, lr=1e-3, precond=adam_preconditioner(opt, model))
     with tempfile.TemporaryDirectory() as d:
-        port = 29500 + os.getpid() % 2000
+        port = free_port()
         # fork, not spawn: spawn re-imports transformers in each child (~40 s on a loaded 2-core machine)
         ctx = mp.start_processes(_ddp_worker, args=(2, d, port), nprocs=2, join=False, start_method="fork")
         deadline = time.monotonic() + 120
@@ -263,7 +260,6 @@ def test_adam_lookahead_is_adamw_next_step():
 
     from dwm.weighting.bilevel import adam_lookahead
 
-    torch.set_num_threads(1)
     model = tiny_lm()
     ids, n, w, ref, mask = data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
@@ -280,8 +276,8 @@ def test_adam_lookahead_is_adamw_next_step():
     ((w * per_sample_nll(real(input_ids=ids).logits, ids, n)).sum() / len(w)).backward()
     ropt.step()
     with torch.no_grad():
-        after = float(reference_loss(real(input_ids=ref).logits, ref, mask))
-        before = float(reference_loss(model(input_ids=ref).logits, ref, mask))
+        after = float(passage_nll(real(input_ids=ref).logits, ref, mask))
+        before = float(passage_nll(model(input_ids=ref).logits, ref, mask))
     assert after != pytest.approx(before, rel=1e-6)  # the step moved the reference loss
     for b, r in results.items():
         assert r.ok and r.ref_loss_after == pytest.approx(after, rel=1e-9, abs=1e-9), b

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
-from pathlib import Path
 
 import pytest
 
+from dwm.config import iter_keys, to_toml
 from dwm.errors import UserError
-from dwm.train.config import RunConfig, help_config, iter_keys, load_config, recipe_path, to_toml, validate
+from dwm.run import RunConfig, help_config, load_config, recipe_path, validate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,8 +87,27 @@ def test_toml_types_checked(tmp_path):
     ("weighting.keep_learning=true", "keep_learning"),
 ])
 def test_invalid_values_rejected(item, match):
-    cfg = load_config(None, ["train.max_steps=10", item])
+    """Each bad value is refused with one line naming the key: choices as the config is parsed, ranges and
+    cross-field rules by validate."""
     with pytest.raises(UserError, match=match):
+        validate(load_config(None, ["train.max_steps=10", item]), check_paths=False)
+
+
+@pytest.mark.parametrize("item, hint", [("weighting.backend=fdd", "did you mean fd?"),
+                                        ("weighting.schedule=stagged", "did you mean staged?"),
+                                        ("train.precision=fp23", "did you mean fp32?"),
+                                        ("weighting.mode=dwn", "did you mean dwm?"),
+                                        ("selector.mode=sequental", "did you mean sequential?")])
+def test_choices_are_types_with_did_you_mean(item, hint):
+    with pytest.raises(UserError, match=re.escape(hint)):
+        validate(load_config(None, ["train.max_steps=10", item]), check_paths=False)
+
+
+def test_literal_choices_checked_once_for_programmatic_configs():
+    """A config built in code (no parsing) is still checked, by the one generic Literal check."""
+    cfg = load_config(None, ["train.max_steps=10"])
+    cfg.weighting.precondition = "newtn"  # type: ignore[assignment]
+    with pytest.raises(UserError, match=r"weighting.precondition: 'newtn' is not one of adam, sgd"):
         validate(cfg, check_paths=False)
 
 
@@ -111,16 +131,16 @@ def test_data_dependent_checks(make_cfg, tmp_path):
         validate(make_cfg("weighting.mode=dwm", f"weighting.reference={tmp_path / 'ref.jsonl'}"))
 
 
-def test_toml_roundtrip_and_help():
+def test_toml_roundtrip_and_help(tmp_path):
     cfg = load_config(None, ["optim.lr=3e-4", "weighting.net.width=64", 'out=runs/a "b"', "data.shuffle=false"])
     text = to_toml(cfg)
     assert tomllib.loads(text)["weighting"]["net"]["width"] == 64
-    path = Path(__import__("tempfile").mkdtemp()) / "c.toml"
+    path = tmp_path / "c.toml"
     path.write_text(text)
     assert load_config(path) == cfg
     assert load_config(path) != RunConfig()
     h = help_config()
-    for key, _, _, doc in iter_keys():
+    for key, _, _, doc in iter_keys(RunConfig):
         assert key in h
         assert doc, f"{key} has no docstring"
     assert "weighting.net.width (int, default 128)" in h and "optim.lr (float, default 0.0005)" in h
@@ -145,3 +165,26 @@ def test_cli_help_config_and_errors(capsys, prepared_dir):
     assert main(["train", "--data", str(prepared_dir), "optim.lr=-1", "train.max_steps=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dwm train: error: config key optim.lr") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["corpus", "target", "prepare", "train", "eval", "export", "demo"])
+def test_every_cli_option_has_help_and_default(command):
+    """`dwm COMMAND --help`: every option and argument says what it does, and every option with a default
+    (other than none or off) shows it."""
+    import argparse
+
+    from dwm.cli import COMMANDS, build_parser
+
+    assert command in COMMANDS
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    text = sub.format_help()
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        assert action.help and action.help.strip(), f"dwm {command} {name}: no help"
+        if action.option_strings and action.default not in (None, False):
+            shown = sub._get_formatter()._get_help_string(action)
+            assert "default" in shown.lower(), f"dwm {command} {name}: default not shown"
+    assert "default" in text

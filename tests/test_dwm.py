@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dwm.run import build_trainer, load_config
 from dwm.testing import make_synthetic_prepared
-from dwm.train.config import load_config
 from dwm.train.trainer import Trainer
 from dwm.weighting.dwm_weighter import probe_ids, weight_stats
 
@@ -48,8 +48,7 @@ def overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 def train(data, out, *extra) -> Trainer:
-    torch.set_num_threads(1)
-    t = Trainer(load_config(None, overrides(data, out, *extra)))
+    t = build_trainer(load_config(None, overrides(data, out, *extra)))
     t.train()
     return t
 
@@ -118,12 +117,17 @@ def test_floor_one_is_exactly_uniform_training(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _cli(args: list[str], env_extra: dict[str, str] | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    if nproc == 1:
+def _cli(args: list[str], nproc: int = 1, kill_after: int | None = None,
+         port: int | None = None) -> subprocess.CompletedProcess:
+    """`dwm train ARGS` in a subprocess (torchrun with nproc > 1 on `port`); with kill_after, SIGKILLed right after
+    that step by tests/kill_after.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill_after is not None:
+        cmd = [sys.executable, str(Path(__file__).with_name("kill_after.py")), str(kill_after), *args]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "dwm.cli", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29533",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                "-m", "dwm.cli", "train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
@@ -133,7 +137,7 @@ def test_dwm_kill_and_resume_is_exact(data, tmp_path):
     common = ["weighting.mode=dwm", "weighting.updates_per_stage=2"]
     r = _cli(overrides(data, full, *common))
     assert r.returncode == 0, r.stderr
-    r = _cli(overrides(data, killed, *common), {"DWM_TEST_KILL_AFTER_STEP": "11"})
+    r = _cli(overrides(data, killed, *common), kill_after=11)
     assert r.returncode != 0  # SIGKILLed mid-stage 2, after the step-10 checkpoint
     r = _cli(["--resume", *overrides(data, killed, *common)])
     assert r.returncode == 0, r.stderr
@@ -150,12 +154,13 @@ def test_replay_matches_stages_by_fraction_without_updates(data, tmp_path):
     train(data, src, "weighting.mode=dwm", "weighting.updates_per_stage=2")
     # a run twice as long (another length) replays stage k over the same fraction of its training
     rep = tmp_path / "rep"
-    t = Trainer(load_config(None, overrides(data, rep, f"weighting.mode={src}", f"train.max_steps={2 * STEPS}")))
+    t = build_trainer(load_config(None, overrides(data, rep, f"weighting.mode={src}",
+                                                  f"train.max_steps={2 * STEPS}")))
     seen = {}
     orig = t.weighter.before_step
 
-    def spy(trainer, step):
-        orig(trainer, step)
+    def spy(ctx, step):
+        orig(ctx, step)
         seen[step] = {k: v.clone() for k, v in t.weighter.net.state_dict().items()}
 
     t.weighter.before_step = spy
@@ -182,7 +187,7 @@ def test_non_finite_outer_loss_skips_update_and_continues(data, tmp_path):
     assert (run / "checkpoints" / "LATEST").is_file()
 
 
-def test_ddp_two_processes_equal_one(data, tmp_path):
+def test_ddp_two_processes_equal_one(data, tmp_path, free_port):
     """Scores gathered -> softmax over the global batch -> phi gradients all-reduced: 2 gloo processes equal 1.
     In float64: in float32 the fd hypergradient's rounding (~1e-7) is magnified by phi's Adam while phi's gradients
     are still ~0 (zero-initialised head), which would hide a real bug behind a loose tolerance."""
@@ -191,7 +196,7 @@ def test_ddp_two_processes_equal_one(data, tmp_path):
               "train.precision=fp64"]
     r = _cli(overrides(data, one, *common))
     assert r.returncode == 0, r.stderr
-    r = _cli(overrides(data, two, *common), nproc=2)
+    r = _cli(overrides(data, two, *common), nproc=2, port=free_port())
     assert r.returncode == 0, r.stderr
     a, b = final_params(one), final_params(two)
     assert a["model.embed_tokens.weight"].dtype == torch.float64
@@ -202,12 +207,13 @@ def test_ddp_two_processes_equal_one(data, tmp_path):
         assert all(torch.allclose(sa[n], sb[n], atol=1e-8, rtol=0) for n in sa)
     wa, wb = events(one, "bilevel"), events(two, "bilevel")
     assert len(wa) == len(wb) == 10
-    for x, y in zip(wa, wb):
+    for x, y in zip(wa, wb, strict=True):
         assert x["ref_loss_after"] == pytest.approx(y["ref_loss_after"], rel=1e-10)
         assert x["hypergrad_norm"] == pytest.approx(y["hypergrad_norm"], rel=1e-8)
     sa = [r for r in (json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()) if "w_ess" in r]
     sb = [r for r in (json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()) if "w_ess" in r]
-    for x, y in zip(sa, sb):  # weight statistics over the global batch, logged by rank 0
+    assert len(sa) == len(sb) == 10  # train.max_steps=10, log.every=1
+    for x, y in zip(sa, sb, strict=True):  # weight statistics over the global batch, logged by rank 0
         assert x["w_ess"] == pytest.approx(y["w_ess"], rel=1e-9) and x["w_max"] == pytest.approx(y["w_max"], rel=1e-9)
 
 

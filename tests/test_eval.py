@@ -13,7 +13,7 @@ from eval_helpers import make_passages, make_run, write_jsonl
 
 from dwm.cli import main
 from dwm.data.dataset import PreparedData
-from dwm.data.target import split_context_target
+from dwm.data.passages import split_context_target
 from dwm.errors import UserError
 from dwm.eval.cli import evaluate_run, format_table
 from dwm.eval.export import load_run_model, load_run_tokenizer, resolve_checkpoint
@@ -25,7 +25,6 @@ from dwm.testing import make_synthetic_prepared
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A prepared dir (3 domains), a run trained with its tokenizer, and a LAMBADA target file."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
     data = make_synthetic_prepared(root / "prep", n_train=8, n_val=15, seq_len=32, domains=("a", "b", "c"))
     passages = make_passages(12, seed=3)
@@ -187,3 +186,26 @@ def test_passage_loss_matches_hand_computation(setup):
             want.append(float(F.cross_entropy(logits, ids[0, 1:])))
     got = passage_loss(model, tok, setup["target"], batch_size=5)
     assert got == pytest.approx(sum(want) / len(want), rel=1e-5)
+
+
+def test_empty_val_split_still_reports_the_target(setup, tmp_path, capsys):
+    """A small input prepared with the default --val-fraction has an empty val split: eval still reports the
+    target it was asked for and says that (and why) the held-out loss was skipped."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    pq.write_table(pq.read_table(data / "val.parquet").slice(0, 0), data / "val.parquet")
+    (data / "val.bin").write_bytes(b"")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["val"]["n_samples"] = 0
+    (data / "meta.json").write_text(json.dumps(meta))
+    res = evaluate_run(setup["run"], data_dir=data, target=setup["target"], write=False)
+    assert res["lambada"]["n"] == len(setup["passages"])
+    assert res["heldout"]["n_samples"] == 0 and "is empty" in res["heldout"]["skipped"]
+    assert "held-out loss skipped" in capsys.readouterr().err
+    assert main(["eval", str(setup["run"]), "--data", str(data), "--target", str(setup["target"])]) == 0
+    out = capsys.readouterr().out
+    assert "skipped (empty split)" in out and "LAMBADA acc" in out

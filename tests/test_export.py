@@ -13,7 +13,6 @@ from dwm.eval.export import export_run, resolve_checkpoint
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    torch.set_num_threads(1)
     return make_run(tmp_path_factory.mktemp("export"), make_passages(12, seed=2), train_steps=5)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from eval_helpers import make_passages, make_run, write_jsonl
 
-from dwm.data.target import split_context_target
+from dwm.data.passages import split_context_target
 from dwm.errors import UserError
 from dwm.eval.export import export_run, load_run_tokenizer
 from dwm.eval.harness import local_task_dir, local_task_names, run_harness
@@ -17,7 +16,6 @@ from dwm.eval.lambada import encode_pair, lambada_eval, make_encoder, prefix_tok
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("harness")
     passages = make_passages(20, seed=1)
     target = write_jsonl(passages, root / "target.jsonl")

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from dwm.cli import main as cli_main
 from dwm.data import tokenizer as tkz
-from dwm.data.prepare import CRASH_ENV, OUTPUT_FILES, PrepareOptions, is_val, prepare
+from dwm.data.prepare import OUTPUT_FILES, PrepareOptions, is_val, prepare
 from dwm.errors import UserError
 
 WORDS = ["the", "of", "and", "to", "a", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "river", "stone", "window", "garden", "letter", "morning", "silver", "quiet"]
@@ -208,8 +208,12 @@ def test_resume_after_kill_matches_clean_run(corpus, tok_path, tmp_path):
     args = [*map(str, corpus["paths"]), "--tokenizer", str(tok_path), "--seq-len", "32", "--val-fraction", "0.2",
             "--workers", "1", "--score-fields", "q", "--no-progress"]
     killed = tmp_path / "killed"
-    code = ("import sys; from dwm.cli import main; sys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, CRASH_ENV: "120", "HF_HUB_OFFLINE": "1"}
+    # the fault is injected here, not in the library: the 120th document written kills the process
+    code = ("import os, sys\nimport dwm.data.prepare as P\nn = [0]\norig = P.SplitWriter.add\n"
+            "def add(self, doc, ids):\n    orig(self, doc, ids)\n    n[0] += 1\n    if n[0] >= 120:\n"
+            "        os._exit(137)\nP.SplitWriter.add = add\n"
+            "from dwm.cli import main\nsys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code, "prepare", *args, "--out", str(killed)], env=env, check=False,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 137, r.stderr

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from dwm.data.passages import HELDOUT_BOOKS, REFERENCE_BOOKS, load_passages, split_context_target
 from dwm.data.target import (
-    HELDOUT_BOOKS,
-    REFERENCE_BOOKS,
     STOP_WORDS,
     PassageFilter,
     build_sets,
     extract_passages,
-    load_passages,
     read_books,
-    split_context_target,
     split_sentences,
 )
 from dwm.errors import UserError
@@ -183,3 +180,73 @@ def test_shipped_target_files_valid_and_disjoint():
             assert 40 <= n <= 120
             t = split_context_target(r["text"])[1][1:]
             assert t.isascii() and t.isalpha() and len(t) >= 3 and t.lower() not in STOP_WORDS
+
+
+# --- dwm target build --from: any text, split by document --------------------------------------------------
+def _write_docs(path: Path, docs: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs))
+    return path
+
+
+def test_target_from_documents_filter_split_and_overlap(tmp_path: Path, capsys):
+    from dwm.cli import main
+    from dwm.data.prepare import is_val
+
+    docs = [(f"doc{i}", make_book(100 + i, n_chapters=1, n_sents=40)) for i in range(12)]
+    speech = _write_docs(tmp_path / "speech__mine.jsonl", docs)
+    _write_docs(tmp_path / "code__other.jsonl", [("c1", make_book(999, 1, 40))])  # another domain: ignored
+    out = tmp_path / "t"
+    assert main(["target", "build", "--from", str(tmp_path), "--domain", "speech", "--out", str(out),
+                 "--train", str(tmp_path / "code__other.jsonl")]) == 0
+    sets = {n: [json.loads(x) for x in (out / f"{n}.jsonl").read_text().splitlines()] for n in ("reference",
+                                                                                                 "heldout")}
+    # the same filter as the novels: every passage is one that extract_passages cuts from its document
+    by_id = dict(docs)
+    for name, rows in sets.items():
+        assert rows, name
+        for r in rows:
+            assert r["text"] in extract_passages(by_id[r["doc_id"]]) and r["domain"] == "speech"
+            assert (name == "heldout") == is_val(r["doc_id"], 0, 0.5)  # split by document, seeded hash
+    assert not {r["doc_id"] for r in sets["reference"]} & {r["doc_id"] for r in sets["heldout"]}
+    assert load_passages(out / "heldout.jsonl") == [r["text"] for r in sets["heldout"]]
+    # refused when the training data holds a target document: by id in a prepared dir, by text in raw inputs
+    prep = tmp_path / "prep"
+    prep.mkdir()
+    (prep / "meta.json").write_text("{}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"doc_id": ["x", "doc3"]}), prep / "train.parquet")
+    capsys.readouterr()
+    assert main(["target", "build", "--from", str(speech), "--out", str(tmp_path / "t2"), "--train", str(prep)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 12 target documents are in the training data (e.g. doc3)" in err and err.count("\n") == 1
+    copy = _write_docs(tmp_path / "renamed.jsonl", [("other-id", docs[5][1])])
+    assert main(["target", "build", "--from", str(speech), "--out", str(tmp_path / "t3"), "--train", str(copy)]) == 2
+    assert "e.g. doc5" in capsys.readouterr().err
+    assert not (tmp_path / "t2").exists() and not (tmp_path / "t3").exists()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("empty", "no documents in"),
+    ("nopassage", "passed the filter"),
+    ("unreadable", "unsupported input format"),
+    ("missing", "does not exist"),
+    ("onedoc", "set is empty"),
+])
+def test_target_from_bad_input_is_one_line(tmp_path: Path, capsys, case: str, match: str):
+    from dwm.cli import main
+
+    p = {"empty": tmp_path / "e.jsonl", "nopassage": tmp_path / "n.jsonl", "unreadable": tmp_path / "x.bin",
+         "missing": tmp_path / "nope.jsonl", "onedoc": tmp_path / "o.jsonl"}[case]
+    if case == "empty":
+        p.write_text("")
+    elif case == "nopassage":
+        _write_docs(p, [("a", "Short text. Nothing here ends well 1815."), ("b", "Too short.")])
+    elif case == "unreadable":
+        p.write_bytes(b"\x00\x01binary")
+    elif case == "onedoc":
+        _write_docs(p, [("only", make_book(7, 1, 40))])
+    rc = main(["target", "build", "--from", str(p), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.strip().count("\n") <= 1 and "Traceback" not in err

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData
 from dwm.errors import UserError
-from dwm.train.batch import Batch
-from dwm.train.config import load_config
+from dwm.run import load_config
 from dwm.train.losses import per_sample_nll
 from dwm.train.model import build_model
 from dwm.train.trainer import Trainer
@@ -30,7 +30,7 @@ from dwm.train.weighter import Weighter
 class IdWeighter(Weighter):
     """Deterministic non-uniform weights from the sample ids."""
 
-    def weights(self, batch: Batch) -> torch.Tensor:
+    def weights(self, batch: Batch, losses=None) -> torch.Tensor:
         return (batch.sample_ids % 3).float() * 0.75 + 0.25
 
 
@@ -38,13 +38,14 @@ class RandomWeighter(Weighter):
     """Draws from the global torch RNG and keeps a counter: resume must restore both."""
 
     def __init__(self):
+        super().__init__()
         self.calls = 0
         self.seen_steps: list[int] = []
 
-    def before_step(self, trainer, step):
+    def before_step(self, ctx, step):
         self.seen_steps.append(step)
 
-    def weights(self, batch):
+    def weights(self, batch, losses=None):
         self.calls += 1
         return torch.rand(len(batch)) * 2
 
@@ -215,24 +216,21 @@ def test_retention_keeps_last_and_every(make_cfg, tmp_path):
     assert names == ["LATEST", "step_00000003", "step_00000006", "step_00000007"]
 
 
-def _cli(args, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "dwm.cli", "train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _cli(args, kill_after: int | None = None):
+    """`dwm train ARGS` in a subprocess; with kill_after, SIGKILLed right after that step (tests/kill_after.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = ([sys.executable, str(Path(__file__).with_name("kill_after.py")), str(kill_after)] if kill_after
+           else [sys.executable, "-m", "dwm.cli", "train"])
+    return subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkill_and_resume_matches_uninterrupted(prepared_dir, tmp_path):
     common = [f"data.dir={prepared_dir}", "model.spec=tiny", "train.global_batch_tokens=256",
               "train.micro_batch_size=4", "train.max_steps=7", "checkpoint.every=2", "log.every=1",
               "log.progress=false", "train.device=cpu"]
-    killed = _cli(["--out", str(tmp_path / "run"), *common], {"DWM_TEST_KILL_AFTER_STEP": "5"})
-    # the uninterrupted reference runs here meanwhile, single-threaded like the subprocesses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(load_config(None, [*common, f"out={tmp_path / 'ref'}"])).train()
-    finally:
-        torch.set_num_threads(threads)
+    killed = _cli(["--out", str(tmp_path / "run"), *common], kill_after=5)
+    # the uninterrupted reference runs here meanwhile, single-threaded like the subprocesses (conftest)
+    Trainer(load_config(None, [*common, f"out={tmp_path / 'ref'}"])).train()
     out_k = killed.communicate(timeout=300)
     assert killed.returncode == -9, out_k[1][-2000:]  # SIGKILL after step 5: last checkpoint is step 4
     assert (tmp_path / "run" / "checkpoints" / "LATEST").read_text().strip() == "step_00000004"

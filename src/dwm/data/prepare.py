@@ -42,7 +42,6 @@ TMP_NAME = ".tmp-prepare"
 CHUNK_BYTES = 1 << 20  # text per tokenization task: large enough to amortise overhead, small for memory
 ROW_GROUP = 65536
 # Test hook: hard-exit (like a kill) after this many documents have been written. Used by tests only.
-CRASH_ENV = "DWM_PREPARE_CRASH_AFTER_DOCS"
 
 
 @dataclass
@@ -335,7 +334,6 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     counter = SkipCounter()
     per_domain: dict[str, Counter] = defaultdict(Counter)
     docs_written = 0
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     workers = opts.workers or _default_workers()
     from tqdm import tqdm
 
@@ -358,8 +356,6 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
                 st["bytes"] += doc.n_bytes
                 n_tokens_total += len(ids) + 1
                 docs_written += 1
-                if crash_after and docs_written >= crash_after:
-                    os._exit(137)
             bar.update(len(docs))
             bar.set_postfix(tokens=f"{n_tokens_total:,}", skipped=counter.docs_skipped, refresh=False)
         for w in writers.values():
@@ -429,23 +425,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".jsonl[.gz|.zst] / .parquet / .txt files, directories of them, or save_to_disk dirs")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text", help="record field holding the document text")
     p.add_argument("--id-field", default="id", help="document id field (default id; else <source>:<line>)")
     p.add_argument("--domain-field", default=None,
                    help="domain from this record field (default: from the file name <domain>__<source>.*)")
-    p.add_argument("--score-fields", default="", help="comma-separated numeric fields carried as float64 columns")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json or HF tokenizer directory (default: train)")
+    p.add_argument("--score-fields", default="", help="comma-separated numeric fields carried as float64 columns "
+                                                      "(default: none)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or HF tokenizer directory (default: train a "
+                                                     "byte-level BPE on the inputs)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocab size of the trained BPE")
     p.add_argument("--tokenizer-sample-mb", type=float, default=32.0,
-                   help="text used to train the BPE, shared equally between sources")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--packing", choices=("stream", "doc"), default="stream")
-    p.add_argument("--on-error", choices=("skip", "fail"), default="skip")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="MB of text used to train the BPE, shared equally between sources")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (row of the memmap)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of documents (by a seeded hash of the id) held out as the val split")
+    p.add_argument("--packing", choices=("stream", "doc"), default="stream",
+                   help="stream: concatenate a source's documents and cut into rows; doc: pad each document's "
+                        "last row")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="bad input records: count and skip them, or stop at the first with file:line")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (default 0: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="redo even if DIR is already prepared")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

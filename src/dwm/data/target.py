@@ -1,12 +1,17 @@
-"""LAMBADA-style target sets cut from held-out novels (`dwm target build`), and the helpers that read them.
+"""`dwm target build`: LAMBADA-format target sets, from held-out novels (split by book) or from any text a user
+brings (`--from`, split by document). The format and its readers live in `dwm.data.passages`.
 
-Format (lm-eval `lambada_openai`): one `{"text": passage, "book": name}` per line. The target is the last
-space-separated word of the passage: context = " ".join(words[:-1]), target = " " + words[-1].
-`load_passages` and `split_context_target` are what the evaluator and the weighting model share, so a real
-`lambada_openai` JSONL given by path is read exactly like the sets built here.
+Three inputs:
+  * default: the shipped target's novels (`dwm.data.passages.REFERENCE_BOOKS` / `HELDOUT_BOOKS`), fetched with the
+    package clients by the maintainers' tool tools/corpus.py (a repository checkout);
+  * `--input BOOK...`: novels from .txt / .jsonl files, split into reference / heldout *by book*;
+  * `--from FILE_OR_DIR... [--domain D]`: documents of any JSONL / .txt / parquet input (read as `dwm prepare`
+    reads them), split into reference / heldout *by document* (a seeded hash of the document id, so a document's
+    passages never straddle the two sets); `--train DIR_OR_INPUT...` names the training data, and the build is
+    refused if any target document is in it (same document id; for raw inputs also identical text).
 
 The passage filter (`extract_passages`), documented again in data/target/README.md:
-  * a book is cut into segments at chapter headings (passages never cross a chapter), a segment into sentences
+  * a text is cut into segments at chapter headings (passages never cross a chapter), a segment into sentences
     (split after . ! ? and an optional closing quote/bracket, not after Mr./Mrs./Dr./St. and similar);
   * a passage is a run of whole consecutive sentences; its last sentence ends in the target word. The sentence's
     closing punctuation is stripped, as LAMBADA does, so the passage ends with the bare word;
@@ -19,8 +24,8 @@ The passage filter (`extract_passages`), documented again in data/target/README.
     gives the word away. This also makes the task learnable by small models, which is what the weighting
     model needs as a signal;
   * passages do not overlap (a greedy scan in reading order), and the result is deterministic.
-The split is by book (`REFERENCE_BOOKS` / `HELDOUT_BOOKS`); each set is capped at `max_per_set` (1000)
-passages by an evenly spaced, deterministic selection in reading order, so CPU evaluation stays quick.
+Each set is capped at `max_per_set` (1000) passages by an evenly spaced, deterministic selection in reading
+order, so CPU evaluation stays quick.
 """
 
 from __future__ import annotations
@@ -28,15 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dwm.data.passages import HELDOUT_BOOKS, REFERENCE_BOOKS, json_lines
+from dwm.data.readers import Document, ReadOptions, SkipCounter, expand_inputs, iter_documents
 from dwm.errors import UserError
-
-# Held-out novels: none of these appear in the training corpus (dwm.data.corpus excludes them).
-REFERENCE_BOOKS: tuple[str, ...] = ("emma", "northangerabbey")
-HELDOUT_BOOKS: tuple[str, ...] = ("persuasion", "mobydick")
-HELD_OUT_BOOKS: tuple[str, ...] = REFERENCE_BOOKS + HELDOUT_BOOKS
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being below between
@@ -51,52 +54,6 @@ _ABBREV = frozenset("mr mrs ms dr st messrs capt col gen rev sr jr mt no vol ch"
 _HEADING = re.compile(r"^\s*(chapter|volume|book|part)\b[^\n]*$|^\s*[A-Z0-9 .,:;'\-]+\s*$", re.IGNORECASE)
 _SENT_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
 _TRAIL = "\"'\u201d\u2019)]}.,!?;:-\u2014_*"
-
-
-# --------------------------------------------------------------------------------------------------- shared API
-def split_context_target(text: str) -> tuple[str, str]:
-    """(context, target) as lm-eval's lambada_openai: the target is the last space-separated word, with its
-    leading space; the context is every word before it (lm-eval's doc_to_text / doc_to_target)."""
-    words = text.split(" ")  # exactly lm-eval's text.split(' '), so scores are comparable
-    if len(words) < 2 or not words[-1].strip() or not " ".join(words[:-1]).strip():
-        raise UserError(f"a LAMBADA passage needs >= 2 space-separated words, got {text[:60]!r}")
-    return " ".join(words[:-1]), " " + words[-1]
-
-
-def _json_lines(p: Path):
-    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object is a
-    UserError naming file:line."""
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p}:{n}: expected a JSON object with a \"text\" field")
-            yield n, obj
-
-
-def load_passages(path: str | Path) -> list[str]:
-    """Passages of a LAMBADA-format JSONL (ours or a real `lambada_openai` file).
-    Each non-blank line must be a JSON object with a non-empty string "text" of >= 2 words; anything else is a
-    UserError naming file:line, because a silently dropped passage changes the reported accuracy."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"target file not found: {p}")
-    out: list[str] = []
-    for n, obj in _json_lines(p):
-        text = obj.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{p}:{n}: missing or empty string field \"text\"")
-        if len(text.split()) < 2:
-            raise UserError(f"{p}:{n}: \"text\" needs at least 2 words (context + target)")
-        out.append(text)
-    if not out:
-        raise UserError(f"{p}: no passages")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- the filter
@@ -243,12 +200,64 @@ def read_books(paths: list[str | Path]) -> dict[str, str]:
         if p.suffix == ".txt":
             books.setdefault(p.stem.lower(), []).append(p.read_text(encoding="utf-8", errors="replace"))
             continue
-        for n, obj in _json_lines(p):
+        for n, obj in json_lines(p):
             if not isinstance(obj.get("text"), str):
                 raise UserError(f"{p}:{n}: expected an object with a string \"text\"")
             name = obj.get("book") or str(obj.get("id", p.stem)).split("#", 1)[0]
             books.setdefault(str(name).lower(), []).append(obj["text"])
     return {k: "\n\n".join(v) for k, v in books.items()}
+
+
+def read_documents(paths: list[str | Path], domain: str | None = None, opts: ReadOptions | None = None
+                   ) -> tuple[list[Document], SkipCounter]:
+    """Documents of any `dwm prepare` input (JSONL[.gz|.zst], .txt, parquet, directories), optionally only one
+    domain's; bad records are counted (or raise with on_error="fail")."""
+    sources, _ = expand_inputs(list(paths))
+    counter = SkipCounter()
+    docs = [d for s in sources for d in iter_documents(s, opts or ReadOptions(), counter)
+            if domain is None or d.domain == domain]
+    return docs, counter
+
+
+def build_from_documents(docs: list[Document], heldout_fraction: float = 0.5, seed: int = 0,
+                         flt: PassageFilter = PassageFilter(), max_per_set: int = 1000
+                         ) -> dict[str, list[dict[str, str]]]:
+    """{"reference": rows, "heldout": rows}, rows {"text", "doc_id", "domain"}: every document's passages go to
+    the set its id hashes to (heldout with probability heldout_fraction), each set capped evenly."""
+    from dwm.data.prepare import is_val  # the same seeded document hash as the train/val split
+
+    sets: dict[str, list[dict[str, str]]] = {"reference": [], "heldout": []}
+    for d in docs:
+        name = "heldout" if is_val(d.doc_id, seed, heldout_fraction) else "reference"
+        sets[name] += [{"text": t, "doc_id": d.doc_id, "domain": d.domain} for t in extract_passages(d.text, flt)]
+    return {k: _even_cap(v, max_per_set) for k, v in sets.items()}
+
+
+def training_overlap(docs: list[Document], train: list[str | Path]) -> list[str]:
+    """Ids of target documents that the training data holds: a prepared directory by document id; raw inputs by
+    document id or identical (whitespace-normalised) text."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    def key(text: str) -> str:
+        return hashlib.sha1(" ".join(text.split()).encode("utf-8", "surrogatepass")).hexdigest()
+
+    ids: set[str] = set()
+    texts: set[str] = set()
+    raw: list[str | Path] = []
+    for t in train:
+        p = Path(t)
+        if (p / "meta.json").is_file():
+            for f in sorted(p.glob("*.parquet")):
+                ids.update(pq.read_table(f, columns=["doc_id"]).column("doc_id").to_pylist())
+        else:
+            raw.append(p)
+    if raw:
+        for d in read_documents(raw)[0]:
+            ids.add(d.doc_id)
+            texts.add(key(d.text))
+    return [d.doc_id for d in docs if d.doc_id in ids or (texts and key(d.text) in texts)]
 
 
 def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
@@ -260,41 +269,90 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["build"], help="build reference.jsonl and heldout.jsonl")
-    p.add_argument("--out", default="data/target", help="output directory (default: data/target)")
-    p.add_argument("--input", nargs="+", default=None, metavar="JSONL_OR_TXT",
-                   help="book files (.txt: one book named by the stem; .jsonl: rows with text + book or id). "
-                        "Default: fetch the held-out novels with the package clients into --cache")
-    p.add_argument("--cache", default="corpus-build", help="package cache used when --input is not given")
-    p.add_argument("--reference-books", default=",".join(REFERENCE_BOOKS))
-    p.add_argument("--heldout-books", default=",".join(HELDOUT_BOOKS))
-    p.add_argument("--min-words", type=int, default=40)
-    p.add_argument("--max-words", type=int, default=120)
-    p.add_argument("--max-per-set", type=int, default=1000)
+    p.add_argument("--out", default="data/target", help="output directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--input", nargs="+", default=None, metavar="JSONL_OR_TXT",
+                   help="book files, split by book (.txt: one book named by the stem; .jsonl: rows with text + book "
+                        "or id). Default: fetch the shipped target's novels into --cache (needs a repository "
+                        "checkout: tools/corpus.py)")
+    g.add_argument("--from", dest="from_", nargs="+", default=None, metavar="FILE_OR_DIR",
+                   help="any text: documents of JSONL[.gz|.zst] / .txt / parquet files or directories (read as dwm "
+                        "prepare reads them), split into reference / heldout by document")
+    p.add_argument("--domain", default=None, help="with --from: only documents of this domain (the <domain> of "
+                                                  "<domain>__<source> file names, or --domain-field)")
+    p.add_argument("--domain-field", default=None, help="with --from: take the domain from this record field")
+    p.add_argument("--text-field", default="text", help="with --from: record field holding the text")
+    p.add_argument("--id-field", default="id", help="with --from: document id field (else <source>:<line>)")
+    p.add_argument("--heldout-fraction", type=float, default=0.5,
+                   help="with --from: share of documents (by a seeded hash of the id) whose passages are heldout")
+    p.add_argument("--seed", type=int, default=0, help="with --from: seed of the document split")
+    p.add_argument("--train", nargs="+", default=None, metavar="DIR_OR_INPUT",
+                   help="with --from: the training data (prepared directories or raw inputs); the build is refused "
+                        "if any target document is in it (default: not checked, with a warning)")
+    p.add_argument("--cache", default="corpus-build", help="package cache used when neither --input nor --from")
+    p.add_argument("--reference-books", default=",".join(REFERENCE_BOOKS), help="books of the reference set")
+    p.add_argument("--heldout-books", default=",".join(HELDOUT_BOOKS), help="books of the heldout set")
+    p.add_argument("--min-words", type=int, default=40, help="shortest passage, in words")
+    p.add_argument("--max-words", type=int, default=120, help="longest passage, in words")
+    p.add_argument("--max-per-set", type=int, default=1000, help="passages per set at most (evenly spaced)")
     p.add_argument("--no-require-in-context", action="store_true",
                    help="do not require the target to occur earlier in the passage")
+
+
+def _sets_from_documents(args: argparse.Namespace, flt: PassageFilter) -> dict[str, list[dict[str, str]]]:
+    if not 0 < args.heldout_fraction < 1:
+        raise UserError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
+    opts = ReadOptions(text_field=args.text_field, id_field=args.id_field, domain_field=args.domain_field)
+    docs, counter = read_documents(args.from_, args.domain, opts)
+    where = " ".join(map(str, args.from_)) + (f" (domain {args.domain})" if args.domain else "")
+    if not docs:
+        skipped = f"; {counter.docs_skipped} record(s) skipped as unreadable" if counter.docs_skipped else ""
+        raise UserError(f"no documents in {where}{skipped}")
+    if args.train:
+        clash = training_overlap(docs, args.train)
+        if clash:
+            raise UserError(f"{len(clash)} of the {len(docs)} target documents are in the training data "
+                            f"(e.g. {', '.join(clash[:3])}): hold them out of training first")
+    else:
+        print("dwm target build: warning: no --train given, so overlap with the training data was not checked",
+              file=sys.stderr)
+    sets = build_from_documents(docs, args.heldout_fraction, args.seed, flt, args.max_per_set)
+    if not sets["reference"] and not sets["heldout"]:
+        raise UserError(f"no passage of the {len(docs)} document(s) in {where} passed the filter "
+                        f"({args.min_words}-{args.max_words} words ending in a qualifying target word)")
+    return sets
 
 
 def run(args: argparse.Namespace) -> int:
     if args.min_words < 2 or args.max_words < args.min_words or args.max_per_set < 1:
         raise UserError("need 2 <= --min-words <= --max-words and --max-per-set >= 1")
-    if args.input:
-        books = read_books(args.input)
-    else:
-        from dwm.data.corpus import held_out_books
-
-        books = held_out_books(Path(args.cache))
     flt = PassageFilter(args.min_words, args.max_words, 3, not args.no_require_in_context)
-    ref = tuple(b.strip().lower() for b in args.reference_books.split(",") if b.strip())
-    held = tuple(b.strip().lower() for b in args.heldout_books.split(",") if b.strip())
-    sets = build_sets(books, ref, held, flt, args.max_per_set)
+    if args.from_:
+        sets = _sets_from_documents(args, flt)
+        group = "doc_id"
+    else:
+        if args.input:
+            books = read_books(args.input)
+        else:
+            from dwm.tools import load_tool
+
+            books = load_tool("corpus").held_out_books(Path(args.cache))
+        ref = tuple(b.strip().lower() for b in args.reference_books.split(",") if b.strip())
+        held = tuple(b.strip().lower() for b in args.heldout_books.split(",") if b.strip())
+        sets = build_sets(books, ref, held, flt, args.max_per_set)
+        group = "book"
     out = Path(args.out)
     for name, rows in sets.items():
         if not rows:
-            raise UserError(f"{name} set is empty: no passage passed the filter")
+            raise UserError(f"{name} set is empty: no passage passed the filter"
+                            + (" in its documents (add documents or change --heldout-fraction)"
+                               if group == "doc_id" else ""))
+    for name, rows in sets.items():
         write_jsonl(rows, out / f"{name}.jsonl")
-        per_book = {}
+        groups: dict[str, int] = {}
         for r in rows:
-            per_book[r["book"]] = per_book.get(r["book"], 0) + 1
-        print(f"{out / (name + '.jsonl')}: {len(rows)} passages "
-              + ", ".join(f"{b}={n}" for b, n in per_book.items()))
+            groups[r[group]] = groups.get(r[group], 0) + 1
+        detail = (", ".join(f"{b}={n}" for b, n in groups.items()) if group == "book"
+                  else f"from {len(groups)} documents")
+        print(f"{out / (name + '.jsonl')}: {len(rows)} passages {detail}")
     return 0

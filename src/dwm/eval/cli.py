@@ -117,6 +117,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
     from dwm.eval.heldout import heldout_eval
 
     result["heldout"] = heldout_eval(model, data_path, batch_size=batch_size, max_samples=max_samples)
+    if "skipped" in result["heldout"]:
+        print(f"dwm eval: held-out loss skipped: {result['heldout']['skipped']}", file=sys.stderr)
     if target_path is not None:
         from dwm.eval.lambada import lambada_eval, passage_loss
 
@@ -153,6 +155,8 @@ def table_rows(res: dict[str, Any]) -> dict[str, Any]:
     """{row label: value} of one eval result, in display order."""
     rows: dict[str, Any] = {"checkpoint": res.get("checkpoint"), "tokens seen": res.get("tokens_seen")}
     held = res.get("heldout", {})
+    if "skipped" in held:
+        rows["val loss [all]"] = "skipped (empty split)"
     for dom, r in held.get("per_domain", {}).items():
         rows[f"val loss [{dom}]"] = r["loss"]
     if "overall" in held:
@@ -197,7 +201,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated lm-eval tasks run on an export of the checkpoint (dwm_lambada is offline)")
     p.add_argument("--task-include", action="append", default=None, metavar="DIR",
                    help="directory of extra lm-eval task YAMLs for --tasks (repeatable)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-passages", type=int, default=None, help="evaluate only the first N target passages")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N held-out rows")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

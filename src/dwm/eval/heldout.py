@@ -58,14 +58,18 @@ def _summary(losses: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
 def heldout_eval(model: torch.nn.Module, data_dir: str | Path, split: str = "val", batch_size: int = 16,
                  max_samples: int | None = None) -> dict[str, Any]:
     """{"per_domain": {domain: {"loss", "perplexity", "n_samples", "n_tokens"}}, "overall": {...}, "split",
-    "n_samples"} on `data_dir`'s `split`; a domain without held-out rows is omitted."""
+    "n_samples"} on `data_dir`'s `split`; a domain without held-out rows is omitted. An empty split (a small input
+    prepared with the default --val-fraction) is not an error: the result says {"skipped": why}, so that an
+    evaluation asked for a target still reports it."""
     data = PreparedData(data_dir, split)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and data.vocab_size > vocab:
         raise UserError(f"{data_dir}: tokenizer vocab {data.vocab_size} > model vocab {vocab}: "
                         "this is not the data the run was trained on")
     if len(data) == 0:
-        raise UserError(f"{data_dir}: split {split!r} is empty")
+        return {"split": split, "n_samples": 0, "per_domain": {},
+                "skipped": f"split {split!r} of {data_dir} is empty (re-prepare with more documents or a larger "
+                           f"--val-fraction)"}
     losses, counts, dom = sample_losses(model, data, batch_size=batch_size, max_samples=max_samples)
     per_domain = {name: _summary(losses[dom == i], counts[dom == i])
                   for i, name in enumerate(data.domains) if (dom == i).any()}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dwm.data.target import load_passages, split_context_target
+from dwm.data.passages import PassageSet, load_passages, passage_nll, split_context_target
 from dwm.errors import UserError
 
 Encoder = Callable[[str], list[int]]
@@ -156,9 +156,7 @@ def passage_loss(model: torch.nn.Module, tokenizer: Any, path: str | Path, batch
     """Mean over passages of the mean next-token NLL of every passage token: the weighting model's outer objective
     (`weighting.ref_loss = "passage"`) measured on another split. A smoother LAMBADA-style loss than the target
     word's perplexity, which for small models is dominated by a few unguessable words."""
-    from dwm.weighting.reference import ReferenceSet, reference_loss
-
-    ref = ReferenceSet(path, tokenizer, max_len=model_max_length(model), mode="passage")
+    ref = PassageSet(path, tokenizer, max_len=model_max_length(model), mode="passage")
     idx = list(range(len(ref)))[:max_passages]
     device = next(model.parameters()).device
     total = 0.0
@@ -166,5 +164,5 @@ def passage_loss(model: torch.nn.Module, tokenizer: Any, path: str | Path, batch
         for i in range(0, len(idx), batch_size):
             ids, mask = ref.batch(idx[i:i + batch_size])
             ids, mask = ids.to(device), mask.to(device)
-            total += float(reference_loss(model(input_ids=ids).logits, ids, mask)) * ids.shape[0]
+            total += float(passage_nll(model(input_ids=ids).logits, ids, mask)) * ids.shape[0]
     return total / len(idx)

@@ -1,13 +1,17 @@
 """The Trainer: data order, LR schedule, gradient accumulation, DDP, checkpoints and metrics.
 
-How much each sample counts is not the trainer's business: a `Weighter` (dwm/train/weighter.py) returns the
-weights of this rank's share of the global batch once per optimizer step, and the trainer minimises
-sum_i w_i l_i / B_local per micro-batch (DDP's gradient mean then gives the global weighted mean). Uniform training
-is the weighter that returns ones, so a DWM run and its uniform baseline share every other line of code.
+The trainer owns the loop and the bookkeeping; three kinds of component plug into it, each seeing only a
+`TrainContext` (dwm/train/context.py):
+- a `Selector` (dwm/train/selector.py) names the samples of each global batch (default: the seeded data order);
+- a `Weighter` (dwm/train/weighter.py) returns their weights once per optimizer step, and the trainer minimises
+  sum_i w_i l_i / B_local per micro-batch (DDP's gradient mean then gives the global weighted mean). Uniform
+  training is the weighter that returns ones, so a DWM run and its uniform baseline share every other line;
+- `Callback`s (dwm/train/callbacks.py) are told about step ends.
+The trainer never imports a particular weighter or selector: the caller (dwm.run) builds them from the config.
 
-Determinism: the data order is a pure function of (seed, epoch) (or the selection manifest's order), and step s
-consumes positions [s*G, (s+1)*G) of that stream; rank r takes the r-th contiguous B_local slice, so the union
-over ranks of a step's samples is the 1-process global batch, and a resumed run sees exactly the same batches.
+Determinism: the default selector's order is a pure function of (seed, epoch) (or the selection manifest's order),
+and step s consumes positions [s*G, (s+1)*G) of that stream; rank r takes the r-th contiguous B_local slice, so the
+union over ranks of a step's samples is the 1-process global batch, and a resumed run sees exactly the same batches.
 """
 
 from __future__ import annotations
@@ -15,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -28,27 +30,19 @@ import pyarrow.parquet as pq
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dwm.config import to_dict, to_toml, validate
+from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData
 from dwm.errors import UserError
 from dwm.train import distributed as dist_utils
-from dwm.train.batch import Batch
+from dwm.train.callbacks import Callback
 from dwm.train.checkpoint import load_latest, save_checkpoint
-from dwm.train.config import Plan, RunConfig, to_dict, to_toml, validate
+from dwm.train.config import Plan, TrainerConfig, plan_for_data
+from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
 from dwm.train.model import build_model
+from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
-from dwm.weighting.config import WeightingConfig
-
-KILL_HOOK_ENV = "DWM_TEST_KILL_AFTER_STEP"  # tests: SIGKILL this process right after finishing that step
-
-
-def make_weighter(cfg: WeightingConfig) -> Weighter:
-    """'uniform' -> UniformWeighter; 'dwm' or a RUN_DIR -> the Data Weighting Model (imported only when used)."""
-    if cfg.mode == "uniform":
-        return UniformWeighter()
-    from dwm.weighting.dwm_weighter import DWMWeighter
-
-    return DWMWeighter(cfg)
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -91,16 +85,21 @@ def load_selection(path: str, n: int) -> np.ndarray:
 class Trainer:
     """One training run. Build it, then call `train()`; see the module docstring for what it guarantees.
 
-    Construction order (what a weighter can rely on): process group, data, tokenizer, model, optimizer, scheduler;
-    on resume the model/optimizer/scheduler/RNG/step are restored from the checkpoint; then `weighter.attach(self)`,
-    then (on resume) `weighter.load_state_dict(saved state)`, so a weighter may build its modules in `attach`.
+    cfg: a TrainerConfig (or a composed config that extends it, such as dwm.run.RunConfig: the whole of it is
+    written to RUN_DIR/config.toml). weighter / selector default to uniform weights and the data order.
+
+    Construction order (what a component can rely on): process group, data, tokenizer, model, optimizer, scheduler;
+    on resume the model/optimizer/scheduler/RNG/step are restored from the checkpoint; then `selector.attach(ctx)`,
+    `weighter.attach(ctx)`, then (on resume) their `load_state_dict(saved state)`, then the callbacks' `on_attach`.
     """
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, weighter: Weighter | None = None):
+    def __init__(self, cfg: TrainerConfig, *, resume: bool = False, weighter: Weighter | None = None,
+                 selector: Selector | None = None, callbacks: list[Callback] | tuple[Callback, ...] = ()):
         self.cfg = cfg
+        validate(cfg)
         info = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
-        self.plan: Plan = validate(cfg, world_size=self.world_size)  # type: ignore[assignment]
+        self.plan: Plan = plan_for_data(cfg, world_size=self.world_size)
         self.run_dir = Path(cfg.out)
         self.is_main = self.rank == 0
         t = cfg.train
@@ -109,6 +108,8 @@ class Trainer:
         if len(self.train_data) == 0:
             raise UserError(f"{cfg.data.dir}: split {cfg.data.split!r} has no samples")
         self.selection = load_selection(cfg.data.selection, len(self.train_data)) if cfg.data.selection else None
+        self.pool = (self.selection if self.selection is not None
+                     else np.arange(len(self.train_data), dtype=np.int64))
         from tokenizers import Tokenizer
 
         tok_path = self.train_data.tokenizer_path
@@ -130,16 +131,21 @@ class Trainer:
         self.total_steps = p.total_steps
         self.step = 0
         self.tokens_seen = 0
-        self.lr = self.scheduler.get_last_lr()[0]
-        self.weighter = weighter if weighter is not None else make_weighter(cfg.weighting)
+        self.weighter = weighter if weighter is not None else UniformWeighter()
+        self.selector = selector if selector is not None else SequentialSelector()
+        self.callbacks = list(callbacks)
+        self.ctx = TrainContext(self)
         self.last_metrics: dict[str, Any] = {}
-        self._order_cache: tuple[int, np.ndarray] | None = None
-        weighter_state = self._resume() if resume else None
+        state = self._resume() if resume else None
         if not resume:
             self._start_fresh()
-        self.weighter.attach(self)
-        if weighter_state is not None:
-            self.weighter.load_state_dict(weighter_state)
+        self.selector.attach(self.ctx)
+        self.weighter.attach(self.ctx)
+        if state is not None:
+            self.selector.load_state_dict(state.get("selector", {}))
+            self.weighter.load_state_dict(state.get("weighter", {}))
+        for cb in self.callbacks:
+            cb.on_attach(self.ctx)
 
     # ------------------------------------------------------------ setup
 
@@ -184,7 +190,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.lr = self.scheduler.get_last_lr()[0]
         rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -197,7 +202,7 @@ class Trainer:
             self._truncate_metrics(self.step)
         dist_utils.barrier()
         self.log({"event": "resume", "checkpoint": path.name})
-        return state.get("weighter", {})
+        return state
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics of steps after the checkpoint (they are re-run), so the file reads as one clean run."""
@@ -216,31 +221,9 @@ class Trainer:
 
     # ------------------------------------------------------------ data order
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order_cache is not None and self._order_cache[0] == epoch:
-            return self._order_cache[1]
-        if self.selection is not None:
-            order = self.selection
-        elif self.cfg.data.shuffle:
-            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.train_data))
-        else:
-            order = np.arange(len(self.train_data))
-        self._order_cache = (epoch, order)
-        return order
-
     def global_indices(self, step: int) -> np.ndarray:
-        """Sample ids of the whole global batch of optimizer step `step` (stream positions [s*G, (s+1)*G))."""
-        G = self.plan.global_batch_size
-        n = len(self.selection) if self.selection is not None else len(self.train_data)
-        out = np.empty(G, dtype=np.int64)
-        pos, filled = step * G, 0
-        while filled < G:
-            epoch, off = divmod(pos, n)
-            take = min(G - filled, n - off)
-            out[filled:filled + take] = self._epoch_order(epoch)[off:off + take]
-            filled += take
-            pos += take
-        return out
+        """Sample ids of the whole global batch of optimizer step `step` (the selector's choice)."""
+        return self.selector.batch_ids(self.ctx, step)
 
     def local_indices(self, step: int) -> np.ndarray:
         b = self.plan.local_batch_size
@@ -261,40 +244,63 @@ class Trainer:
 
     # ------------------------------------------------------------ the step
 
-    def _autocast(self):
+    def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward_nll(self, mb: Batch) -> torch.Tensor:
+        with self.autocast():
+            logits = self.forward_model(input_ids=mb.input_ids).logits
+        return per_sample_nll(logits, mb.input_ids, mb.n_tokens)
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's batch: weights, accumulated weighted backward, clip, step, schedule.
         Returns (weighted loss, plain mean loss, grad norm) as device tensors (no host sync)."""
         p = self.plan
-        self.lr = self.scheduler.get_last_lr()[0]
-        self.weighter.before_step(self, self.step)
-        w = self.weighter.weights(batch).to(self.device, torch.float32)
+        self.weighter.before_step(self.ctx, self.step)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         m, B = p.micro_batch_size, p.local_batch_size
-        loss_w = torch.zeros((), device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        for i in range(p.grad_accum):
-            mb = batch.slice(i * m, (i + 1) * m)
-            sync = self.world_size == 1 or i == p.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
-            with ctx:
-                with self._autocast():
-                    logits = self.forward_model(input_ids=mb.input_ids).logits
-                nll = per_sample_nll(logits, mb.input_ids, mb.n_tokens)
-                loss = (w[i * m:(i + 1) * m] * nll).sum() / B
-                loss.backward()
-            loss_w += loss.detach()
-            loss_sum += nll.detach().sum()
+        if self.weighter.needs_losses:
+            loss_w, loss_sum = self._step_losses_first(batch)
+        else:
+            w = self.weighter.weights(batch).to(self.device, torch.float32)
+            loss_w = torch.zeros((), device=self.device)
+            loss_sum = torch.zeros((), device=self.device)
+            for i in range(p.grad_accum):
+                mb = batch.slice(i * m, (i + 1) * m)
+                sync = self.world_size == 1 or i == p.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
+                with ctx:
+                    nll = self._forward_nll(mb)
+                    loss = (w[i * m:(i + 1) * m] * nll).sum() / B
+                    loss.backward()
+                loss_w += loss.detach()
+                loss_sum += nll.detach().sum()
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         return loss_w, loss_sum / B, grad_norm
+
+    def _step_losses_first(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a weighter that needs the LM's per-sample losses: every micro-batch's forward first (graphs kept;
+        under DDP all but the last without gradient sync), the weights from the detached losses, then one
+        backward of the whole weighted sum, so DDP reduces once, as in the plain path."""
+        p = self.plan
+        m, B = p.micro_batch_size, p.local_batch_size
+        nlls = []
+        for i in range(p.grad_accum):
+            mb = batch.slice(i * m, (i + 1) * m)
+            sync = self.world_size == 1 or i == p.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():  # type: ignore[operator]
+                nlls.append(self._forward_nll(mb))
+        nll = torch.cat(nlls)
+        w = self.weighter.weights(batch, nll.detach()).to(self.device, torch.float32)
+        loss = (w * nll).sum() / B
+        loss.backward()
+        return loss.detach(), nll.detach().sum()
 
     def _state(self) -> dict[str, Any]:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -304,7 +310,8 @@ class Trainer:
             "global_batch_size": self.plan.global_batch_size, "seq_len": self.plan.seq_len,
             "world_size": self.world_size, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": dist_utils.all_gather_object(rng),
-            "weighter": self.weighter.state_dict(), "config": to_dict(self.cfg),
+            "weighter": self.weighter.state_dict(), "selector": self.selector.state_dict(),
+            "config": to_dict(self.cfg),
         }
 
     def save(self) -> None:
@@ -319,7 +326,6 @@ class Trainer:
         """Run to total_steps; returns the last logged metrics."""
         p, cfg = self.plan, self.cfg
         tokens_per_step = p.global_batch_size * p.seq_len
-        kill_after = int(os.environ.get(KILL_HOOK_ENV, "-1"))
         bar = None
         if self.is_main and cfg.log.progress:
             from tqdm.auto import tqdm
@@ -328,17 +334,19 @@ class Trainer:
         t_last, steps_since = time.perf_counter(), 0
         while self.step < self.total_steps:
             batch = self.local_batch(self.step)
+            lr_used = self.scheduler.get_last_lr()[0]
             loss_w, loss_mean, grad_norm = self.train_step(batch)
-            lr_used = self.lr
             self.step += 1
             self.tokens_seen += tokens_per_step
             steps_since += 1
+            rec = None
             if self.step % cfg.log.every == 0 or self.step == self.total_steps:
                 vals = dist_utils.all_mean([loss_w.item(), loss_mean.item()], self.device)
                 now = time.perf_counter()
                 rec = {"loss": vals[0], "loss_mean": vals[1], "lr": lr_used, "grad_norm": float(grad_norm),
                        "tokens_per_s": steps_since * tokens_per_step / max(now - t_last, 1e-9),
-                       "tokens_seen": self.tokens_seen, **self.weighter.step_metrics()}
+                       "tokens_seen": self.tokens_seen, **self.selector.step_metrics(),
+                       **self.weighter.step_metrics()}
                 self.last_metrics = {"step": self.step, **rec}
                 self.log(rec)
                 t_last, steps_since = now, 0
@@ -349,8 +357,10 @@ class Trainer:
             every = cfg.checkpoint.every
             if (every and self.step % every == 0) or self.step == self.total_steps:
                 self.save()
-            if self.step == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            for cb in self.callbacks:
+                cb.on_step_end(self.ctx, rec)
         if bar is not None:
             bar.close()
+        for cb in self.callbacks:
+            cb.on_train_end(self.ctx)
         return self.last_metrics

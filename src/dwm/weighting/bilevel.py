@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dwm.data.passages import passage_nll
 from dwm.errors import UserError
 from dwm.train.losses import per_sample_nll
-from dwm.weighting.reference import reference_loss
 
 BACKENDS = ("fd", "exact")
 
@@ -207,7 +207,7 @@ def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: tor
     before = math.nan
     if measure_before:
         with torch.no_grad():
-            before = _scalar_mean(float(reference_loss(model(input_ids=ref_input_ids).logits, ref_input_ids,
+            before = _scalar_mean(float(passage_nll(model(input_ids=ref_input_ids).logits, ref_input_ids,
                                                        ref_mask)), device)
     if backend == "exact":
         return _exact(model, named, input_ids, n_tokens, weights, ref_input_ids, ref_mask, lr, precond, B, before)
@@ -256,7 +256,7 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
         del g
         # L_ref(theta') and its gradient, averaged over ranks
         with torch.enable_grad():
-            L = reference_loss(model(input_ids=ref_ids).logits, ref_ids, ref_mask)
+            L = passage_nll(model(input_ids=ref_ids).logits, ref_ids, ref_mask)
             v = list(torch.autograd.grad(L, params, allow_unused=True))
         after = _scalar_mean(float(L.detach()), device)
         del L
@@ -332,7 +332,7 @@ def _exact(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, pr
                 if name in offset:
                     new[name] = new[name] - offset[name]
             logits = functional_call(model, new, args=(), kwargs={"input_ids": ref_ids}).logits
-            L = reference_loss(logits, ref_ids, ref_mask)
+            L = passage_nll(logits, ref_ids, ref_mask)
             grads = torch.autograd.grad(L, [w, *new.values()], allow_unused=True)
         after = float(L.detach())
         dL_dw = grads[0] if grads[0] is not None else torch.zeros_like(w)

@@ -18,6 +18,11 @@ Defaults and why (the paper's text is not available here; see docs/METHOD.md for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dwm.config import check_positive, check_range
+from dwm.errors import UserError
 
 
 @dataclass
@@ -43,6 +48,13 @@ class WeightingNetConfig:
     dropout: float = 0.0
     """dropout inside the encoder"""
 
+    def validate(self, prefix: str) -> None:
+        for k in ("layers", "width", "heads", "max_len"):
+            check_positive(f"{prefix}{k}", getattr(self, k))
+        if self.width % self.heads:
+            raise UserError(f"{prefix}width ({self.width}) must be divisible by {prefix}heads ({self.heads})")
+        check_range(f"{prefix}dropout", self.dropout, 0, 1, hi_open=True)
+
 
 @dataclass
 class WeightingConfig:
@@ -59,21 +71,21 @@ class WeightingConfig:
     """lambda in w = (1 - lambda) w + lambda: mixes in uniform weighting"""
     reference: str = "data/target/reference.jsonl"
     """LAMBADA-format JSONL the weighting model optimises against (never the heldout split)"""
-    ref_loss: str = "passage"
+    ref_loss: Literal["passage", "target"] = "passage"
     """outer loss on reference passages: 'passage' (mean NLL of every token) or 'target' (NLL of the last word)"""
     batch_size: int = 0
     """training samples per bi-level update (global); 0 = the trainer's micro-batch size x number of processes"""
     ref_batch_size: int = 16
     """reference passages per bi-level update"""
-    backend: str = "fd"
+    backend: Literal["fd", "exact"] = "fd"
     """hypergradient backend: 'fd' (finite differences, default) or 'exact' (double backward, math attention)"""
     fd_eps: float = 1e-2
     """finite-difference step: the perturbation eps*v has norm fd_eps * max(1, ||theta||/sqrt(n)) (see METHOD.md)"""
-    precondition: str = "adam"
+    precondition: Literal["adam", "sgd"] = "adam"
     """the lookahead: 'adam' (AdamW's real next step, see METHOD.md section 3) or 'sgd' (theta - eta g)"""
     lookahead_lr: float = 0.0
     """eta of the lookahead; 0 = the LM's current learning rate"""
-    schedule: str = "staged"
+    schedule: Literal["staged", "interleaved"] = "staged"
     """'staged': K stages, M updates at each stage start then frozen; 'interleaved': one update every `interval` steps"""
     stages: int = 5
     """K, number of stages (the paper's 5)"""
@@ -93,3 +105,24 @@ class WeightingConfig:
     """training samples (stratified by domain, fixed) scored at every stage boundary for dwm analyze"""
     min_ess_fraction: float = 0.1
     """warn when effective sample size / B falls below this"""
+
+    def validate(self, prefix: str) -> None:
+        """Ranges and cross-field rules; `mode` itself (a registered weighter or a run directory) is resolved
+        where the weighters are wired (dwm.run)."""
+        if self.keep_learning and self.mode in ("uniform", "dwm"):
+            raise UserError(f"{prefix}keep_learning needs {prefix}mode = a RUN_DIR whose weighting model to replay")
+        for k in ("temperature", "fd_eps", "lr"):
+            check_positive(f"{prefix}{k}", getattr(self, k))
+        check_positive(f"{prefix}grad_clip", self.grad_clip, allow_zero=True)
+        check_range(f"{prefix}floor", self.floor, 0, 1)
+        check_range(f"{prefix}update_fraction", self.update_fraction, 0, 1, lo_open=True)
+        check_range(f"{prefix}min_ess_fraction", self.min_ess_fraction, 0, 1)
+        for k in ("ref_batch_size", "stages", "interval"):
+            check_positive(f"{prefix}{k}", getattr(self, k))
+        for k in ("probe_size", "updates_per_stage", "lookahead_lr", "weight_decay", "batch_size"):
+            check_positive(f"{prefix}{k}", getattr(self, k), allow_zero=True)
+
+    def check_paths(self, prefix: str = "weighting.") -> None:
+        """The files a learning run reads (called with the data-dependent checks, not on every load)."""
+        if (self.mode == "dwm" or self.keep_learning) and not Path(self.reference).is_file():
+            raise UserError(f"config key {prefix}reference: {self.reference} does not exist (`dwm target build`)")

@@ -1,4 +1,4 @@
-"""DWMWeighter: the Data Weighting Model inside the trainer.
+"""DWMWeighter: the Data Weighting Model inside the ctx.
 
     scores s = f_phi(batch)  ->  w = B * softmax(s / tau) over the *global* batch  ->  LM minimises (1/B) sum w_i l_i
 
@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,17 +35,15 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from dwm.data.batch import Batch
+from dwm.data.passages import PassageSet
 from dwm.errors import UserError
-from dwm.train.batch import Batch
+from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
 from dwm.train.weighter import Weighter
-from dwm.weighting.bilevel import BACKENDS, adam_lookahead, all_reduce_, hypergradient
+from dwm.weighting.bilevel import adam_lookahead, all_reduce_, hypergradient
 from dwm.weighting.config import WeightingConfig
 from dwm.weighting.net import WeightingNet, load_weighting_net, save_weighting_net, weights_from_scores
-from dwm.weighting.reference import ReferenceSet
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dwm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 PROBE_SEED = 20250713  # probes are a property of the data, not of the run: the same ids for every run
@@ -115,11 +113,9 @@ class DWMWeighter(Weighter):
     name = "dwm"
 
     def __init__(self, cfg: WeightingConfig):
-        if cfg.backend not in BACKENDS:
-            raise UserError(f"weighting.backend must be one of {BACKENDS}, got {cfg.backend!r}")
-        if cfg.schedule not in ("staged", "interleaved"):
-            raise UserError(f"weighting.schedule must be 'staged' or 'interleaved', got {cfg.schedule!r}")
-        self.cfg = cfg
+        super().__init__(cfg)
+        self.cfg: WeightingConfig = cfg
+        self.needs_losses = cfg.net.use_loss_feature  # the trainer hands weights() the training forward's losses
         self.replay = cfg.mode not in ("dwm", "uniform")
         self.learn = not self.replay or cfg.keep_learning
         self.stage = -1
@@ -131,14 +127,13 @@ class DWMWeighter(Weighter):
 
     # ------------------------------------------------------------ setup
 
-    def attach(self, trainer: Trainer) -> None:
+    def attach(self, ctx: TrainContext) -> None:
         cfg = self.cfg
-        self._trainer = trainer  # for the optional loss feature in weights()
-        self.device = trainer.device
-        self.rank, self.world = trainer.rank, trainer.world_size
-        self.total_steps = max(1, trainer.total_steps)
-        self.domains = list(trainer.train_data.domains)
-        self.tokenizer_sha = file_sha256(trainer.train_data.tokenizer_path)
+        self.device = ctx.device
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.total_steps = max(1, ctx.total_steps)
+        self.domains = list(ctx.data.domains)
+        self.tokenizer_sha = file_sha256(ctx.data.tokenizer_path)
         self.source = StageSource(cfg.mode, self.tokenizer_sha) if self.replay else None
         self.n_stages = self.source.n_stages if self.source else cfg.stages
         # a replayed schedule is replayed as it was learned: the source's temperature and floor, not this config's
@@ -150,35 +145,35 @@ class DWMWeighter(Weighter):
         if self.source is not None:
             self.net = self._load_stage_net(0)
         else:
-            emb = trainer.model.get_input_embeddings().weight if cfg.net.init_from_lm_embedding else None
+            emb = ctx.model.get_input_embeddings().weight if cfg.net.init_from_lm_embedding else None
             with torch.random.fork_rng(devices=[]):  # phi's init must not shift the LM's RNG streams
-                torch.manual_seed(trainer.cfg.train.seed + 1)
-                self.net = WeightingNet(cfg.net, trainer.plan.vocab_size, len(self.domains), lm_embedding=emb)
-        self.net.to(self.device, dtype=next(trainer.model.parameters()).dtype)  # fp64 runs: checks
+                torch.manual_seed(ctx.seed + 1)
+                self.net = WeightingNet(cfg.net, ctx.plan.vocab_size, len(self.domains), lm_embedding=emb)
+        self.net.to(self.device, dtype=next(ctx.model.parameters()).dtype)  # fp64 runs: checks
+        self.needs_losses = self.net.cfg.use_loss_feature  # a replayed net decides for itself
         steps_per_stage = self.total_steps / self.n_stages
         self.updates_per_stage = (cfg.updates_per_stage if cfg.updates_per_stage > 0
                                   else max(1, round(cfg.update_fraction * steps_per_stage)))
-        self.micro = trainer.plan.micro_batch_size
-        self.pool = (trainer.selection if trainer.selection is not None
-                     else np.arange(len(trainer.train_data), dtype=np.int64))
-        self.rng = np.random.default_rng([trainer.cfg.train.seed, 0xD3])
+        self.micro = ctx.plan.micro_batch_size
+        self.pool = ctx.pool
+        self.rng = np.random.default_rng([ctx.seed, 0xD3])
         self.optimizer = None
         self.reference = None
         if self.learn:
             self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            self.reference = ReferenceSet(cfg.reference, trainer.tokenizer, max_len=trainer.plan.seq_len,
-                                          mode=cfg.ref_loss, pad_id=trainer.train_data.pad_id)
+            self.reference = PassageSet(cfg.reference, ctx.tokenizer, max_len=ctx.plan.seq_len,
+                                        mode=cfg.ref_loss, pad_id=ctx.data.pad_id)
             if cfg.ref_batch_size % self.world:
                 raise UserError(f"weighting.ref_batch_size {cfg.ref_batch_size} must be divisible by the "
                                 f"number of processes {self.world}")
-        self.probes = probe_ids(trainer.train_data.domain_ids, min(cfg.probe_size, len(trainer.train_data)))
+        self.probes = probe_ids(ctx.data.domain_ids, min(cfg.probe_size, len(ctx.data)))
         if self.world > 1 and cfg.net.batch_context:
             raise UserError("weighting.net.batch_context attends across the batch and is single-process only; "
                             "under DDP each rank would see a different context")
-        trainer.log({"event": "dwm_attach", "mode": "replay" if self.replay else "learn", "learn": self.learn,
-                     "stages": self.n_stages, "updates_per_stage": self.updates_per_stage,
-                     "weighting_params": sum(p.numel() for p in self.net.parameters()),
-                     "reference_passages": len(self.reference) if self.reference else 0})
+        ctx.log({"event": "dwm_attach", "mode": "replay" if self.replay else "learn", "learn": self.learn,
+                 "stages": self.n_stages, "updates_per_stage": self.updates_per_stage,
+                 "weighting_params": sum(p.numel() for p in self.net.parameters()),
+                 "reference_passages": len(self.reference) if self.reference else 0})
 
     def _load_stage_net(self, stage: int) -> WeightingNet:
         assert self.source is not None
@@ -193,14 +188,14 @@ class DWMWeighter(Weighter):
     def stage_of(self, step: int) -> int:
         return min(self.n_stages - 1, step * self.n_stages // self.total_steps)
 
-    def before_step(self, trainer: Trainer, step: int) -> None:
+    def before_step(self, ctx: TrainContext, step: int) -> None:
         k = self.stage_of(step)
         if k != self.stage:
-            self._enter_stage(trainer, k, step)
+            self._enter_stage(ctx, k, step)
         elif self.learn and self.cfg.schedule == "interleaved" and step % self.cfg.interval == 0:
-            self._update(trainer)
+            self._update(ctx)
 
-    def _enter_stage(self, trainer: Trainer, k: int, step: int) -> None:
+    def _enter_stage(self, ctx: TrainContext, k: int, step: int) -> None:
         if self.source is not None and self.source.n_stages > 1 and k > 0:
             self.net.load_state_dict(self._load_stage_net(k).state_dict())
             if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
@@ -211,9 +206,9 @@ class DWMWeighter(Weighter):
             else:  # interleaved: the boundary step is an ordinary step of the every-`interval` rhythm
                 n = 1 if step % self.cfg.interval == 0 else 0
             for _ in range(n):
-                self._update(trainer)
+                self._update(ctx)
         self.stage = k
-        self._save_stage(trainer, k, step)
+        self._save_stage(ctx, k, step)
 
     # ------------------------------------------------------------ weights
 
@@ -227,24 +222,24 @@ class DWMWeighter(Weighter):
             parts[self.rank] = local
         return torch.cat(parts)
 
-    def _lm_losses(self, trainer: Trainer, batch: Batch) -> torch.Tensor | None:
+    def _lm_losses(self, ctx: TrainContext, batch: Batch) -> torch.Tensor | None:
         if not self.cfg.net.use_loss_feature:
             return None
         out = []
         with torch.no_grad():
             for i in range(0, len(batch), self.micro):
                 mb = batch.slice(i, i + self.micro)
-                out.append(per_sample_nll(trainer.model(input_ids=mb.input_ids).logits, mb.input_ids, mb.n_tokens))
+                out.append(per_sample_nll(ctx.model(input_ids=mb.input_ids).logits, mb.input_ids, mb.n_tokens))
         return torch.cat(out)
 
     def _scores(self, batch: Batch, lm_loss: torch.Tensor | None) -> torch.Tensor:
         return self.net(batch.input_ids, batch.n_tokens, batch.domain_ids, lm_loss)
 
-    def weights(self, batch: Batch) -> torch.Tensor:
+    def weights(self, batch: Batch, losses: torch.Tensor | None = None) -> torch.Tensor:
         batch = batch.to(self.device)
         self.net.eval()
         with torch.no_grad():
-            s = self._scores(batch, self._lm_losses(self._trainer, batch))
+            s = self._scores(batch, losses)
             S = self._gather(s.float())
             W = weights_from_scores(S, self.temperature, self.floor)
             stats = weight_stats(W, self._gather(batch.domain_ids), self.domains)
@@ -266,15 +261,15 @@ class DWMWeighter(Weighter):
 
     # ------------------------------------------------------------ bi-level update
 
-    def _lookahead_lr(self, trainer: Trainer) -> float:
+    def _lookahead_lr(self, ctx: TrainContext) -> float:
         """eta: the configured rate, else the LM's scheduled rate for this step, floored at its final (min) rate
         so that a stage starting inside warm-up (stage 0 at step 0) still looks ahead."""
         if self.cfg.lookahead_lr > 0:
             return self.cfg.lookahead_lr
-        o = trainer.cfg.optim
-        return max(float(trainer.scheduler.get_last_lr()[0]), o.lr * o.min_lr_ratio)
+        o = ctx.optim
+        return max(float(ctx.lr), o.lr * o.min_lr_ratio)
 
-    def _update(self, trainer: Trainer) -> None:
+    def _update(self, ctx: TrainContext) -> None:
         """One bi-level update of phi. Never raises from the maths: a non-finite outer loss or hypergradient
         (on any rank) skips the update, counts it and logs why."""
         cfg = self.cfg
@@ -284,7 +279,7 @@ class DWMWeighter(Weighter):
             raise UserError(f"weighting.batch_size {Bg} must be divisible by the number of processes {self.world}")
         idx = self.rng.choice(self.pool, size=min(Bg, len(self.pool)), replace=False)
         n_local = len(idx) // self.world
-        batch = trainer.train_data.batch(idx[self.rank * n_local:(self.rank + 1) * n_local]).to(self.device)
+        batch = ctx.data.batch(idx[self.rank * n_local:(self.rank + 1) * n_local]).to(self.device)
         ref_idx = self.rng.choice(len(self.reference), size=min(cfg.ref_batch_size, len(self.reference)),
                                   replace=False)
         r_local = max(1, len(ref_idx) // self.world)
@@ -292,12 +287,12 @@ class DWMWeighter(Weighter):
         ref_ids, ref_mask = ref_ids.to(self.device), ref_mask.to(self.device)
 
         self.net.train()
-        s = self._scores(batch, self._lm_losses(trainer, batch))
+        s = self._scores(batch, self._lm_losses(ctx, batch))
         W = weights_from_scores(self._gather(s, keep_grad=True), self.temperature, self.floor)
         w_local = W[self.rank * n_local:(self.rank + 1) * n_local]
-        precond = adam_lookahead(trainer.optimizer, trainer.model) if cfg.precondition == "adam" else None
-        res = hypergradient(trainer.model, batch.input_ids, batch.n_tokens, w_local.detach(), ref_ids, ref_mask,
-                            lr=self._lookahead_lr(trainer), precond=precond, backend=cfg.backend,
+        precond = adam_lookahead(ctx.optimizer, ctx.model) if cfg.precondition == "adam" else None
+        res = hypergradient(ctx.model, batch.input_ids, batch.n_tokens, w_local.detach(), ref_ids, ref_mask,
+                            lr=self._lookahead_lr(ctx), precond=precond, backend=cfg.backend,
                             fd_eps=cfg.fd_eps, global_batch_size=W.numel())
         ok, reason = res.ok, res.reason
         grad_norm = math.nan
@@ -316,23 +311,23 @@ class DWMWeighter(Weighter):
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped += 1
-            log.warning("DWM: skipped a bi-level update at step %d: %s", trainer.step, reason)
-        rec = {"event": "bilevel", "stage": self.stage_of(trainer.step), "ok": ok, "reason": reason,
+            log.warning("DWM: skipped a bi-level update at step %d: %s", ctx.step, reason)
+        rec = {"event": "bilevel", "stage": self.stage_of(ctx.step), "ok": ok, "reason": reason,
                "ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after,
                "hypergrad_norm": float(dL_dw.norm()) if res.ok else math.nan, "phi_grad_norm": grad_norm,
-               "lookahead_lr": self._lookahead_lr(trainer), "fd_eps": res.eps_used, "v_norm": res.v_norm,
+               "lookahead_lr": self._lookahead_lr(ctx), "fd_eps": res.eps_used, "v_norm": res.v_norm,
                "updates": self.n_updates, "skipped": self.n_skipped}
-        trainer.log(rec)
+        ctx.log(rec)
         self._update_log = {"ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after}
 
     # ------------------------------------------------------------ stage outputs
 
-    def _save_stage(self, trainer: Trainer, k: int, step: int) -> None:
+    def _save_stage(self, ctx: TrainContext, k: int, step: int) -> None:
         """weighting/stage_k.{safetensors,json} and probes/stage_k.parquet (rank 0); every rank scores nothing
         else, so the probe pass costs only rank 0."""
-        if trainer.rank != 0:
+        if ctx.rank != 0:
             return
-        stem = trainer.run_dir / "weighting" / f"stage_{k}"
+        stem = ctx.run_dir / "weighting" / f"stage_{k}"
         _, js = save_weighting_net(self.net, stem)
         meta = json.loads(js.read_text())
         meta["dwm"] = {"stage": k, "stages": self.n_stages, "step": step, "total_steps": self.total_steps,
@@ -342,32 +337,32 @@ class DWMWeighter(Weighter):
                        "source": str(self.cfg.mode) if self.replay else None}
         js.write_text(json.dumps(meta, indent=2))
         t0 = time.perf_counter()
-        scores = self.score_samples(trainer, self.probes)
+        scores = self.score_samples(ctx, self.probes)
         S = torch.from_numpy(scores)
         table = pa.table({
             "sample_id": pa.array(self.probes, pa.int64()),
-            "domain": pa.array([self.domains[i] for i in trainer.train_data.domain_ids[self.probes]]),
+            "domain": pa.array([self.domains[i] for i in ctx.data.domain_ids[self.probes]]),
             "score": pa.array(scores, pa.float32()),
             "weight": pa.array(weights_from_scores(S.double(), self.temperature, self.floor).numpy(),
                                pa.float32()),
             "stage": pa.array(np.full(len(self.probes), k), pa.int32()),
             "step": pa.array(np.full(len(self.probes), step), pa.int64()),
         })
-        (trainer.run_dir / "probes").mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, trainer.run_dir / "probes" / f"stage_{k}.parquet")
-        trainer.log({"event": "stage", "stage": k, "probe_seconds": time.perf_counter() - t0,
+        (ctx.run_dir / "probes").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, ctx.run_dir / "probes" / f"stage_{k}.parquet")
+        ctx.log({"event": "stage", "stage": k, "probe_seconds": time.perf_counter() - t0,
                      "probe_weight_by_domain": {
             d: float(np.mean(table["weight"].to_numpy()[np.asarray(table["domain"].to_pylist()) == d]))
             for d in sorted(set(table["domain"].to_pylist()))}})
 
-    def score_samples(self, trainer: Trainer, ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def score_samples(self, ctx: TrainContext, ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Scores of training rows `ids` under the current weighting model (no batch context beyond each chunk)."""
         self.net.eval()
         out = []
         with torch.no_grad():
             for i in range(0, len(ids), batch_size):
-                b = trainer.train_data.batch(ids[i:i + batch_size]).to(self.device)
-                out.append(self._scores(b, self._lm_losses(trainer, b)).float().cpu())
+                b = ctx.data.batch(ids[i:i + batch_size]).to(self.device)
+                out.append(self._scores(b, self._lm_losses(ctx, b)).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     # ------------------------------------------------------------ checkpoint

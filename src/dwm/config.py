@@ -1,0 +1,293 @@
+"""Typed dataclass configs: TOML sections, dotted `key=value` overrides, `Literal` choices, help from docstrings.
+
+Each part of the pipeline owns its section, a dataclass whose fields carry a docstring (the string literal after
+the field, which becomes its help text) and whose range checks live in its own `validate(self, prefix)` method.
+This module knows none of the sections: it parses values by their annotated type (bool, int, float, str or a
+`Literal[...]` of strings), checks every `Literal` field once for the whole tree (`validate`), and prints every
+bad value as one line naming the key, with a did-you-mean hint for misspelt keys and choices.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import itertools
+import json
+import math
+import sys
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from dwm.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- introspection
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literal following each annotated field in the class body."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):  # pragma: no cover - no source (frozen app)
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for a, b in itertools.pairwise(body):
+        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _all_docs(cls: type) -> dict[str, str]:
+    """field_docs of cls and its dataclass bases (a composed config inherits its parts' fields)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if is_dataclass(base):
+            docs.update(field_docs(base))
+    return docs
+
+
+def hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def choices(t: Any) -> tuple[str, ...] | None:
+    """The allowed values of a `Literal[...]` annotation, else None."""
+    return tuple(typing.get_args(t)) if typing.get_origin(t) is Literal else None
+
+
+def type_name(t: Any) -> str:
+    c = choices(t)
+    return "|".join(map(str, c)) if c else t.__name__
+
+
+def iter_keys(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf field, in declaration order."""
+    out = []
+    docs, hs, inst = _all_docs(cls), hints(cls), cls()
+    for f in fields(cls):
+        t = hs[f.name]
+        if is_dataclass(t):
+            out += iter_keys(t, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, t, getattr(inst, f.name), docs.get(f.name, "")))
+    return out
+
+
+def help_text(cls: type) -> str:
+    """Every key with its type, default and doc (e.g. the text of `dwm train --help-config`)."""
+    lines = ["Configuration keys (TOML sections or dotted key=value overrides):", ""]
+    for key, t, default, doc in iter_keys(cls):
+        lines.append(f"  {key} ({type_name(t)}, default {fmt(default)})")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def did_you_mean(value: str, options: list[str] | tuple[str, ...], prefix: str = "") -> str:
+    close = difflib.get_close_matches(value, list(options), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def choice_error(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> UserError:
+    hint = did_you_mean(str(value), [str(a) for a in allowed])
+    return UserError(f"config key {key}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+
+
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"config key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check_range(key: str, value: float, lo: float, hi: float, hi_open: bool = False, lo_open: bool = False) -> None:
+    """lo <= value <= hi (or < at an open end)."""
+    bad_lo = value <= lo if lo_open else value < lo
+    bad_hi = value >= hi if hi_open else value > hi
+    if bad_lo or bad_hi:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise UserError(f"config key {key}: must be in {interval}, got {value!r}")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _coerce(key: str, t: Any, value: Any, from_str: bool) -> Any:
+    """value as type t, or a UserError naming the key."""
+    allowed = choices(t)
+    if allowed is not None:
+        v = value.strip() if from_str else value
+        if v not in allowed:
+            raise choice_error(key, v, allowed)
+        return v
+    bad = UserError(f"config key {key}: expected {t.__name__}, got {value!r}")
+    if from_str:
+        s = value.strip()
+        if t is bool:
+            if s.lower() in ("true", "1", "yes", "on"):
+                return True
+            if s.lower() in ("false", "0", "no", "off"):
+                return False
+            raise bad
+        if t is str:
+            return value
+        try:
+            v = int(s) if t is int else float(s)
+        except ValueError:
+            try:  # allow "1e6" for an int when it is whole
+                f = float(s)
+            except ValueError:
+                raise bad from None
+            if t is int and f.is_integer():
+                return int(f)
+            raise bad from None
+        if t is float and not math.isfinite(v):
+            raise bad
+        return v
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise bad
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad  # pragma: no cover
+
+
+def _unknown(key: str, cls: type, prefix: str, command: str) -> UserError:
+    hint = did_you_mean(key, [f.name for f in fields(cls)], prefix)
+    return UserError(f"unknown config key {prefix}{key}{hint}; see `{command} --help-config`")
+
+
+def apply_dict(obj: Any, data: dict[str, Any], prefix: str = "", command: str = "dwm train") -> None:
+    """Set obj's fields (recursively, sections as sub-dicts) from parsed TOML."""
+    hs = hints(type(obj))
+    for k, v in data.items():
+        if k not in hs:
+            raise _unknown(k, type(obj), prefix, command)
+        t = hs[k]
+        if is_dataclass(t):
+            if not isinstance(v, dict):
+                raise UserError(f"config key {prefix}{k} is a section, got {v!r}")
+            apply_dict(getattr(obj, k), v, f"{prefix}{k}.", command)
+        else:
+            if isinstance(v, dict):
+                raise UserError(f"config key {prefix}{k} is a value, not a section")
+            setattr(obj, k, _coerce(prefix + k, t, v, from_str=False))
+
+
+def apply_override(cfg: Any, item: str, command: str = "dwm train") -> None:
+    """Apply one `dotted.key=value` argument."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    obj, prefix = cfg, ""
+    for p in parts[:-1]:
+        hs = hints(type(obj))
+        if p not in hs or not is_dataclass(hs[p]):
+            raise _unknown(p, type(obj), prefix, command)
+        obj, prefix = getattr(obj, p), f"{prefix}{p}."
+    name, hs = parts[-1], hints(type(obj))
+    if name not in hs:
+        raise _unknown(name, type(obj), prefix, command)
+    if is_dataclass(hs[name]):
+        raise UserError(f"config key {key} is a section; set one of its keys, e.g. {key}.<name>=...")
+    setattr(obj, name, _coerce(key, hs[name], value, from_str=True))
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         command: str = "dwm train") -> T:
+    """Defaults of cls, then the TOML file (if any), then the overrides in order. Not yet validated."""
+    cfg = cls()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot parse {p}: {e}") from e
+        apply_dict(cfg, data, command=command)
+    for item in overrides:
+        apply_override(cfg, item, command)
+    return cfg
+
+
+def validate(obj: Any, prefix: str = "") -> None:
+    """Check a config tree: every `Literal` field's value (one place for all choices), then each section's own
+    `validate(prefix)` (ranges and cross-field rules), children before parents."""
+    hs = hints(type(obj))
+    for f in fields(obj):
+        value, t = getattr(obj, f.name), hs[f.name]
+        if is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+            continue
+        allowed = choices(t)
+        if allowed is not None and value not in allowed:
+            raise choice_error(prefix + f.name, value, allowed)
+    own = getattr(obj, "validate", None)
+    if callable(own):
+        own(prefix)
+
+
+# ---------------------------------------------------------------- output
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+
+def _to_toml(obj: Any, section: str, out: list[str]) -> None:
+    nested = []
+    lines = []
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            nested.append((f.name, v))
+        else:
+            lines.append(f"{f.name} = {fmt(v)}")
+    if section:
+        out.append(f"\n[{section}]")
+    out.extend(lines)
+    for name, v in nested:
+        _to_toml(v, f"{section}.{name}" if section else name, out)
+
+
+def to_toml(cfg: Any, title: str = "resolved dwm train configuration") -> str:
+    out = [f"# {title}"]
+    _to_toml(cfg, "", out)
+    return "\n".join(out) + "\n"
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: to_dict(getattr(obj, f.name)) if is_dataclass(getattr(obj, f.name)) else getattr(obj, f.name)
+            for f in fields(obj)}

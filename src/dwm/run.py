@@ -1,0 +1,157 @@
+"""Where the parts are wired: the run config composed from each part's section, weighters and selectors resolved
+by name, the Trainer built, and `dwm train`.
+
+    RunConfig = TrainerConfig (out, model, data, optim, train, checkpoint, log: dwm/train/config.py)
+              + selector (dwm/train/selector.py) + weighting (dwm/weighting/config.py)
+
+`weighting.mode` names a weighter in `dwm.train.weighter.WEIGHTERS` ('uniform', 'dwm', anything registered in
+process or through the `dwm.weighters` entry-point group) or is a run directory whose learned weighting models to
+replay; `selector.mode` names a selector in `dwm.train.selector.SELECTORS`. The built-in Data Weighting Model is
+registered here, lazily, so neither the trainer nor a uniform run imports it.
+
+`dwm train` launches with torchrun for DDP (`torchrun --nproc_per_node N -m dwm.cli train ...`); the same command
+runs on one process. `--data`, `--selection`, `--out`, `--weighting` and `--keep-learning` are shortcuts for the
+dotted keys data.dir, data.selection, out, weighting.mode and weighting.keep_learning; trailing `key=value`
+arguments override anything (see `--help-config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dwm import config as C
+from dwm.errors import UserError
+from dwm.train.config import Plan, TrainerConfig, plan_for_data
+from dwm.train.selector import SELECTORS, Selector, SelectorConfig
+from dwm.train.weighter import WEIGHTERS, Weighter
+from dwm.weighting.config import WeightingConfig
+
+WEIGHTERS.register("dwm", "dwm.weighting.dwm_weighter:DWMWeighter")
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclass
+class RunConfig(TrainerConfig):
+    """A whole `dwm train` run."""
+
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        mode = self.weighting.mode
+        if mode not in WEIGHTERS and not (Path(mode).is_dir() and (Path(mode) / "weighting").is_dir()):
+            hint = C.did_you_mean(mode, WEIGHTERS.names())
+            raise UserError(f"config key {prefix}weighting.mode: {mode!r} is not a weighter "
+                            f"({', '.join(WEIGHTERS.names())}) nor a run directory with a weighting/ folder{hint}")
+        SELECTORS.get(self.selector.mode)  # did-you-mean error on an unknown name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the TOML file (if any), then the overrides in order. Not yet validated."""
+    return C.load(RunConfig, path, overrides)
+
+
+def help_config() -> str:
+    return C.help_text(RunConfig)
+
+
+def recipe_path(name: str) -> Path:
+    """A shipped recipe (src/dwm/recipes/NAME.toml) by name."""
+    return RECIPES / f"{name}.toml"
+
+
+def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> Plan | None:
+    """Reject every invalid value with a UserError; with check_paths, also the files the run reads, and return the
+    Plan (batch sizes, accumulation, steps) for this world size."""
+    C.validate(cfg)
+    if not check_paths:
+        return None
+    plan = plan_for_data(cfg, world_size)
+    cfg.weighting.check_paths()
+    return plan
+
+
+def build_weighter(cfg: RunConfig) -> Weighter:
+    """The weighter `weighting.mode` names, constructed with the weighting section; a run directory replays its
+    learned weighting models (the Data Weighting Model's transfer)."""
+    mode = cfg.weighting.mode
+    cls = WEIGHTERS.get(mode if mode in WEIGHTERS else "dwm")
+    return cls(cfg.weighting)
+
+
+def build_selector(cfg: RunConfig) -> Selector:
+    return SELECTORS.get(cfg.selector.mode)(cfg.selector)
+
+
+def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
+    """Validate the whole config, then the Trainer with the configured weighter and selector."""
+    from dwm.train.trainer import Trainer
+
+    validate(cfg, check_paths=True)
+    return Trainer(cfg, resume=resume, weighter=build_weighter(cfg), selector=build_selector(cfg),
+                   callbacks=callbacks)
+
+
+# ---------------------------------------------------------------- `dwm train`
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config or a shipped recipe name (e.g. cpu-small-dwm); with --resume and "
+                                    "no --config, RUN_DIR/config.toml is used (default: none, built-in defaults)")
+    p.add_argument("--data", help="prepared data directory (data.dir; default data/prepared)")
+    p.add_argument("--selection", help="parquet manifest with sample_id: restricts and orders the data "
+                                       "(data.selection; default: none, the whole split)")
+    p.add_argument("--out", help="run directory (out; default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's newest good checkpoint")
+    p.add_argument("--weighting", metavar="MODE_OR_RUN_DIR",
+                   help="'uniform', 'dwm', another registered weighter, or a run directory whose weighting models "
+                        "to replay (weighting.mode; default uniform)")
+    p.add_argument("--keep-learning", action="store_true",
+                   help="with --weighting RUN_DIR: keep updating the replayed model (weighting.keep_learning)")
+    p.add_argument("--help-config", action="store_true", help="print every config key, its type, default and doc")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=3e-4")
+
+
+def resolve_config_path(arg: str | None, out: str | None, resume: bool) -> Path | None:
+    if arg:
+        p = Path(arg)
+        if p.is_file():
+            return p
+        rp = recipe_path(arg.removesuffix(".toml"))
+        if rp.is_file():
+            return rp
+        known = sorted(r.stem for r in RECIPES.glob("*.toml"))
+        raise UserError(f"config {arg} does not exist (nor is it a shipped recipe: {', '.join(known)})"
+                        f"{C.did_you_mean(arg, known)}")
+    if resume and out and (Path(out) / "config.toml").is_file():
+        return Path(out) / "config.toml"
+    return None
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    shortcuts = []
+    for flag, key in (("data", "data.dir"), ("selection", "data.selection"), ("out", "out"),
+                      ("weighting", "weighting.mode")):
+        if getattr(args, flag) is not None:
+            shortcuts.append(f"{key}={getattr(args, flag)}")
+    if args.keep_learning:
+        shortcuts.append("weighting.keep_learning=true")
+    path = resolve_config_path(args.config, args.out, args.resume)
+    if path is None and not args.overrides and not shortcuts:
+        raise UserError("no configuration: give --config FILE (or a recipe name) and/or key=value overrides")
+    return load_config(path, [*shortcuts, *args.overrides])
+
+
+def run(args: argparse.Namespace, callbacks=()) -> int:
+    if args.help_config:
+        print(help_config())
+        return 0
+    trainer = build_trainer(config_from_args(args), resume=args.resume, callbacks=callbacks)
+    final = trainer.train()
+    if trainer.is_main and final:
+        print(f"done: step {final['step']}, loss {final['loss']:.4f}, run dir {trainer.run_dir}", file=sys.stderr)
+    return 0

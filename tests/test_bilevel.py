@@ -282,3 +282,29 @@ def test_adam_lookahead_is_adamw_next_step():
     for b, r in results.items():
         assert r.ok and r.ref_loss_after == pytest.approx(after, rel=1e-9, abs=1e-9), b
     assert cos(results["fd"].dL_dw, results["exact"].dL_dw) >= 0.999
+
+
+def test_zero_weight_samples_get_their_influence_without_moving_the_lookahead():
+    """Samples of weight 0 leave theta' where the weighted ones put it (fd skips their gradient) and get
+    dL/dw_i all the same: equal to exact's (which keeps them in the graph) and to a brute-force derivative; the
+    weighted samples' dL/dw is unchanged by their presence; chunked forwards change nothing."""
+    model = tiny_lm()
+    ids, n, w, ref, mask = data(B=6)
+    extra_ids, extra_n, _, _, _ = data(seed=7, B=4)
+    both_ids, both_n = torch.cat([ids, extra_ids]), torch.cat([n, extra_n])
+    both_w = torch.cat([w, torch.zeros(4, dtype=w.dtype)])
+    alone = hypergradient(model, ids, n, w, ref, mask, lr=1e-2, backend="fd", global_batch_size=6)
+    fd = hypergradient(model, both_ids, both_n, both_w, ref, mask, lr=1e-2, backend="fd", global_batch_size=6,
+                       chunk_size=3)
+    ex = hypergradient(model, both_ids, both_n, both_w, ref, mask, lr=1e-2, backend="exact", global_batch_size=6)
+    assert fd.ref_loss_after == pytest.approx(alone.ref_loss_after, rel=1e-12)  # the same theta'
+    assert rel(fd.dL_dw[:6], alone.dL_dw) < 1e-9
+    assert rel(fd.dL_dw, ex.dL_dw) < 1e-3 and cos(fd.dL_dw[6:], ex.dL_dw[6:]) > 0.999
+    # brute force for an extra sample: L_ref(theta'(w)) with the batch scaled to the global size 6
+    h, i = 1e-3, 7
+    def after(wi):
+        ww = both_w.clone()
+        ww[i] = wi
+        return ref_after(model, both_ids, both_n, ww * len(ww) / 6, ref, mask, 1e-2, None)
+    brute = (after(h) - after(-h)) / (2 * h)
+    assert float(fd.dL_dw[i]) == pytest.approx(brute, rel=1e-3)

@@ -185,14 +185,20 @@ def _global_batch(n_local: int, device: torch.device) -> int:
 def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: torch.Tensor, weights: torch.Tensor,
                   ref_input_ids: torch.Tensor, ref_mask: torch.Tensor, *, lr: float,
                   precond: dict[str, torch.Tensor] | AdamLookahead | None = None, backend: str = "fd", fd_eps: float = 1e-2,
-                  global_batch_size: int | None = None, measure_before: bool = True) -> HyperResult:
+                  global_batch_size: int | None = None, measure_before: bool = True,
+                  chunk_size: int | None = None) -> HyperResult:
     """dL_ref(theta')/dw for this rank's samples; see the module docstring for the maths and guarantees.
 
     input_ids [B_local, T], n_tokens [B_local], weights [B_local] (normalised over the global batch: their sum over
     ranks is the global B; detached here, the weighting net's graph is the caller's); ref_input_ids / ref_mask: this
-    rank's reference batch (ReferenceSet.batch). Under torch.distributed the weighted gradient is summed and the
+    rank's reference batch (PassageSet.batch). Under torch.distributed the weighted gradient is summed and the
     reference gradient averaged over ranks, so theta' and v are the same everywhere. `global_batch_size` defaults
     to the sum of the local sizes. `measure_before` costs one no-grad reference forward (for logging L_ref(theta)).
+
+    A sample with weight 0 does not move theta' (the fd backend skips its gradient), but still gets its
+    dL_ref(theta')/dw_i: the influence of giving it weight in this step. So one lookahead on a training batch
+    yields hypergradients for any number of further samples at two no-grad forwards each. `chunk_size` bounds the
+    samples per forward of the fd backend (default: all at once).
     """
     if backend not in BACKENDS:
         raise UserError(f"hypergradient backend must be one of {BACKENDS}, got {backend!r}")
@@ -211,7 +217,8 @@ def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: tor
                                                        ref_mask)), device)
     if backend == "exact":
         return _exact(model, named, input_ids, n_tokens, weights, ref_input_ids, ref_mask, lr, precond, B, before)
-    return _fd(model, named, input_ids, n_tokens, weights, ref_input_ids, ref_mask, lr, precond, B, before, fd_eps)
+    return _fd(model, named, input_ids, n_tokens, weights, ref_input_ids, ref_mask, lr, precond, B, before, fd_eps,
+               chunk_size or input_ids.shape[0])
 
 
 def _failed(n: int, device: torch.device, before: float, after: float, reason: str, backend: str,
@@ -219,7 +226,12 @@ def _failed(n: int, device: torch.device, before: float, after: float, reason: s
     return HyperResult(torch.zeros(n, device=device), before, after, ok=False, reason=reason, backend=backend, **kw)
 
 
-def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, precond, B, before, fd_eps):
+def _per_sample_losses(model, input_ids, n_tokens, chunk: int) -> torch.Tensor:
+    return torch.cat([per_sample_nll(model(input_ids=input_ids[i:i + chunk]).logits, input_ids[i:i + chunk],
+                                      n_tokens[i:i + chunk]) for i in range(0, input_ids.shape[0], chunk)])
+
+
+def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, precond, B, before, fd_eps, chunk):
     params = [p for _, p in named]
     P = [precond.get(n) if isinstance(precond, dict) else None for n, _ in named]
     if any(p.dtype not in (torch.float32, torch.float64) for p in params):
@@ -234,12 +246,16 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
                 p.copy_(o)
 
     try:
-        # g = (1/B) sum_i w_i grad l_i(theta), summed over ranks
-        with torch.enable_grad():
-            l = per_sample_nll(model(input_ids=input_ids).logits, input_ids, n_tokens)
-            loss = (weights.detach().to(l.dtype) * l).sum() / B
-            g = list(torch.autograd.grad(loss, params, allow_unused=True))
-        del l, loss
+        # g = (1/B) sum_i w_i grad l_i(theta), summed over ranks; weight-0 samples contribute nothing
+        active = weights.detach() != 0
+        g: list[torch.Tensor | None] = [None] * len(params)
+        if bool(active.any()):
+            with torch.enable_grad():
+                ids_a, n_a, w_a = input_ids[active], n_tokens[active], weights.detach()[active]
+                l = per_sample_nll(model(input_ids=ids_a).logits, ids_a, n_a)
+                loss = (w_a.to(l.dtype) * l).sum() / B
+                g = list(torch.autograd.grad(loss, params, allow_unused=True))
+            del l, loss
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
         all_reduce_(g)
         offset = None
@@ -287,7 +303,7 @@ def _fd(model, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, preco
                 for sign in (1.0, -1.0):
                     for p, vi in zip(params, v):
                         p.add_(vi, alpha=sign * eps)
-                    losses.append(per_sample_nll(model(input_ids=input_ids).logits, input_ids, n_tokens))
+                    losses.append(_per_sample_losses(model, input_ids, n_tokens, chunk))
                     restore()
         finally:
             torch.set_float32_matmul_precision(matmul_precision)

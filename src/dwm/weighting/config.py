@@ -74,7 +74,21 @@ class WeightingConfig:
     ref_loss: Literal["passage", "target"] = "passage"
     """outer loss on reference passages: 'passage' (mean NLL of every token) or 'target' (NLL of the last word)"""
     batch_size: int = 0
-    """training samples per bi-level update (global); 0 = the trainer's micro-batch size x number of processes"""
+    """training samples probed per bi-level update (global): the lookahead steps on the first G (the LM's global
+    batch) weighted by phi, and every probed sample gets its dL/dw (the rest at two no-grad forwards each); 0 = G"""
+    normalize: Literal["std", "none"] = "std"
+    """scale of dL/dw before it reaches phi: 'std' divides by its spread over the probed samples, so phi's step
+    size and the kl weight do not depend on the hypergradient's magnitude (which shrinks with the lr)"""
+    kl: float = 0.0
+    """lambda of the KL(w/B || uniform) penalty in phi's objective; its optimum is w ~ exp(-dL/dw / lambda)"""
+    phi_steps: int = 1
+    """phi optimizer steps per bi-level update, each on a batch of G samples drawn from the stage's buffer of
+    probed samples (the LM is frozen during a stage's updates, so the buffer is one probe set)"""
+    diagnostics: bool = False
+    """at every stage start, measure how much of a fresh hypergradient phi captures and how noisy it is (held-back
+    samples, two reference batches; logged as 'diagnose' events; costs two extra probes per stage)"""
+    diagnostics_size: int = 64
+    """held-back training samples of the diagnostics"""
     ref_batch_size: int = 16
     """reference passages per bi-level update"""
     backend: Literal["fd", "exact"] = "fd"
@@ -119,8 +133,10 @@ class WeightingConfig:
         check_range(f"{prefix}min_ess_fraction", self.min_ess_fraction, 0, 1)
         for k in ("ref_batch_size", "stages", "interval"):
             check_positive(f"{prefix}{k}", getattr(self, k))
-        for k in ("probe_size", "updates_per_stage", "lookahead_lr", "weight_decay", "batch_size"):
+        for k in ("probe_size", "updates_per_stage", "lookahead_lr", "weight_decay", "batch_size", "kl"):
             check_positive(f"{prefix}{k}", getattr(self, k), allow_zero=True)
+        check_positive(f"{prefix}phi_steps", self.phi_steps)
+        check_positive(f"{prefix}diagnostics_size", self.diagnostics_size)
 
     def check_paths(self, prefix: str = "weighting.") -> None:
         """The files a learning run reads (called with the data-dependent checks, not on every load)."""

@@ -68,6 +68,18 @@ def weight_stats(w: torch.Tensor, domain_ids: torch.Tensor, domains: list[str]) 
     return out
 
 
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their average rank (so constant scores have no correlation with anything)."""
+    _, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(cnt) - (cnt + 1) / 2)[inv]
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def probe_ids(domain_ids: np.ndarray, size: int, seed: int = PROBE_SEED) -> np.ndarray:
     """A fixed, domain-stratified sample of about `size` training rows: an equal share per domain (all rows of a
     smaller domain, the remainder spread over the others), sorted."""
@@ -155,7 +167,17 @@ class DWMWeighter(Weighter):
         self.updates_per_stage = (cfg.updates_per_stage if cfg.updates_per_stage > 0
                                   else max(1, round(cfg.update_fraction * steps_per_stage)))
         self.micro = ctx.plan.micro_batch_size
+        self.G = ctx.plan.global_batch_size
         self.pool = ctx.pool
+        self.buffer: list[tuple[np.ndarray, np.ndarray]] = []
+        self.diag_ids: np.ndarray | None = None
+        self._diag_signal: tuple[np.ndarray, np.ndarray] | None = None
+        self.update_pool = self.pool
+        if self.learn and cfg.diagnostics:  # held back: never drawn for phi's updates
+            drng = np.random.default_rng([ctx.seed, 0xD1A6])
+            n_diag = min(cfg.diagnostics_size, len(self.pool) // 2)
+            self.diag_ids = np.sort(drng.choice(self.pool, n_diag - n_diag % self.world, replace=False))
+            self.update_pool = np.setdiff1d(self.pool, self.diag_ids)
         self.rng = np.random.default_rng([ctx.seed, 0xD3])
         self.optimizer = None
         self.reference = None
@@ -201,12 +223,15 @@ class DWMWeighter(Weighter):
             if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
                 self.optimizer.state.clear()
         if self.learn:
+            self.buffer = []  # a stage's phi learns from the hypergradients of the LM of this stage
             if self.cfg.schedule == "staged":
                 n = self.updates_per_stage
             else:  # interleaved: the boundary step is an ordinary step of the every-`interval` rhythm
                 n = 1 if step % self.cfg.interval == 0 else 0
+            self._diagnose(ctx, "before")
             for _ in range(n):
                 self._update(ctx)
+            self._diagnose(ctx, "after")
         self.stage = k
         self._save_stage(ctx, k, step)
 
@@ -269,44 +294,89 @@ class DWMWeighter(Weighter):
         o = ctx.optim
         return max(float(ctx.lr), o.lr * o.min_lr_ratio)
 
-    def _update(self, ctx: TrainContext) -> None:
-        """One bi-level update of phi. Never raises from the maths: a non-finite outer loss or hypergradient
-        (on any rank) skips the update, counts it and logs why."""
-        cfg = self.cfg
-        assert self.optimizer is not None and self.reference is not None
-        Bg = cfg.batch_size or self.micro * self.world
-        if Bg % self.world:
-            raise UserError(f"weighting.batch_size {Bg} must be divisible by the number of processes {self.world}")
-        idx = self.rng.choice(self.pool, size=min(Bg, len(self.pool)), replace=False)
-        n_local = len(idx) // self.world
-        batch = ctx.data.batch(idx[self.rank * n_local:(self.rank + 1) * n_local]).to(self.device)
-        ref_idx = self.rng.choice(len(self.reference), size=min(cfg.ref_batch_size, len(self.reference)),
+    def _local(self, ids: np.ndarray) -> np.ndarray:
+        """This rank's contiguous share of a global list of sample ids."""
+        n = len(ids) // self.world
+        return ids[self.rank * n:(self.rank + 1) * n]
+
+    def _ref_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.reference is not None
+        ref_idx = self.rng.choice(len(self.reference), size=min(self.cfg.ref_batch_size, len(self.reference)),
                                   replace=False)
         r_local = max(1, len(ref_idx) // self.world)
         ref_ids, ref_mask = self.reference.batch(ref_idx[self.rank * r_local:(self.rank + 1) * r_local])
-        ref_ids, ref_mask = ref_ids.to(self.device), ref_mask.to(self.device)
+        return ref_ids.to(self.device), ref_mask.to(self.device)
 
-        self.net.train()
+    def _probe(self, ctx: TrainContext, ids: np.ndarray, ref: tuple[torch.Tensor, torch.Tensor]):
+        """dL_ref(theta')/dw_i for every sample of `ids` (global list, len a multiple of the world size): the
+        lookahead is the LM's next step on the first G of them weighted by phi (a batch as the LM would see it);
+        the others have weight 0 there and get the influence of weighting them in that step. Returns (the global
+        dL/dw [n] float64 on the CPU, the HyperResult of this rank)."""
+        cfg = self.cfg
+        batch = ctx.data.batch(self._local(ids)).to(self.device)
+        G = min(self.G, len(ids))
+        self.net.eval()
+        with torch.no_grad():
+            S = self._gather(self._scores(batch, self._lm_losses(ctx, batch)))
+        w = torch.zeros_like(S)
+        w[:G] = weights_from_scores(S[:G], self.temperature, self.floor)
+        precond = adam_lookahead(ctx.optimizer, ctx.model) if cfg.precondition == "adam" else None
+        res = hypergradient(ctx.model, batch.input_ids, batch.n_tokens, self._local(w).detach(), *ref,
+                            lr=self._lookahead_lr(ctx), precond=precond, backend=cfg.backend, fd_eps=cfg.fd_eps,
+                            global_batch_size=G, chunk_size=self.micro)
+        return self._gather(res.dL_dw.to(S.dtype)).double().cpu(), res
+
+    def _phi_loss(self, ctx: TrainContext, ids: np.ndarray, target: torch.Tensor) -> torch.Tensor:
+        """phi's outer objective on one group of samples (a batch as the LM sees it): sum_i w_i t_i / n, the
+        first-order change of L_ref if the LM stepped on this group with weights w (t = dL/dw, normalised), plus
+        kl * KL(w/n || uniform). Without the KL term the objective is linear in w and its optimum puts all weight
+        on one sample; with it the optimum is w ~ exp(-t / kl)."""
+        batch = ctx.data.batch(self._local(ids)).to(self.device)
         s = self._scores(batch, self._lm_losses(ctx, batch))
         W = weights_from_scores(self._gather(s, keep_grad=True), self.temperature, self.floor)
-        w_local = W[self.rank * n_local:(self.rank + 1) * n_local]
-        precond = adam_lookahead(ctx.optimizer, ctx.model) if cfg.precondition == "adam" else None
-        res = hypergradient(ctx.model, batch.input_ids, batch.n_tokens, w_local.detach(), ref_ids, ref_mask,
-                            lr=self._lookahead_lr(ctx), precond=precond, backend=cfg.backend,
-                            fd_eps=cfg.fd_eps, global_batch_size=W.numel())
+        n = W.numel()
+        loss = (W * target.to(W.dtype).to(W.device)).sum() / n
+        if self.cfg.kl > 0:
+            p = W / n
+            loss = loss + self.cfg.kl * (p * torch.log(p.clamp_min(1e-30) * n)).sum()
+        return loss
+
+    def _update(self, ctx: TrainContext) -> None:
+        """One bi-level update: probe `batch_size` new training samples (their dL_ref(theta')/dw), add them to this
+        stage's buffer, and take `phi_steps` optimizer steps of phi, each on a group of G samples drawn from the
+        buffer. Never raises from the maths: a non-finite outer loss, hypergradient or phi gradient (on any rank)
+        skips the update, counts it and logs why."""
+        cfg = self.cfg
+        assert self.optimizer is not None and self.reference is not None
+        n = cfg.batch_size or self.G
+        if n % self.world:
+            raise UserError(f"weighting.batch_size {n} must be divisible by the number of processes {self.world}")
+        ids = self.rng.choice(self.update_pool, size=min(n, len(self.update_pool)), replace=False)
+        ids = ids[:len(ids) - len(ids) % self.world]
+        dL_dw, res = self._probe(ctx, ids, self._ref_batch())
         ok, reason = res.ok, res.reason
+        scale = float(dL_dw.std()) if cfg.normalize == "std" and len(dL_dw) > 1 else 1.0
+        if ok and not (math.isfinite(scale) and scale > 0):
+            ok, reason = False, f"hypergradient spread {scale} across the probed samples"
         grad_norm = math.nan
-        dL_dw = self._gather(res.dL_dw.to(W.dtype))
         if ok:
-            self.optimizer.zero_grad(set_to_none=True)
-            (W * dL_dw).sum().backward()
-            all_reduce_([p.grad for p in self.net.parameters() if p.grad is not None])  # sum over ranks
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(),
-                                                             cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-            if not math.isfinite(grad_norm):  # same value on every rank after the all-reduce
-                ok, reason = False, "non-finite weighting-model gradient"
+            self.buffer.append((ids, (dL_dw / scale).numpy()))
+            all_ids = np.concatenate([b[0] for b in self.buffer])
+            all_t = np.concatenate([b[1] for b in self.buffer])
+            self.net.train()
+            for _ in range(cfg.phi_steps):
+                pick = self.rng.choice(len(all_ids), size=min(self.G, len(all_ids)), replace=False)
+                pick = pick[:len(pick) - len(pick) % self.world]
+                self.optimizer.zero_grad(set_to_none=True)
+                self._phi_loss(ctx, all_ids[pick], torch.from_numpy(all_t[pick])).backward()
+                all_reduce_([p.grad for p in self.net.parameters() if p.grad is not None])  # sum over ranks
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    self.net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                if not math.isfinite(grad_norm):  # same value on every rank after the all-reduce
+                    ok, reason = False, "non-finite weighting-model gradient"
+                    break
+                self.optimizer.step()
         if ok:
-            self.optimizer.step()
             self.n_updates += 1
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -314,11 +384,35 @@ class DWMWeighter(Weighter):
             log.warning("DWM: skipped a bi-level update at step %d: %s", ctx.step, reason)
         rec = {"event": "bilevel", "stage": self.stage_of(ctx.step), "ok": ok, "reason": reason,
                "ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after,
-               "hypergrad_norm": float(dL_dw.norm()) if res.ok else math.nan, "phi_grad_norm": grad_norm,
-               "lookahead_lr": self._lookahead_lr(ctx), "fd_eps": res.eps_used, "v_norm": res.v_norm,
+               "hypergrad_norm": float(dL_dw.norm()) if res.ok else math.nan, "hypergrad_std": scale,
+               "phi_grad_norm": grad_norm, "lookahead_lr": self._lookahead_lr(ctx), "fd_eps": res.eps_used,
+               "v_norm": res.v_norm, "probed": len(ids), "buffer": sum(len(b[0]) for b in self.buffer),
                "updates": self.n_updates, "skipped": self.n_skipped}
         ctx.log(rec)
         self._update_log = {"ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after}
+
+    def _diagnose(self, ctx: TrainContext, when: str) -> None:
+        """How much of the hypergradient phi captures, and how noisy the hypergradient is (weighting.diagnostics):
+        fresh dL/dw of a fixed set of held-back training samples (never used to train phi) under two independent
+        reference batches. Logs the correlation of the two (reference-side noise), the Spearman correlation of
+        phi's scores with -dL/dw (capture; before and after the stage's updates), the share of the signal's
+        variance that the domain explains, and the mean signal per domain."""
+        if self.diag_ids is None or self.reference is None:
+            return
+        if when == "before" or self._diag_signal is None:
+            a, _ = self._probe(ctx, self.diag_ids, self._ref_batch())
+            b, _ = self._probe(ctx, self.diag_ids, self._ref_batch())
+            self._diag_signal = (a.numpy(), b.numpy())
+        a, b = self._diag_signal
+        sig = -(a + b) / 2
+        scores = self.score_samples(ctx, self.diag_ids)
+        dom = ctx.data.domain_ids[self.diag_ids]
+        means = {self.domains[d]: float(sig[dom == d].mean() / (np.abs(sig).mean() + 1e-300))
+                 for d in np.unique(dom)}
+        between = np.var([sig[dom == d].mean() for d in dom])
+        ctx.log({"event": "diagnose", "when": when, "stage": self.stage_of(ctx.step),
+                 "ref_noise_corr": _corr(a, b), "capture_spearman": _corr(_rank(scores), _rank(sig)),
+                 "domain_r2": float(between / max(np.var(sig), 1e-300)), "signal_by_domain": means})
 
     # ------------------------------------------------------------ stage outputs
 
@@ -371,6 +465,7 @@ class DWMWeighter(Weighter):
         return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "stage": self.stage, "rng": self.rng.bit_generator.state, "n_updates": self.n_updates,
+                "buffer": [(i.copy(), t.copy()) for i, t in self.buffer],
                 "n_skipped": self.n_skipped, "n_ess_warnings": self.n_ess_warnings}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -383,3 +478,4 @@ class DWMWeighter(Weighter):
         self.rng.bit_generator.state = state["rng"]
         self.n_updates, self.n_skipped = int(state["n_updates"]), int(state["n_skipped"])
         self.n_ess_warnings = int(state.get("n_ess_warnings", 0))
+        self.buffer = [(np.asarray(i), np.asarray(t)) for i, t in state.get("buffer", [])]

@@ -133,8 +133,11 @@ def _cli(args: list[str], nproc: int = 1, kill_after: int | None = None,
 
 
 def test_dwm_kill_and_resume_is_exact(data, tmp_path):
+    """Killed mid-stage with interleaved updates and resampled batches: the stage's buffer of probed samples, the
+    selector's generator and the weighter's all come back from the checkpoint."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    common = ["weighting.mode=dwm", "weighting.updates_per_stage=2"]
+    common = ["weighting.mode=dwm", "weighting.schedule=interleaved", "weighting.interval=2",
+              "weighting.apply=resample", "weighting.batch_size=12", "weighting.phi_steps=2"]
     r = _cli(overrides(data, full, *common))
     assert r.returncode == 0, r.stderr
     r = _cli(overrides(data, killed, *common), kill_after=11)
@@ -252,3 +255,117 @@ def test_replay_on_another_selection(data, tmp_path):
     assert all(torch.equal(got[n], want[n]) for n in want)
     used = {int(i) for s in range(STEPS) for i in t.global_indices(s)}
     assert used <= set(range(48, 96))
+
+
+# --- the levers of "a phi that learns the signal" -------------------------------------------------------------
+class _Ctx:
+    """The few TrainContext members DWMWeighter._phi_loss uses."""
+
+    def __init__(self, data_dir):
+        from dwm.data.dataset import PreparedData
+
+        self.data = PreparedData(data_dir, "train")
+
+
+def _weighter(data, *extra):
+    from dwm.weighting.dwm_weighter import DWMWeighter
+
+    cfg = load_config(None, overrides(data, Path("/nonexistent"), "weighting.mode=dwm", *extra)).weighting
+    w = DWMWeighter(cfg)
+    w.device, w.world, w.rank, w.temperature, w.floor = torch.device("cpu"), 1, 0, cfg.temperature, cfg.floor
+    from dwm.weighting.net import WeightingNet
+
+    torch.manual_seed(0)
+    w.net = WeightingNet(cfg.net, 300, 3).double()
+    torch.nn.init.normal_(w.net.head[-1].weight, std=0.5)  # non-uniform scores
+    return w
+
+
+def test_phi_loss_is_the_hand_computed_objective(data):
+    """sum_i w_i t_i / n + kl * KL(w/n || uniform), w = n softmax(s / tau)."""
+    w = _weighter(data, "weighting.kl=0.7", "weighting.temperature=2.0")
+    ctx = _Ctx(data["data"])
+    ids = np.array([3, 10, 17, 40, 41, 77])
+    t = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 1.1], dtype=torch.float64)
+    got = float(w._phi_loss(ctx, ids, t).detach())
+    b = ctx.data.batch(ids)
+    with torch.no_grad():
+        s = w.net(b.input_ids, b.n_tokens, b.domain_ids).double()
+    p = torch.softmax(s / 2.0, 0)
+    want = float((6 * p * t).sum() / 6 + 0.7 * (p * torch.log(p * 6)).sum())
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_kl_optimum_is_exp_of_minus_target_over_lambda(data):
+    """Minimising phi's objective over free scores lands on w ~ exp(-t / kl): the KL keeps the weights off the
+    one-sample vertex that the linear objective alone would reach."""
+    t = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    s = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([s], max_iter=500, line_search_fn="strong_wolfe", tolerance_grad=1e-14,
+                            tolerance_change=1e-16)
+
+    def closure():
+        opt.zero_grad()
+        p = torch.softmax(s, 0)
+        loss = (4 * p * t).sum() / 4 + 0.5 * (p * torch.log(p * 4)).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    p = torch.softmax(s.detach(), 0)
+    torch.testing.assert_close(p, torch.softmax(-t / 0.5, 0), atol=1e-6, rtol=0)
+
+
+def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_path, monkeypatch):
+    """Every dL/dw scaled by 1000 (as a 1000x lookahead lr would, to first order) leaves phi's trajectory
+    unchanged under normalize = 'std', and changes it under 'none'."""
+    from dwm.weighting.dwm_weighter import DWMWeighter
+
+    probe = DWMWeighter._probe
+    common = ["weighting.mode=dwm", "weighting.updates_per_stage=2", "weighting.kl=0.5", "weighting.phi_steps=2",
+              "weighting.batch_size=16", "train.precision=fp64", "train.max_steps=5"]
+    stages = {}
+    for name, scale, norm in (("a", 1.0, "std"), ("b", 1000.0, "std"), ("c", 1.0, "none"), ("d", 1000.0, "none")):
+        monkeypatch.setattr(DWMWeighter, "_probe", lambda self, *a, _s=scale: (lambda r: (r[0] * _s, r[1]))(
+            probe(self, *a)))
+        train(data, tmp_path / name, *common, f"weighting.normalize={norm}")
+        stages[name] = load_file(str(tmp_path / name / "weighting" / "stage_1.safetensors"))
+    same = lambda x, y: all(torch.allclose(x[k], y[k], atol=1e-9, rtol=1e-7) for k in x)  # noqa: E731
+    assert same(stages["a"], stages["b"])
+    assert not same(stages["c"], stages["d"])
+
+
+def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
+    run = tmp_path / "buf"
+    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=3", "weighting.batch_size=24",
+          "weighting.phi_steps=2")
+    ev = events(run, "bilevel")
+    assert [e["probed"] for e in ev] == [24] * 15
+    assert [e["buffer"] for e in ev] == [24, 48, 72] * 5  # reset at every stage start
+
+
+def test_resample_draws_batches_by_the_scores(data, tmp_path):
+    """apply = resample: each step's batch is drawn from its candidate window of the data stream in proportion to
+    the scores, and trained with weight 1; a weighting model that prefers one domain fills the batches with it."""
+    from dwm.run import build_trainer
+
+    cfg = load_config(None, overrides(data, tmp_path / "res", "weighting.mode=dwm", "weighting.apply=resample",
+                                      "weighting.candidates=3", "weighting.updates_per_stage=0",
+                                      "weighting.update_fraction=0.01", "data.shuffle=false"))
+    t = build_trainer(cfg)
+    assert t.selector.name == "dwm" and t.selector.n_cand == 24
+    target = t.train_data.domains.index("c")  # a weighting model that scores domain c 20 higher than the rest
+    t.weighter.score_samples = lambda ctx, ids: 20.0 * (t.train_data.domain_ids[ids] == target)
+    seen = []
+    orig_w = t.weighter.weights
+    t.weighter.weights = lambda b, losses=None: (seen.append(b.sample_ids.tolist()), orig_w(b, losses))[1]
+    t.train()
+    stream = t.selector.stream
+    for s, ids in enumerate(seen):
+        window = stream(s * 24, 24)
+        assert set(ids) <= set(window.tolist())
+        n_c = int((t.train_data.domain_ids[window] == target).sum())
+        assert sum(t.train_data.domain_ids[i] == target for i in ids) == min(8, n_c)
+    rec = [json.loads(x) for x in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("w_ess") is None for r in rec)  # nothing weighted within the batch
+    assert sum(1 for r in rec if "share/c" in r) == STEPS

@@ -83,7 +83,14 @@ def build_weighter(cfg: RunConfig) -> Weighter:
     return cls(cfg.weighting)
 
 
-def build_selector(cfg: RunConfig) -> Selector:
+def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector:
+    """The selector `selector.mode` names, unless the weighter draws the batches itself (make_selector)."""
+    own = weighter.make_selector() if weighter is not None else None
+    if own is not None:
+        if cfg.selector.mode != "sequential":
+            raise UserError(f"the {weighter.name} weighter draws the batches itself (weighting.apply = resample); "
+                            f"selector.mode must stay 'sequential', not {cfg.selector.mode!r}")
+        return own
     return SELECTORS.get(cfg.selector.mode)(cfg.selector)
 
 
@@ -92,7 +99,8 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
     from dwm.train.trainer import Trainer
 
     validate(cfg, check_paths=True)
-    return Trainer(cfg, resume=resume, weighter=build_weighter(cfg), selector=build_selector(cfg),
+    weighter = build_weighter(cfg)
+    return Trainer(cfg, resume=resume, weighter=weighter, selector=build_selector(cfg, weighter),
                    callbacks=callbacks)
 
 

@@ -100,6 +100,7 @@ class OnlineSelector(SequentialSelector):
     Gumbel top-k instead of the deterministic top-k)."""
 
     name = "online"
+    log_selections = True  # one "select" event in metrics.jsonl per chunk
 
     def attach(self, ctx: TrainContext) -> None:
         super().attach(ctx)
@@ -130,7 +131,8 @@ class OnlineSelector(SequentialSelector):
             dist.broadcast_object_list(box, src=0)
             kept = box[0]
         assert kept is not None and len(kept) == self.n_keep
-        ctx.log({"event": "select", "chunk": chunk, "candidates": len(ids), "kept": len(kept)})
+        if self.log_selections:
+            ctx.log({"event": "select", "chunk": chunk, "candidates": len(ids), "kept": len(kept)})
         return kept
 
     def batch_ids(self, ctx: TrainContext, step: int) -> np.ndarray:

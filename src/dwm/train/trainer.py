@@ -255,10 +255,10 @@ class Trainer:
         return per_sample_nll(logits, mb.input_ids, mb.n_tokens)
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's batch: weights, accumulated weighted backward, clip, step, schedule.
-        Returns (weighted loss, plain mean loss, grad norm) as device tensors (no host sync)."""
+        """One optimizer step on this rank's batch (the weighter's before_step has run): weights, accumulated
+        weighted backward, clip, step, schedule. Returns (weighted loss, plain mean loss, grad norm) as device
+        tensors (no host sync)."""
         p = self.plan
-        self.weighter.before_step(self.ctx, self.step)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         m, B = p.micro_batch_size, p.local_batch_size
@@ -333,6 +333,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         t_last, steps_since = time.perf_counter(), 0
         while self.step < self.total_steps:
+            self.weighter.before_step(self.ctx, self.step)  # before the batch is chosen: it may choose it
             batch = self.local_batch(self.step)
             lr_used = self.scheduler.get_last_lr()[0]
             loss_w, loss_mean, grad_norm = self.train_step(batch)

@@ -18,7 +18,9 @@ Contract (the trainer relies on it):
   weighter holds a whole local batch of activations (what gradient accumulation would otherwise save) but costs no
   extra forward; measured in benchmarks/results/train.md;
 - `state_dict()` / `load_state_dict()` round-trip everything needed to resume exactly (saved in checkpoints);
-- `step_metrics()` returns scalars to log for the last `weights` call (cheap, already-computed values).
+- `step_metrics()` returns scalars to log for the last `weights` call (cheap, already-computed values);
+- `make_selector()` may return a `Selector` when the weighter decides the batches' composition itself (e.g. the
+  DWM drawing each batch from a candidate pool in proportion to its weights); the caller then trains with it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from dwm.data.batch import Batch
 from dwm.registry import Registry
 from dwm.train.context import Component, TrainContext
+from dwm.train.selector import Selector
 
 WEIGHTERS = Registry("weighter", "weighting.mode")
 
@@ -40,6 +43,10 @@ class Weighter(Component):
 
     def weights(self, batch: Batch, losses: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def make_selector(self) -> Selector | None:
+        """A selector this weighter draws the batches with, or None (the configured selector is used)."""
+        return None
 
 
 @WEIGHTERS.register("uniform")

@@ -65,6 +65,13 @@ class WeightingConfig:
     keep_learning: bool = False
     """with mode=RUN_DIR: keep updating the replayed model by bi-level updates"""
     net: WeightingNetConfig = field(default_factory=WeightingNetConfig)
+    apply: Literal["weights", "resample"] = "weights"
+    """how the scores act on training: 'weights' (the paper's: w = B softmax(s / tau) within each batch) or
+    'resample' (each batch is drawn from `candidates` x B samples of the data stream with probability
+    softmax(s / tau), without replacement, and trained with weight 1: the same expected objective with the
+    batch's full effective size; a dropped candidate costs only the weighting model's forward)"""
+    candidates: float = 2.0
+    """with apply = resample: candidates scored per sample trained"""
     temperature: float = 1.0
     """tau in w = B * softmax(s / tau)"""
     floor: float = 0.0
@@ -129,6 +136,8 @@ class WeightingConfig:
             check_positive(f"{prefix}{k}", getattr(self, k))
         check_positive(f"{prefix}grad_clip", self.grad_clip, allow_zero=True)
         check_range(f"{prefix}floor", self.floor, 0, 1)
+        if self.candidates < 1:
+            raise UserError(f"config key {prefix}candidates: must be >= 1, got {self.candidates}")
         check_range(f"{prefix}update_fraction", self.update_fraction, 0, 1, lo_open=True)
         check_range(f"{prefix}min_ess_fraction", self.min_ess_fraction, 0, 1)
         for k in ("ref_batch_size", "stages", "interval"):

@@ -40,6 +40,7 @@ from dwm.data.passages import PassageSet
 from dwm.errors import UserError
 from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
+from dwm.train.selector import OnlineSelector, SelectorConfig
 from dwm.train.weighter import Weighter
 from dwm.weighting.bilevel import adam_lookahead, all_reduce_, hypergradient
 from dwm.weighting.config import WeightingConfig
@@ -65,6 +66,7 @@ def weight_stats(w: torch.Tensor, domain_ids: torch.Tensor, domains: list[str]) 
     d = domain_ids.detach().cpu()
     for i in torch.unique(d).tolist():
         out[f"w_domain/{domains[i]}"] = float(w[d == i].mean())
+        out[f"share/{domains[i]}"] = float(w[d == i].sum() / w.sum())  # how much of the step the domain is
     return out
 
 
@@ -119,6 +121,43 @@ class StageSource:
 
     def domains(self) -> list[str]:
         return list(self.meta[0].get("dwm", {}).get("domains", []))
+
+
+class DWMSelector(OnlineSelector):
+    """weighting.apply = "resample": every step's batch is G samples drawn from the next `candidates` x G of the
+    data stream with probability softmax(s / tau) (mixed with the uniform floor), without replacement (Gumbel
+    top-k), by the DWM's current scores. Weighting a uniform batch by w and drawing the batch in proportion to w
+    have the same expected gradient; drawing keeps every sample of the step at weight 1 (no loss of effective
+    batch size, which at small batches costs more than the weighting gains), and a candidate left out costs
+    only the weighting model's forward. Its own seeded generator is part of the checkpoint."""
+
+    name = "dwm"
+    log_selections = False  # one per step: the weighter logs the batch's domain shares instead
+
+    def __init__(self, weighter: DWMWeighter):
+        super().__init__(SelectorConfig(mode="dwm", every=1, candidates=weighter.cfg.candidates))
+        self.weighter = weighter
+
+    def attach(self, ctx: TrainContext) -> None:
+        super().attach(ctx)
+        self.rng = np.random.default_rng([ctx.seed, 0x5E1])
+
+    def score(self, ctx: TrainContext, ids: np.ndarray) -> np.ndarray:
+        return self.weighter.score_samples(ctx, ids).astype(np.float64)
+
+    def keep(self, ctx: TrainContext, ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+        w = self.weighter
+        p = weights_from_scores(torch.from_numpy(scores), w.temperature, w.floor).numpy() / len(scores)
+        keys = np.log(np.clip(p, 1e-300, None)) + self.rng.gumbel(size=len(ids))
+        return ids[np.sort(np.argsort(-keys, kind="stable")[:n])]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state:
+            self.rng.bit_generator.state = state["rng"]
 
 
 class DWMWeighter(Weighter):
@@ -260,8 +299,19 @@ class DWMWeighter(Weighter):
     def _scores(self, batch: Batch, lm_loss: torch.Tensor | None) -> torch.Tensor:
         return self.net(batch.input_ids, batch.n_tokens, batch.domain_ids, lm_loss)
 
+    def make_selector(self) -> OnlineSelector | None:
+        return DWMSelector(self) if self.cfg.apply == "resample" else None
+
     def weights(self, batch: Batch, losses: torch.Tensor | None = None) -> torch.Tensor:
         batch = batch.to(self.device)
+        if self.cfg.apply == "resample":  # the batch was drawn by the scores (DWMSelector): it counts uniformly
+            W = torch.ones(len(batch) * self.world, device=self.device)
+            stats = weight_stats(W, self._gather(batch.domain_ids), self.domains)
+            self._metrics = {**{k: v for k, v in stats.items() if k.startswith("share/")},
+                             "dwm_stage": float(self.stage), "dwm_updates": float(self.n_updates),
+                             "dwm_skipped": float(self.n_skipped), **self._update_log}
+            self._update_log = {}
+            return torch.ones(len(batch), device=self.device)
         self.net.eval()
         with torch.no_grad():
             s = self._scores(batch, losses)

@@ -1,15 +1,28 @@
-"""DWM benchmarks on the shipped corpus (prints figures; not a test).
+"""DWM benchmark: does the learned weighting help, against the headroom a static mixture shows? (prints figures;
+not a test)
 
-    python benchmarks/bench_dwm.py [--seeds 0 1 2] [--steps 150]
+    .venv/bin/python benchmarks/bench_dwm.py [--part main|second|ablation|all] [--seeds 0 1 2] [--jobs 2]
 
-For each seed, a uniform and a DWM run of `cpu-small` on the same data, order and token budget (recipes
-cpu-small-uniform / cpu-small-dwm, default DWM schedule), back to back in this one process:
+Every run trains cpu-small on the same budget (default the demo's: 150 steps x 4096 tokens) and is evaluated on
+the target's `heldout` passages (what is reported) and on its `reference` passages (what the weighting model
+optimises against, and the only side defaults and oracle mixtures are chosen on). Paired by seed: the same seed
+gives the same model init and data stream to every arm.
 
-- amortised overhead: wall time of the DWM run (weighting forward on every batch + M bi-level updates at each of
-  5 stage starts) over the uniform run's, per seed, median reported (goal <= 1.15). Probe scoring at stage
-  boundaries is analysis output, not part of the method: timed separately and excluded.
-- quality: both runs evaluated on the `heldout` target split (never seen by the weighting model: it optimises
-  against `reference`, other books) and the held-out domains; mean and standard error over seeds.
+- main: the shipped target (novels: reference Emma + Northanger Abbey, heldout Persuasion + Moby Dick) on the
+  shipped corpus. Arms: uniform; DWM with the shipped cpu-small-dwm defaults; and the headroom oracle, the best
+  static mixture at the same budget from a grid over the target-like domain's share (books at 25%, 50%, 100%:
+  a selection manifest, dwm.data.mixture), the best chosen by mean *reference* passage loss.
+- second: a target cut from documents held out of the speech domain (State of the Union addresses; held out of
+  training too, `dwm target build --from ... --train ...` refuses any overlap), on the corpus without them.
+  Same arms, the oracle grid over speech's share.
+- ablation: one DWM lever changed at a time from the defaults, on the main target: the change of *reference*
+  passage loss against uniform (paired), its share of the reference-side headroom, and the cost.
+
+Figures: per arm the heldout passage loss (mean +- s.e. over seeds); the paired difference DWM - uniform per seed
+with its mean and standard error; DWM's share of the uniform -> oracle gap; per-domain held-out loss of the three;
+the whole-run cost DWM / uniform (wall time of runs trained side by side, probe scoring excluded); the mean probe
+weight per domain at the last stage and the target domain's rank. Runs are cached in --out (a finished run is never
+retrained), so an interrupted benchmark continues. Results are appended to benchmarks/results/dwm.md.
 """
 
 from __future__ import annotations
@@ -17,103 +30,302 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "out"
 RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 
+# one DWM lever changed at a time, on top of the shipped defaults (weighting.* overrides)
+ABLATIONS: dict[str, list[str]] = {
+    "paper-like: weights in the batch, 1 update of G samples per stage, no KL": [
+        "weighting.apply=weights", "weighting.batch_size=0", "weighting.phi_steps=1", "weighting.kl=0",
+        "weighting.normalize=none", "weighting.updates_per_stage=1"],
+    "apply=weights (the defaults otherwise)": ["weighting.apply=weights"],
+    "kl=0 (no penalty)": ["weighting.kl=0"],
+    "normalize=none": ["weighting.normalize=none"],
+    "phi_steps=1": ["weighting.phi_steps=1"],
+    "batch_size=G (probe one batch per update)": ["weighting.batch_size=0"],
+    "schedule=interleaved, interval 15": ["weighting.schedule=interleaved", "weighting.interval=15"],
+    "candidates=2": ["weighting.candidates=2"],
+    "ref_loss=target": ["weighting.ref_loss=target"],
+    "use_domain_feature": ["weighting.net.use_domain_feature=true"],
+}
 
-def prepared(data: Path | None = None) -> Path:
-    """The shipped corpus, prepared as `dwm demo` does (skipped when already done)."""
-    from dwm.data.prepare import PrepareOptions, prepare
 
-    data = data or OUT / "data"
-    prepare([REPO / "data" / "corpus"], data, PrepareOptions(vocab_size=8192, seq_len=256))
-    return data
+@dataclass
+class Target:
+    name: str
+    data: Path
+    reference: Path
+    heldout: Path
+    domain: str  # the target-like domain: the oracle grid is over its share
+    grid: tuple[float, ...] = (0.25, 0.5, 1.0)
 
 
-def run_once(name: str, data: Path, out: Path, steps: int, seed: int, extra: list[str]) -> tuple[float, Path]:
+@dataclass
+class Cell:
+    target: str
+    arm: str  # "uniform" | "dwm" | "static:<share>" | "ablation:<name>"
+    seed: int
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.arm)[:60]
+        return f"{self.target}/{safe}-s{self.seed}"
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_targets(out: Path) -> dict[str, Target]:
+    """The shipped corpus and target, and the speech target cut from held-out speech documents."""
+    from dwm.data.prepare import PrepareOptions, is_val, prepare
+
+    novels = Target("novels", out / "data", REPO / "data/target/reference.jsonl",
+                    REPO / "data/target/heldout.jsonl", "books")
+    prepare([REPO / "data" / "corpus"], novels.data, PrepareOptions(vocab_size=8192, seq_len=256, progress=False))
+    sp = out / "speech"
+    corpus = sp / "corpus"
+    held = sp / "speech__heldout.jsonl"
+    if not (sp / "target" / "heldout.jsonl").is_file():
+        import zstandard
+
+        corpus.mkdir(parents=True, exist_ok=True)
+        for f in sorted((REPO / "data" / "corpus").glob("*.jsonl.zst")):
+            if not f.name.startswith("speech__"):
+                if not (corpus / f.name).exists():
+                    (corpus / f.name).symlink_to(f)
+                continue
+            with open(f, "rb") as fh:
+                text = zstandard.ZstdDecompressor().stream_reader(fh).read().decode("utf-8")
+            rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+            # a quarter of the speeches (by a seeded hash of the id) become the target, never trained on
+            (corpus / f.name.removesuffix(".zst")).write_text(
+                "".join(json.dumps(r) + "\n" for r in rows if not is_val(r["id"], 7, 0.25)))
+            held.write_text("".join(json.dumps(r) + "\n" for r in rows if is_val(r["id"], 7, 0.25)))
+        prepare([corpus], sp / "data", PrepareOptions(tokenizer=str(novels.data / "tokenizer.json"), seq_len=256,
+                                                      progress=False))
+        from dwm.cli import main
+
+        if main(["target", "build", "--from", str(held), "--train", str(sp / "data"), "--out",
+                 str(sp / "target")]) != 0:
+            raise SystemExit("speech target build failed")
+    speech = Target("speech", sp / "data", sp / "target/reference.jsonl", sp / "target/heldout.jsonl", "speech")
+    return {"novels": novels, "speech": speech}
+
+
+# ---------------------------------------------------------------- one run (in a worker process)
+
+
+def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int) -> dict:
+    """Train one arm (skipped when its result exists) and evaluate it; returns its result record."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DWM_BENCH_THREADS", "1")))
+    run = out / cell.key
+    res_path = run / "result.json"
+    if res_path.is_file():
+        return json.loads(res_path.read_text())
     import shutil
 
+    from dwm.data.dataset import PreparedData
+    from dwm.data.mixture import mixture_ids, write_manifest
+    from dwm.eval.cli import evaluate_run
+    from dwm.eval.lambada import passage_loss
     from dwm.run import build_trainer, load_config, recipe_path
 
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = load_config(recipe_path(f"cpu-small-{name}"), [
-        f"data.dir={data}", f"out={out}", f"train.max_steps={steps}", f"train.seed={seed}",
-        "train.global_batch_tokens=4096", f"optim.warmup_steps={max(1, steps // 10)}", f"weighting.reference={REPO / 'data/target/reference.jsonl'}",
-        "log.progress=false", f"checkpoint.every={steps}", *extra])
-    trainer = build_trainer(cfg)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    recipe = "cpu-small-uniform" if cell.arm == "uniform" or cell.arm.startswith("static:") else "cpu-small-dwm"
+    ov = [f"data.dir={target.data}", f"out={run}", f"train.max_steps={steps}", f"train.seed={cell.seed}",
+          f"train.global_batch_tokens={batch_tokens}", f"optim.warmup_steps={max(1, steps // 10)}",
+          f"weighting.reference={target.reference}", "log.progress=false", f"checkpoint.every={steps}",
+          *cell.overrides]
+    if cell.arm.startswith("static:"):
+        data = PreparedData(target.data, "train")
+        n = steps * batch_tokens // data.seq_len
+        ids = mixture_ids(data.domain_ids, data.domains, {target.domain: float(cell.arm.split(":")[1])}, n,
+                          seed=cell.seed)
+        ov.append(f"data.selection={write_manifest(ids, run / 'mixture.parquet')}")
+    trainer = build_trainer(load_config(recipe_path(recipe), ov))
     t0 = time.perf_counter()
     trainer.train()
-    return time.perf_counter() - t0, out
-
-
-def probe_seconds(run: Path) -> float:
+    seconds = time.perf_counter() - t0
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return sum(r.get("probe_seconds", 0.0) for r in recs if r.get("event") == "stage")
+    probe_s = sum(r.get("probe_seconds", 0.0) for r in recs if r.get("event") == "stage")
+    model = trainer.model.eval()
+    res = evaluate_run(run, target=target.heldout, write=True)
+    result = {"target": cell.target, "arm": cell.arm, "seed": cell.seed, "overrides": cell.overrides,
+              "train_seconds": seconds - probe_s, "probe_seconds": probe_s,
+              "heldout_passage_loss": res["lambada"]["passage_loss"], "lambada_acc": res["lambada"]["acc"],
+              "lambada_ppl": res["lambada"]["perplexity"],
+              "reference_passage_loss": passage_loss(model, trainer.tokenizer, target.reference),
+              "val_loss": {d: r["loss"] for d, r in res["heldout"]["per_domain"].items()},
+              "val_loss_all": res["heldout"]["overall"]["loss"],
+              "bilevel_updates": sum(1 for r in recs if r.get("event") == "bilevel"),
+              "last_stage_weights": next((r["probe_weight_by_domain"] for r in reversed(recs)
+                                          if r.get("event") == "stage"), None)}
+    res_path.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def ms(xs: list[float]) -> str:
+def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, steps: int, batch_tokens: int,
+            jobs: int) -> dict[str, dict]:
+    todo = [c for c in cells if not (out / c.key / "result.json").is_file()]
+    print(f"[bench] {len(cells)} runs, {len(todo)} to train ({jobs} at a time)", file=sys.stderr, flush=True)
+    results: dict[str, dict] = {}
+    if jobs <= 1:
+        for c in cells:
+            results[c.key] = run_cell(c, targets[c.target], out, steps, batch_tokens)
+        return results
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+        futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, steps, batch_tokens) for c in cells}
+        for key, f in futs.items():
+            results[key] = f.result()
+            print(f"[bench] done {key}: heldout {results[key]['heldout_passage_loss']:.4f}, reference "
+                  f"{results[key]['reference_passage_loss']:.4f}", file=sys.stderr, flush=True)
+    return results
+
+
+# ---------------------------------------------------------------- figures
+
+
+def mse(xs: list[float]) -> tuple[float, float]:
     m = statistics.fmean(xs)
-    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-    return f"{m:.4f} ± {se:.4f}"
+    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
 
 
-def bench(args) -> str:
-    from dwm.eval.cli import evaluate_run
+def fmt(xs: list[float], digits: int = 4) -> str:
+    m, se = mse(xs)
+    return f"{m:.{digits}f} ± {se:.{digits}f}"
 
-    data = prepared(args.data)
-    rows: dict[str, list[dict]] = {"uniform": [], "dwm": []}
-    ratios, n_updates = [], 0
-    for seed in args.seeds:
-        secs = {}
-        for name in ("uniform", "dwm"):
-            sec, run = run_once(name, data, OUT / f"{name}-s{seed}", args.steps, seed, args.extra)
-            probe = probe_seconds(run) if name == "dwm" else 0.0
-            secs[name] = sec - probe
-            if name == "dwm":
-                n_updates = sum(1 for x in (run / "metrics.jsonl").read_text().splitlines() if '"bilevel"' in x)
-            res = evaluate_run(run, target=REPO / "data/target/heldout.jsonl", max_passages=args.max_passages)
-            lam = res["lambada"]
-            rows[name].append({"lambada_passage_loss": lam["passage_loss"],
-                               "lambada_target_nll": math.log(lam["perplexity"]), "lambada_acc": lam["acc"],
-                               "heldout_loss": res["heldout"]["overall"]["loss"], "train_seconds": secs[name],
-                               "probe_seconds": probe})
-            print(f"  seed {seed} {name}: {rows[name][-1]}", file=sys.stderr, flush=True)
-        ratios.append(secs["dwm"] / secs["uniform"])
-    tok = args.steps * 4096
-    lines = [
-        (f"## cpu-small, {args.steps} steps x 4096 tokens, seeds {args.seeds}, default DWM schedule "
-         f"({n_updates} bi-level updates in 5 stages), heldout target split ({args.max_passages} passages)"), "",
-        "| metric | uniform | DWM |", "|---|---|---|",
-        (f"| tokens/s (mean ± se) | {ms([tok / r['train_seconds'] for r in rows['uniform']])} | "
-         f"{ms([tok / r['train_seconds'] for r in rows['dwm']])} |")]
-    for key in ("lambada_passage_loss", "lambada_target_nll", "lambada_acc", "heldout_loss"):
-        lines.append(f"| {key} | {ms([r[key] for r in rows['uniform']])} | {ms([r[key] for r in rows['dwm']])} |")
-    lines += ["", (f"**amortised overhead, DWM time / uniform time per seed: {[round(r, 3) for r in ratios]}, "
-                   f"median {statistics.median(ratios):.3f}** (goal <= 1.15); probe scoring excluded: "
-                   f"{statistics.fmean([r['probe_seconds'] for r in rows['dwm']]):.1f} s per run"), "",
-              "per seed: " + json.dumps(rows), ""]
+
+def arm_results(results: dict[str, dict], target: str, arm: str, seeds: list[int]) -> list[dict]:
+    return [results[Cell(target, arm, s).key] for s in seeds]
+
+
+def best_static(results: dict[str, dict], t: Target, seeds: list[int]) -> str:
+    """The oracle: the grid mixture with the lowest mean *reference* passage loss (never chosen on heldout)."""
+    arms = [f"static:{g}" for g in t.grid]
+    return min(arms, key=lambda a: statistics.fmean(r["reference_passage_loss"]
+                                                    for r in arm_results(results, t.name, a, seeds)))
+
+
+def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: int, batch_tokens: int) -> str:
+    uni = arm_results(results, t.name, "uniform", seeds)
+    dwm = arm_results(results, t.name, "dwm", seeds)
+    oracle_arm = best_static(results, t, seeds)
+    orc = arm_results(results, t.name, oracle_arm, seeds)
+    key = "heldout_passage_loss"
+    diffs = [d[key] - u[key] for d, u in zip(dwm, uni, strict=True)]
+    gaps = [u[key] - o[key] for u, o in zip(uni, orc, strict=True)]
+    dm, dse = mse(diffs)
+    share = -dm / statistics.fmean(gaps) if statistics.fmean(gaps) > 0 else float("nan")
+    cost = [d["train_seconds"] / u["train_seconds"] for d, u in zip(dwm, uni, strict=True)]
+    lines = [(f"### target `{t.name}` (oracle grid over `{t.domain}`'s share {list(t.grid)}; best on the reference "
+             f"side: `{oracle_arm}`), {steps} steps x {batch_tokens} tokens, seeds {seeds}"), "",
+             "| arm | heldout passage loss | reference passage loss | LAMBADA ppl | val loss (all domains) |",
+             "|---|---|---|---|---|"]
+    for name, rs in (("uniform", uni), ("DWM (defaults)", dwm), (f"oracle `{oracle_arm}`", orc),
+                     *((f"`static:{g}`", arm_results(results, t.name, f"static:{g}", seeds)) for g in t.grid
+                       if f"static:{g}" != oracle_arm)):
+        lines.append(f"| {name} | {fmt([r[key] for r in rs])} | {fmt([r['reference_passage_loss'] for r in rs])} | "
+                     f"{fmt([r['lambada_ppl'] for r in rs], 1)} | {fmt([r['val_loss_all'] for r in rs])} |")
+    lines += ["", (f"- paired difference DWM - uniform (heldout passage loss) per seed: "
+                  f"{[round(x, 4) for x in diffs]}; mean {dm:+.4f} ± {dse:.4f} (s.e.), "
+                  f"{abs(dm) / dse if dse > 0 else float('inf'):.1f} s.e.; DWM below uniform in "
+                  f"{sum(x < 0 for x in diffs)} of {len(diffs)} seeds"),
+              f"- uniform -> oracle gap: {fmt(gaps)}; DWM recovers **{100 * share:.0f}%** of it",
+              (f"- whole-run cost DWM / uniform (trained side by side): {[round(c, 3) for c in cost]}, median "
+              f"{statistics.median(cost):.3f} (probe scoring excluded: {fmt([d['probe_seconds'] for d in dwm], 1)} s)")]
+    w = [d["last_stage_weights"] for d in dwm if d["last_stage_weights"]]
+    if w:
+        doms = sorted(w[0])
+        mean_w = {d: statistics.fmean(x[d] for x in w) for d in doms}
+        order = sorted(doms, key=lambda d: -mean_w[d])
+        ranks = [sorted(x, key=lambda d: -x[d]).index(t.domain) + 1 for x in w]
+        lines.append("- last-stage mean probe weight per domain (mean over seeds): "
+                     + ", ".join(f"{d} {mean_w[d]:.3f}" for d in order)
+                     + f"; `{t.domain}` ranks {ranks} (per seed)")
+    doms = sorted(uni[0]["val_loss"])
+    lines += ["", "per-domain held-out (val split) loss, mean over seeds:", "",
+              "| domain | uniform | DWM | oracle |", "|---|---|---|---|"]
+    for d in doms:
+        lines.append(f"| {d} | " + " | ".join(f"{statistics.fmean(r['val_loss'][d] for r in rs):.4f}"
+                                               for rs in (uni, dwm, orc)) + " |")
+    return "\n".join(lines)
+
+
+def report_ablation(results: dict[str, dict], t: Target, seeds: list[int]) -> str:
+    uni = arm_results(results, t.name, "uniform", seeds)
+    oracle_arm = best_static(results, t, seeds)
+    orc = arm_results(results, t.name, oracle_arm, seeds)
+    key = "reference_passage_loss"
+    gap = statistics.fmean(u[key] - o[key] for u, o in zip(uni, orc, strict=True))
+    lines = [(f"### ablation on `{t.name}`, reference side (the signal defaults are picked on), seeds {seeds}; "
+             f"uniform -> oracle (`{oracle_arm}`) gap {gap:.4f}"), "",
+             ("| lever (one change from the defaults) | reference loss - uniform (paired) | share of gap | "
+             "heldout loss - uniform | cost / uniform |"), "|---|---|---|---|---|"]
+    rows = [("defaults", "dwm")] + [(name, f"ablation:{name}") for name in ABLATIONS]
+    for name, arm in rows:
+        rs = arm_results(results, t.name, arm, seeds)
+        d = [r[key] - u[key] for r, u in zip(rs, uni, strict=True)]
+        h = [r["heldout_passage_loss"] - u["heldout_passage_loss"] for r, u in zip(rs, uni, strict=True)]
+        c = [r["train_seconds"] / u["train_seconds"] for r, u in zip(rs, uni, strict=True)]
+        lines.append(f"| {name} | {fmt(d)} | {100 * -statistics.fmean(d) / gap:.0f}% | {fmt(h)} | "
+                     f"{statistics.median(c):.2f} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--data", type=Path, default=None, help="prepared shipped corpus (default: prepare it here)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--max-passages", type=int, default=500)
-    p.add_argument("--extra", nargs="*", default=[], help="config overrides for both runs")
+    p.add_argument("--part", choices=["main", "second", "ablation", "all"], default="all",
+                   help="which comparison to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (paired across arms)")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds of the ablation rows "
+                                                                                "(default: --seeds)")
+    p.add_argument("--steps", type=int, default=150, help="LM steps per run")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "dwm", help="run cache")
     args = p.parse_args()
-    text = bench(args)
-    print(text)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    targets = prepare_targets(args.out)
+    parts = ["main", "second", "ablation"] if args.part == "all" else [args.part]
+    cells: list[Cell] = []
+    abl_seeds = args.ablation_seeds or args.seeds
+    for part in parts:
+        t = targets["speech" if part == "second" else "novels"]
+        seeds = abl_seeds if part == "ablation" else args.seeds
+        for s in seeds:
+            cells += [Cell(t.name, "uniform", s), Cell(t.name, "dwm", s)]
+            cells += [Cell(t.name, f"static:{g}", s) for g in t.grid]
+            if part == "ablation":
+                cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in ABLATIONS.items()]
+    seen: set[str] = set()
+    cells = [c for c in cells if not (c.key in seen or seen.add(c.key))]
+    results = run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs)
+    text = []
+    for part in parts:
+        t = targets["speech" if part == "second" else "novels"]
+        if part == "ablation":
+            text.append(report_ablation(results, t, abl_seeds))
+        else:
+            text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens))
+    out = "\n\n".join(text)
+    print(out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a") as f:
-        f.write(f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} {' '.join(sys.argv[1:])} -->\n{text}\n")
+        f.write(f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} bench_dwm.py {' '.join(sys.argv[1:])} -->\n{out}\n")
     return 0
 
 

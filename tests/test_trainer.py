@@ -249,3 +249,24 @@ def test_sigkill_and_resume_matches_uninterrupted(prepared_dir, tmp_path):
     wb = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000007" / "model" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+
+
+def test_mixture_manifest_has_the_shares_and_trains(make_cfg, tmp_path):
+    from dwm.data.dataset import PreparedData
+    from dwm.data.mixture import mixture_ids, parse_shares, write_manifest
+
+    data = PreparedData(make_cfg().data.dir, "train")
+    ids = mixture_ids(data.domain_ids, data.domains, parse_shares("a=0.75"), 40, seed=3)
+    dom = np.array(data.domains)[data.domain_ids[ids]]
+    assert len(ids) == 40 and (dom == "a").sum() == 30 and (dom == "b").sum() == 10
+    assert len(set(ids[dom == "a"].tolist())) == 30  # without replacement while the domain has enough rows
+    assert np.array_equal(ids, mixture_ids(data.domain_ids, data.domains, {"a": 0.75}, 40, seed=3))
+    m = write_manifest(ids, tmp_path / "mix.parquet")
+    tr = Trainer(make_cfg(f"data.selection={m}", "train.max_steps=2"))
+    assert tr.global_indices(1).tolist() == ids[8:16].tolist()
+    with pytest.raises(UserError, match="unknown domain"):
+        mixture_ids(data.domain_ids, data.domains, {"x": 0.5}, 10)
+    with pytest.raises(UserError, match="sum to at most 1"):
+        mixture_ids(data.domain_ids, data.domains, {"a": 0.7, "b": 0.6}, 10)
+    with pytest.raises(UserError, match="domain=share"):
+        parse_shares("a:0.5")

@@ -297,6 +297,9 @@ def main() -> int:
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "dwm", help="run cache")
+    p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help="train only these arms now (uniform, dwm, static, ablation) and print nothing: fills the "
+                        "cache, e.g. the baselines before the DWM defaults are settled")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     targets = prepare_targets(args.out)
@@ -313,6 +316,10 @@ def main() -> int:
                 cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in ABLATIONS.items()]
     seen: set[str] = set()
     cells = [c for c in cells if not (c.key in seen or seen.add(c.key))]
+    if args.arms:
+        cells = [c for c in cells if c.arm.split(":")[0] in args.arms]
+        run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs)
+        return 0
     results = run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs)
     text = []
     for part in parts:

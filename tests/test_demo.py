@@ -1,4 +1,5 @@
-"""`dwm demo` end to end on a toy corpus: prepare, uniform and DWM runs on the same budget, both evaluated."""
+"""`dwm demo` end to end on a toy corpus: prepare, uniform / DWM / static-oracle runs on the same budget, all
+evaluated, the DWM's stage-by-stage domain weights and a one-line summary computed from the run's files."""
 
 from __future__ import annotations
 
@@ -24,18 +25,34 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--corpus", str(corpus), "--reference", str(tmp_path / "reference.jsonl"),
                "--heldout", str(tmp_path / "heldout.jsonl"), "--preset", "tiny", "--steps", "5", "--vocab-size",
-               "300", "--seq-len", "32", "--batch-tokens", "256", "--max-passages", "6", "log.progress=false",
-               "weighting.probe_size=20", "weighting.net.width=32", "weighting.ref_batch_size=4"])
+               "300", "--seq-len", "32", "--batch-tokens", "256", "--max-passages", "6", "--jobs", "1",
+               "log.progress=false", "weighting.probe_size=20", "weighting.net.width=32", "weighting.ref_batch_size=4"])
     assert rc == 0
-    table = capsys.readouterr().out
-    assert "uniform" in table and "dwm" in table and "LAMBADA acc" in table
+    text = capsys.readouterr().out
+    assert "uniform" in text and "dwm" in text and "oracle (books=1.0)" in text and "LAMBADA acc" in text
     results = json.loads((out / "results.json").read_text())
-    assert results["uniform"]["tokens_seen"] == results["dwm"]["tokens_seen"] == 5 * 256
+    assert results["uniform"]["tokens_seen"] == results["dwm"]["tokens_seen"] == results["oracle"]["tokens_seen"]
+    assert results["uniform"]["tokens_seen"] == 5 * 256
+    # the stage table and the sentence come from this run's probe files and eval results, not from constants
+    weights = results["stage_weights"]
+    assert len(weights) == 5 and set(weights[0]) == {"books", "code"}
+    assert f"{weights[4]['books']:.2f}" in text.split("stage by stage")[1]
+    loss = {a: results[a]["lambada"]["passage_loss"] for a in ("uniform", "dwm", "oracle")}
+    assert f"by {abs(loss['dwm'] - loss['uniform']):.3f} nats against uniform" in text
+    assert text.strip().splitlines()[-1].startswith("DWM learned to favour")
+    # the oracle trained on its manifest: books only
+    import pyarrow.parquet as pq
+
+    from dwm.data.dataset import PreparedData
+
+    ids = pq.read_table(out / "oracle_mixture.parquet").column("sample_id").to_numpy()
+    data = PreparedData(out / "data", "train")
+    assert {data.domains[d] for d in data.domain_ids[ids]} == {"books"}
     assert (out / "dwm" / "weighting" / "stage_4.safetensors").is_file()
     assert not (out / "uniform" / "weighting").exists()
     # a second run finds everything done and trains nothing again
     mtime = (out / "dwm" / "checkpoints" / "LATEST").stat().st_mtime
     assert main(["demo", "--out", str(out), "--corpus", str(corpus), "--reference", str(tmp_path / "reference.jsonl"),
                  "--heldout", str(tmp_path / "heldout.jsonl"), "--preset", "tiny", "--steps", "5", "--vocab-size",
-                 "300", "--seq-len", "32", "--batch-tokens", "256", "--max-passages", "6"]) == 0
+                 "300", "--seq-len", "32", "--batch-tokens", "256", "--max-passages", "6", "--jobs", "1"]) == 0
     assert (out / "dwm" / "checkpoints" / "LATEST").stat().st_mtime == mtime

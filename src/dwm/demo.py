@@ -1,11 +1,16 @@
 """`dwm demo`: the README's main job, end to end on the shipped data.
 
 1. prepare the shipped corpus (data/corpus) into OUT/data (byte-level BPE, 8k vocab, 256-token samples);
-2. train `cpu-small` twice on the same data, order and token budget: uniform weights, and with the Data Weighting
-   Model learned against the LAMBADA-style `reference` split (recipes cpu-small-uniform / cpu-small-dwm);
-3. evaluate both on the held-out domains and the `heldout` target split and print them side by side.
+2. train `cpu-small` three times on the same data stream and token budget: uniform weights; the Data Weighting
+   Model learned against the LAMBADA-style `reference` split (recipe cpu-small-dwm); and the headroom oracle, a
+   static domain mixture (default: books only, the best static mixture of the benchmark's grid, chosen there on
+   the reference side) given as a selection manifest;
+3. evaluate the three on the held-out domains and the `heldout` target split, print them side by side, print the
+   DWM's mean weight per domain at every stage, and say in one line what it learned and how much it helped.
 
-Each part is skipped when its output is already complete, so a re-run after an interruption continues.
+The three runs train at the same time, one process and one thread each (on two cores this is faster than one
+after the other). Each part is skipped when its output is already complete, so a re-run after an interruption
+continues. Every number printed comes from this run's files.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from dwm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
+ARMS = ("uniform", "dwm", "oracle")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,13 +35,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LAMBADA-format passages the weighting model optimises against")
     p.add_argument("--heldout", default=str(REPO / "data" / "target" / "heldout.jsonl"),
                    help="LAMBADA-format passages that are reported (disjoint from --reference)")
+    p.add_argument("--oracle", default="books=1.0",
+                   help="the static mixture of the oracle arm, domain=share pairs (the rest uniform over the other "
+                        "domains); 'none' skips the arm")
     p.add_argument("--steps", type=int, default=150, help="LM optimizer steps per run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--preset", default="cpu-small", help="model preset")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of the prepared corpus")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
     p.add_argument("--max-passages", type=int, default=500, help="heldout passages to evaluate")
-    p.add_argument("override", nargs="*", metavar="key=value", help="extra overrides for both runs")
+    p.add_argument("--jobs", type=int, default=3, help="runs trained at the same time (one thread each)")
+    p.add_argument("override", nargs="*", metavar="key=value", help="extra overrides for every run")
 
 
 def _finished(run: Path, steps: int) -> bool:
@@ -42,10 +53,69 @@ def _finished(run: Path, steps: int) -> bool:
     return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}"
 
 
-def run(args: argparse.Namespace) -> int:
-    from dwm.data.prepare import PrepareOptions, prepare
-    from dwm.eval.cli import evaluate_run, format_table
+def train_and_eval(arm: str, overrides: list[str], steps: int, heldout: str, max_passages: int,
+                   threads: int) -> dict[str, Any]:
+    """One arm, in its own process: train (or resume, or skip when finished), then evaluate."""
+    import torch
+
+    from dwm.eval.cli import evaluate_run
     from dwm.run import build_trainer, load_config, recipe_path
+
+    torch.set_num_threads(threads)
+    cfg = load_config(recipe_path("cpu-small-dwm" if arm == "dwm" else "cpu-small-uniform"), overrides)
+    run = Path(cfg.out)
+    if not _finished(run, steps):
+        print(f"[demo] train {arm} -> {run}", file=sys.stderr, flush=True)
+        build_trainer(cfg, resume=(run / "checkpoints" / "LATEST").is_file()).train()
+    return evaluate_run(run, target=heldout, max_passages=max_passages)
+
+
+def stage_weights(run: Path) -> list[dict[str, float]]:
+    """Mean probe weight per domain at each stage, from the run's probes/stage_k.parquet."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for k in range(len(list((run / "probes").glob("stage_*.parquet")))):
+        t = pq.read_table(run / "probes" / f"stage_{k}.parquet", columns=["domain", "weight"]).to_pydict()
+        sums: dict[str, list[float]] = {}
+        for d, w in zip(t["domain"], t["weight"], strict=True):
+            sums.setdefault(d, []).append(w)
+        out.append({d: sum(v) / len(v) for d, v in sorted(sums.items())})
+    return out
+
+
+def stage_table(weights: list[dict[str, float]]) -> str:
+    doms = sorted(weights[0])
+    width = max(8, *(len(d) for d in doms))
+    lines = ["stage  " + "".join(d.rjust(width + 1) for d in doms)]
+    for k, w in enumerate(weights):
+        lines.append(f"{k:>5}  " + "".join(f"{w[d]:>{width + 1}.2f}" for d in doms))
+    return "\n".join(lines)
+
+
+def in_words(results: dict[str, dict[str, Any]], weights: list[dict[str, float]]) -> str:
+    """One line: what the weighting model learned (its last stage's top and bottom domains) and what it did to
+    the heldout passage loss, against the oracle's headroom when there is one."""
+    last = weights[-1]
+    order = sorted(last, key=lambda d: -last[d])
+    top, bottom = [d for d in order[:2] if last[d] > 1], [d for d in order[::-1][:2] if last[d] < 1]
+    loss = {a: r["lambada"]["passage_loss"] for a, r in results.items()}
+    diff = loss["dwm"] - loss["uniform"]
+    s = (f"DWM learned to favour {' and '.join(top) or 'no domain'} and to avoid {' and '.join(bottom) or 'none'} "
+         f"(last stage); on the heldout passages it {'lowered' if diff < 0 else 'raised'} the loss by "
+         f"{abs(diff):.3f} nats against uniform")
+    if "oracle" in loss:
+        gap = loss["uniform"] - loss["oracle"]
+        s += (f"; the static oracle mixture lowered it by {gap:.3f}, so DWM recovered {100 * -diff / gap:.0f}% of "
+              f"that headroom" if gap > 0 else f"; the static oracle mixture did not beat uniform ({-gap:+.3f})")
+    return s + " (one seed: see benchmarks/results/dwm.md for the 3-seed comparison)."
+
+
+def run(args: argparse.Namespace) -> int:
+    from dwm.data.dataset import PreparedData
+    from dwm.data.mixture import mixture_ids, parse_shares, write_manifest
+    from dwm.data.prepare import PrepareOptions, prepare
+    from dwm.eval.cli import format_table
 
     out = Path(args.out)
     corpus = Path(args.corpus)
@@ -59,28 +129,41 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] 1/3 prepare {corpus} -> {out / 'data'}", file=sys.stderr)
     prepare([corpus], out / "data", PrepareOptions(vocab_size=args.vocab_size, seq_len=args.seq_len))
 
-    results = {}
-    for name in ("uniform", "dwm"):
-        run_dir = out / name
-        overrides = [f"data.dir={out / 'data'}", f"out={run_dir}", f"model.spec={args.preset}",
-                     f"train.max_steps={args.steps}", f"train.global_batch_tokens={args.batch_tokens}",
-                     f"optim.warmup_steps={max(1, args.steps // 10)}", "checkpoint.every=50",
-                     f"weighting.reference={args.reference}", *args.override]
-        if _finished(run_dir, args.steps):
-            print(f"[demo] 2/3 {name}: already trained", file=sys.stderr)
-        else:
-            print(f"[demo] 2/3 train {args.preset} with {name} weighting, {args.steps} steps -> {run_dir}",
-                  file=sys.stderr)
-            resume = (run_dir / "checkpoints" / "LATEST").is_file()
-            cfg = load_config(recipe_path(f"cpu-small-{name}"), overrides)
-            build_trainer(cfg, resume=resume).train()
-        print(f"[demo] 3/3 evaluate {name}", file=sys.stderr)
-        results[name] = evaluate_run(run_dir, target=args.heldout, max_passages=args.max_passages)
+    arms = [a for a in ARMS if a != "oracle" or args.oracle.lower() != "none"]
+    common = [f"data.dir={out / 'data'}", f"model.spec={args.preset}", f"train.max_steps={args.steps}",
+              f"train.global_batch_tokens={args.batch_tokens}", f"optim.warmup_steps={max(1, args.steps // 10)}",
+              "checkpoint.every=50", f"weighting.reference={args.reference}", *args.override]
+    overrides = {a: [*common, f"out={out / a}"] for a in arms}
+    if "oracle" in arms:
+        data = PreparedData(out / "data", "train")
+        ids = mixture_ids(data.domain_ids, data.domains, parse_shares(args.oracle),
+                          args.steps * args.batch_tokens // data.seq_len, seed=0)
+        overrides["oracle"].append(f"data.selection={write_manifest(ids, out / 'oracle_mixture.parquet')}")
+    print(f"[demo] 2/3 train {', '.join(arms)} ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens, "
+          f"{min(args.jobs, len(arms))} at a time) and evaluate", file=sys.stderr)
+    results: dict[str, dict[str, Any]] = {}
+    jobs = max(1, min(args.jobs, len(arms)))
+    if jobs == 1:
+        for a in arms:
+            results[a] = train_and_eval(a, overrides[a], args.steps, args.heldout, args.max_passages, 2)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    table = format_table(results)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = {a: ex.submit(train_and_eval, a, overrides[a], args.steps, args.heldout, args.max_passages, 1)
+                    for a in arms}
+            results = {a: f.result() for a, f in futs.items()}
+
+    print("[demo] 3/3 results", file=sys.stderr)
+    weights = stage_weights(out / "dwm")
+    names = {"uniform": "uniform", "dwm": "dwm", "oracle": f"oracle ({args.oracle})"}
+    table = format_table({names[a]: results[a] for a in arms})
+    text = (f"{table}\n\nDWM: mean weight of each domain's probe samples, stage by stage (1 = uniform)\n"
+            f"{stage_table(weights)}\n\n{in_words(results, weights)}")
     (out / "results.md").write_text(f"# dwm demo ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens)"
-                                    f"\n\n```\n{table}\n```\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(table)
+                                    f"\n\n```\n{text}\n```\n")
+    (out / "results.json").write_text(json.dumps({**results, "stage_weights": weights}, indent=2, default=str))
+    print(text)
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s; results in {out / 'results.md'}", file=sys.stderr)
     return 0

@@ -79,6 +79,32 @@ def test_tensorboard_has_every_number_of_metrics_jsonl(make_cfg, ref, tmp_path):
         assert tag in tags, tag
 
 
+def test_tensorboard_resume_hides_the_rerun_steps(make_cfg, tmp_path):
+    """Crashed after step 3 (checkpoint at 2), resumed: TensorBoard shows each step's loss once, as metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dwm.train.callbacks import Callback
+
+    class Crash(Callback):
+        def on_step_end(self, ctx, metrics):
+            if ctx.step == 3:
+                raise RuntimeError("crash")
+
+    run = tmp_path / "resumed"
+    over = ("log.tracker=tensorboard", "checkpoint.every=2")
+    t = build_trainer(make_cfg(*over, out=run), callbacks=[Crash()])
+    with pytest.raises(RuntimeError, match="crash"):
+        t.train()
+    t.callbacks[-1].on_train_end(t.ctx)  # as if its events had been flushed before the crash
+    build_trainer(make_cfg(*over, out=run), resume=True).train()
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    want = [(r["step"], r["loss"]) for r in records(run) if "loss" in r]
+    assert [s for s, _ in want] == [1, 2, 3, 4]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, pytest.approx(x, rel=1e-6)) for s, x in want]
+
+
 def test_wandb_offline_writes_its_run_dir(make_cfg, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -107,9 +107,10 @@ class TensorBoardTracker(Tracker):
         self.writer = None
 
     def open(self, ctx: TrainContext) -> None:
-        # a resumed run re-runs the steps after its checkpoint: hide their old events, as metrics.jsonl drops them
+        # a resumed run re-runs the steps after its checkpoint (step T): hide their old events (step > T), as
+        # metrics.jsonl drops them
         self.writer = self._writer_cls(log_dir=str(Path(ctx.run_dir) / "tb"),
-                                       purge_step=ctx.step if ctx.step > 0 else None, flush_secs=10)
+                                       purge_step=ctx.step + 1 if ctx.step > 0 else None, flush_secs=10)
         if self.config and ctx.step == 0:
             import json
 

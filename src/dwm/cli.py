@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dwm.run", "train a LLaMA-style LM, uniform or with a data weighting model"),
     "eval": ("dwm.eval.cli", "evaluate a run: held-out loss per domain, LAMBADA accuracy/perplexity, lm-eval"),
     "export": ("dwm.eval.export", "export a run's model as a Hugging Face directory"),
+    "analyze": ("dwm.analysis.cli", "data preferences of DWM runs per stage: plots and an HTML report"),
     "demo": ("dwm.demo", "prepare the shipped corpus, train uniform and DWM, evaluate, print both"),
 }
 

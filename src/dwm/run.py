@@ -95,13 +95,16 @@ def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector
 
 
 def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
-    """Validate the whole config, then the Trainer with the configured weighter and selector."""
+    """Validate the whole config, then the Trainer with the configured weighter, selector and experiment tracker
+    (`log.tracker`, after the given callbacks)."""
+    from dwm.train.trackers import make_tracker
     from dwm.train.trainer import Trainer
 
     validate(cfg, check_paths=True)
+    tracker = make_tracker(cfg.log, config=C.to_dict(cfg))
     weighter = build_weighter(cfg)
     return Trainer(cfg, resume=resume, weighter=weighter, selector=build_selector(cfg, weighter),
-                   callbacks=callbacks)
+                   callbacks=[*callbacks, *([tracker] if tracker is not None else [])])
 
 
 # ---------------------------------------------------------------- `dwm train`

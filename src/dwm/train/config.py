@@ -147,6 +147,15 @@ class LogConfig:
     """write a metrics.jsonl line every this many steps"""
     progress: bool = True
     """tqdm progress bar on rank 0"""
+    tracker: Literal["none", "tensorboard", "wandb"] = "none"
+    """also send every metrics.jsonl record's numbers to an experiment tracker: 'tensorboard' (event files in
+    RUN_DIR/tb/; pip install 'dwm-llm[tensorboard]') or 'wandb' (pip install 'dwm-llm[wandb]'); metrics.jsonl
+    stays the record"""
+    tracker_project: str = "dwm"
+    """wandb project name (tensorboard ignores it)"""
+    tracker_offline: bool = True
+    """wandb: write the run under RUN_DIR/wandb/ only, no network (upload later with `wandb sync`); false =
+    stream to the wandb server"""
 
     def validate(self, prefix: str) -> None:
         check_positive(f"{prefix}every", self.every)

@@ -6,7 +6,7 @@ The trainer owns the loop and the bookkeeping; three kinds of component plug int
 - a `Weighter` (dwm/train/weighter.py) returns their weights once per optimizer step, and the trainer minimises
   sum_i w_i l_i / B_local per micro-batch (DDP's gradient mean then gives the global weighted mean). Uniform
   training is the weighter that returns ones, so a DWM run and its uniform baseline share every other line;
-- `Callback`s (dwm/train/callbacks.py) are told about step ends.
+- `Callback`s (dwm/train/callbacks.py) are told about step ends and every logged record.
 The trainer never imports a particular weighter or selector: the caller (dwm.run) builds them from the config.
 
 Determinism: the default selector's order is a pure function of (seed, epoch) (or the selection manifest's order),
@@ -235,12 +235,15 @@ class Trainer:
     # ------------------------------------------------------------ logging
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON object to RUN_DIR/metrics.jsonl (rank 0 only); `step` defaults to the current step."""
+        """Append one JSON object to RUN_DIR/metrics.jsonl (rank 0 only); `step` defaults to the current step.
+        Then the callbacks' `on_log` (experiment trackers)."""
         if not self.is_main:
             return
         rec = {"step": self.step, **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec, default=float) + "\n")
+        for cb in self.callbacks:
+            cb.on_log(self.ctx, rec)
 
     # ------------------------------------------------------------ the step
 

@@ -467,8 +467,9 @@ class DWMWeighter(Weighter):
     # ------------------------------------------------------------ stage outputs
 
     def _save_stage(self, ctx: TrainContext, k: int, step: int) -> None:
-        """weighting/stage_k.{safetensors,json} and probes/stage_k.parquet (rank 0); every rank scores nothing
-        else, so the probe pass costs only rank 0."""
+        """weighting/stage_k.{safetensors,json} and probes/stage_k.parquet (rank 0: sample_id, domain, score,
+        weight, stage, step, and lm_loss, the LM's per-sample NLL at this step); every rank scores nothing else, so
+        the probe pass costs only rank 0."""
         if ctx.rank != 0:
             return
         stem = ctx.run_dir / "weighting" / f"stage_{k}"
@@ -491,6 +492,7 @@ class DWMWeighter(Weighter):
                                pa.float32()),
             "stage": pa.array(np.full(len(self.probes), k), pa.int32()),
             "step": pa.array(np.full(len(self.probes), step), pa.int64()),
+            "lm_loss": pa.array(self._probe_lm_loss(ctx), pa.float32()),  # for `dwm analyze`
         })
         (ctx.run_dir / "probes").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, ctx.run_dir / "probes" / f"stage_{k}.parquet")
@@ -498,6 +500,15 @@ class DWMWeighter(Weighter):
                      "probe_weight_by_domain": {
             d: float(np.mean(table["weight"].to_numpy()[np.asarray(table["domain"].to_pylist()) == d]))
             for d in sorted(set(table["domain"].to_pylist()))}})
+
+    def _probe_lm_loss(self, ctx: TrainContext) -> np.ndarray:
+        """The LM's per-sample NLL on the probe set at this step (no grad, micro-batch chunks)."""
+        out = []
+        with torch.no_grad(), ctx.autocast():
+            for i in range(0, len(self.probes), self.micro):
+                b = ctx.data.batch(self.probes[i:i + self.micro]).to(self.device)
+                out.append(per_sample_nll(ctx.model(input_ids=b.input_ids).logits, b.input_ids, b.n_tokens).cpu())
+        return torch.cat(out).double().numpy() if out else np.zeros(0)
 
     def score_samples(self, ctx: TrainContext, ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Scores of training rows `ids` under the current weighting model (no batch context beyond each chunk)."""

@@ -1,0 +1,212 @@
+"""`dwm analyze`: the probes' lm_loss, the measures by hand, a one-run and a two-run report (valid PNGs, HTML whose
+every <img> exists), a run from before lm_loss, and bad inputs as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dwm.analysis.measures import bigram_novelty, correlation_ratio, one_vs_rest, spearman, weight_summary
+from dwm.cli import main
+from dwm.run import build_trainer, load_config
+from dwm.testing import make_synthetic_prepared
+
+STEPS = 10
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic data (3 domains), a reference set, and two small DWM runs that differ in seed and temperature."""
+    root = tmp_path_factory.mktemp("analyze")
+    data = make_synthetic_prepared(root / "data", n_train=96, n_val=16, seq_len=32, vocab_size=300,
+                                   domains=("a", "b", "c"))
+    from tokenizers import Tokenizer
+
+    from dwm.data.dataset import PreparedData
+
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    val = PreparedData(data, "val")
+    ref = root / "ref.jsonl"
+    ref.write_text("".join(json.dumps({"text": tok.decode(val.tokens[i, : val.n_tokens[i]].tolist())[:160]}) + "\n"
+                           for i in range(12)))
+    common = [f"data.dir={data}", "model.spec=tiny", "train.global_batch_tokens=256", "train.micro_batch_size=4",
+              f"train.max_steps={STEPS}", f"weighting.reference={ref}", "weighting.net.width=32",
+              "weighting.net.heads=2", "weighting.probe_size=30", "weighting.ref_batch_size=4", "weighting.lr=0.01",
+              "log.progress=false", "log.every=5", "train.device=cpu", "weighting.mode=dwm",
+              "weighting.updates_per_stage=2"]
+    out = {"data": data, "root": root}
+    for name, extra in (("dwm_a", ["checkpoint.every=2", "checkpoint.keep_every=2"]),
+                        ("dwm_b", ["checkpoint.every=0", "train.seed=1", "weighting.temperature=0.5"])):
+        build_trainer(load_config(None, [*common, f"out={root / name}", *extra])).train()
+        out[name] = root / name
+    return out
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def check_report(out: Path) -> dict:
+    """Every PNG valid (signature, PIL verify, matplotlib reads it), every <img> of the HTML exists, every PNG is
+    referenced; returns summary.json."""
+    from matplotlib.image import imread
+    from PIL import Image
+
+    report = out / "report.html"
+    parser = _Images()
+    parser.feed(report.read_text(encoding="utf-8"))
+    parser.close()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs and sorted(parser.srcs) == pngs
+    for src in parser.srcs:
+        p = out / src
+        assert p.is_file() and p.read_bytes()[:8] == PNG_SIGNATURE
+        with Image.open(p) as im:
+            im.verify()
+        assert imread(p).ndim == 3
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_measures_by_hand():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40])[0] == pytest.approx(1)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1])[0] == pytest.approx(-1)
+    rho, n = spearman([1, 2, np.nan, 4, 5], [1, 3, 7, 2, 9])
+    assert n == 4 and rho == pytest.approx(np.corrcoef([0, 1, 2, 3], [0, 2, 1, 3])[0, 1])
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3])[0])
+    g = np.array(["x", "x", "y", "y"])
+    assert correlation_ratio(g, [1, 2, 3, 4]) == pytest.approx(np.sqrt(4 / 5))  # ranks 0..3: between 4, total 5
+    assert correlation_ratio(g, [1, 4, 2, 3]) == pytest.approx(0)
+    assert one_vs_rest(g, [1, 2, 3, 4])["y"] > 0 > one_vs_rest(g, [1, 2, 3, 4])["x"]
+    rows = np.array([[1, 2, 3, 0], [1, 2, 4, 0], [5, 6, 0, 0]])
+    # row 0: {12, 23}, row 1: {12, 24}, row 2: {56} (n_tokens 2) -> 12 shared, 23 / 24 / 56 unique
+    assert bigram_novelty(rows, np.array([3, 3, 2])) == pytest.approx([0.5, 0.5, 1.0])
+    s = weight_summary(np.array([2.0, 1.0, 1.0, 0.0]))
+    assert s["ess_fraction"] == pytest.approx(16 / 6 / 4) and s["median"] == 1.0 and s["max"] == 2.0
+    assert weight_summary(np.ones(5))["entropy"] == pytest.approx(1)
+
+
+def test_probes_record_the_lm_loss_of_their_step(runs):
+    """probes/stage_k.parquet's lm_loss is the LM's per-sample NLL at the stage's step (checked against the
+    checkpoint of that step)."""
+    from transformers import AutoModelForCausalLM
+
+    from dwm.data.dataset import PreparedData
+    from dwm.train.losses import per_sample_nll
+
+    run = runs["dwm_a"]
+    t = pq.read_table(run / "probes" / "stage_4.parquet")
+    step = int(t.column("step")[0].as_py())
+    assert step == 8
+    model = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / f"step_{step:08d}" / "model").eval()
+    b = PreparedData(runs["data"], "train").batch(t.column("sample_id").to_numpy())
+    with torch.no_grad():
+        want = per_sample_nll(model(input_ids=b.input_ids).logits, b.input_ids, b.n_tokens).numpy()
+    assert np.allclose(t.column("lm_loss").to_numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_one_run_report(runs, capsys):
+    run = runs["dwm_a"]
+    assert main(["analyze", str(run)]) == 0
+    assert "report:" in capsys.readouterr().err
+    out = run / "analysis"
+    summary = check_report(out)
+    assert {p.name for p in out.glob("*.png")} == {"domain_weights.png", "correlations.png",
+                                                      "weight_distribution.png", "weight_vs_loss.png"}
+    (r,) = summary["runs"]
+    assert r["lm_loss"] and r["probe_size"] == 30 and [s["stage"] for s in r["stages"]] == [0, 1, 2, 3, 4]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    for k in range(5):
+        st = r["stages"][k]
+        probes = pq.read_table(run / "probes" / f"stage_{k}.parquet").to_pydict()
+        w, dom = np.array(probes["weight"]), np.array(probes["domain"])
+        assert st["mean_weight_by_domain"] == pytest.approx({d: float(w[dom == d].mean()) for d in "abc"})
+        assert st["spearman"]["LM loss"] == pytest.approx(spearman(w, probes["lm_loss"])[0], abs=1e-9)
+        assert set(st["spearman"]) == {"length (tokens)", "LM loss", "diversity (bigram novelty)", "score: quality"}
+        assert 0 <= st["domain_eta"] <= 1 and set(st["domain_vs_rest"]) == {"a", "b", "c"}
+        assert st["top"][0]["weight"] == pytest.approx(w.max()) and st["bottom"][0]["weight"] == pytest.approx(w.min())
+        for ex in st["top"] + st["bottom"]:
+            assert ex["text"].strip() and len(ex["text"]) <= 301
+            assert ex["text"][:40].replace("&", "&amp;").replace("<", "&lt;") in html
+    assert "stage 4 (step 8)" in html and "bigram novelty" in html and "correlation ratio" in html
+
+
+def test_two_runs_side_by_side(runs, tmp_path):
+    out = tmp_path / "both"
+    assert main(["analyze", str(runs["dwm_a"]), str(runs["dwm_b"]), "--out", str(out), "--examples", "2"]) == 0
+    summary = check_report(out)
+    assert [r["label"] for r in summary["runs"]] == ["dwm_a", "dwm_b"]
+    assert all(len(st["top"]) == 2 for r in summary["runs"] for st in r["stages"])
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('class="cols" style="grid-template-columns: repeat(2,') >= 3
+    from PIL import Image
+
+    with Image.open(out / "domain_weights.png") as two, Image.open(runs["dwm_a"] / "analysis" /
+                                                                    "domain_weights.png") as one:
+        assert two.width > 1.8 * one.width  # one column per run
+
+
+def test_run_without_lm_loss_is_analyzed_without_that_correlation(runs, tmp_path, capsys):
+    old = tmp_path / "old_run"
+    shutil.copytree(runs["dwm_b"], old, ignore=shutil.ignore_patterns("analysis", "checkpoints"))
+    for p in (old / "probes").glob("*.parquet"):
+        t = pq.read_table(p)
+        pq.write_table(t.drop(["lm_loss"]), p)
+    assert main(["analyze", str(old)]) == 0
+    assert "no lm_loss column" in capsys.readouterr().err
+    summary = check_report(old / "analysis")
+    (r,) = summary["runs"]
+    assert not r["lm_loss"] and all(st["spearman"]["LM loss"] is None for st in r["stages"])
+    assert all(st["spearman"]["length (tokens)"] is not None for st in r["stages"])
+    assert not (old / "analysis" / "weight_vs_loss.png").exists()
+    assert "LM-loss correlation is skipped" in (old / "analysis" / "report.html").read_text(encoding="utf-8")
+
+
+def _one_line_error(capsys, args: list[str], *needles: str) -> None:
+    rc = main(["analyze", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("dwm analyze: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
+    _one_line_error(capsys, [str(tmp_path / "nope")], "does not exist")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, [str(tmp_path / "empty")], "not a run directory")
+    uni = tmp_path / "uniform"
+    build_trainer(load_config(None, [f"data.dir={runs['data']}", f"out={uni}", "model.spec=tiny",
+                                     "train.global_batch_tokens=256", "train.micro_batch_size=4",
+                                     "train.max_steps=1", "log.progress=false", "train.device=cpu"])).train()
+    _one_line_error(capsys, [str(uni)], "not a DWM run", "uniform")
+    # a DWM run whose probes are gone
+    noprobe = tmp_path / "noprobe"
+    shutil.copytree(runs["dwm_b"], noprobe, ignore=shutil.ignore_patterns("analysis", "checkpoints", "probes"))
+    _one_line_error(capsys, [str(noprobe)], "no probes/stage_*.parquet")
+    # its data directory moved: an error naming --data, and --data fixes it
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["dwm_b"], moved, ignore=shutil.ignore_patterns("analysis", "checkpoints"))
+    cfg = (moved / "config.toml").read_text().replace(str(runs["data"]), str(tmp_path / "gone"))
+    (moved / "config.toml").write_text(cfg)
+    _one_line_error(capsys, [str(moved)], "does not exist", "--data")
+    _one_line_error(capsys, [str(moved), "--data", str(tmp_path / "gone")], "--data")
+    other = make_synthetic_prepared(tmp_path / "other", n_train=96, domains=("x", "y", "z"), seed=3)
+    _one_line_error(capsys, [str(moved), "--data", str(other)], "not the data this run trained on")
+    _one_line_error(capsys, [str(moved), str(runs["dwm_a"]), "--data", "a", "--data", "b", "--data", "c"],
+                    "--data given 3 times")
+    assert main(["analyze", str(moved), "--data", str(runs["data"]), "--out", str(tmp_path / "fixed")]) == 0
+    check_report(tmp_path / "fixed")

@@ -349,6 +349,19 @@ def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
     ev = events(run, "bilevel")
     assert [e["probed"] for e in ev] == [24] * 15
     assert [e["buffer"] for e in ev] == [24, 48, 72] * 5  # reset at every stage start
+    run2 = tmp_path / "buf2"  # the last two stages' probes, and hypergradients of the first 16 tokens only
+    import dwm.weighting.dwm_weighter as W
+
+    widths = []
+    orig = W.hypergradient
+    W.hypergradient = lambda model, ids, *a, **k: (widths.append(ids.shape[1]), orig(model, ids, *a, **k))[1]
+    try:
+        train(data, run2, "weighting.mode=dwm", "weighting.updates_per_stage=3", "weighting.batch_size=24",
+              "weighting.phi_steps=2", "weighting.buffer_stages=2", "weighting.probe_len=16")
+    finally:
+        W.hypergradient = orig
+    assert [e["buffer"] for e in events(run2, "bilevel")] == [24, 48, 72] + [96, 120, 144] * 4
+    assert widths == [16] * 15
 
 
 def test_resample_draws_batches_by_the_scores(data, tmp_path):

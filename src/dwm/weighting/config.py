@@ -91,6 +91,12 @@ class WeightingConfig:
     phi_steps: int = 1
     """phi optimizer steps per bi-level update, each on a batch of G samples drawn from the stage's buffer of
     probed samples (the LM is frozen during a stage's updates, so the buffer is one probe set)"""
+    buffer_stages: int = 1
+    """phi's buffer keeps the probed samples of the last this many stages (1 = the current stage only; older
+    stages' hypergradients describe an earlier LM, but add evidence where the signal persists)"""
+    probe_len: int = 0
+    """hypergradients of each probed sample's first probe_len tokens only (0 = all): halves the probe cost at
+    half length, and phi reads only its first net.max_len tokens anyway"""
     diagnostics: bool = False
     """at every stage start, measure how much of a fresh hypergradient phi captures and how noisy it is (held-back
     samples, two reference batches; logged as 'diagnose' events; costs two extra probes per stage)"""
@@ -145,6 +151,8 @@ class WeightingConfig:
         for k in ("probe_size", "updates_per_stage", "lookahead_lr", "weight_decay", "batch_size", "kl"):
             check_positive(f"{prefix}{k}", getattr(self, k), allow_zero=True)
         check_positive(f"{prefix}phi_steps", self.phi_steps)
+        check_positive(f"{prefix}buffer_stages", self.buffer_stages)
+        check_positive(f"{prefix}probe_len", self.probe_len, allow_zero=True)
         check_positive(f"{prefix}diagnostics_size", self.diagnostics_size)
 
     def check_paths(self, prefix: str = "weighting.") -> None:

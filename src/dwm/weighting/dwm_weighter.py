@@ -208,7 +208,7 @@ class DWMWeighter(Weighter):
         self.micro = ctx.plan.micro_batch_size
         self.G = ctx.plan.global_batch_size
         self.pool = ctx.pool
-        self.buffer: list[tuple[np.ndarray, np.ndarray]] = []
+        self.buffer: list[tuple[np.ndarray, np.ndarray, int]] = []  # (sample ids, normalised dL/dw, stage)
         self.diag_ids: np.ndarray | None = None
         self._diag_signal: tuple[np.ndarray, np.ndarray] | None = None
         self.update_pool = self.pool
@@ -262,7 +262,8 @@ class DWMWeighter(Weighter):
             if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
                 self.optimizer.state.clear()
         if self.learn:
-            self.buffer = []  # a stage's phi learns from the hypergradients of the LM of this stage
+            # phi learns from the hypergradients of the last `buffer_stages` stages' LMs (the signal moves)
+            self.buffer = [b for b in self.buffer if b[2] > k - self.cfg.buffer_stages]
             if self.cfg.schedule == "staged":
                 n = self.updates_per_stage
             else:  # interleaved: the boundary step is an ordinary step of the every-`interval` rhythm
@@ -364,6 +365,9 @@ class DWMWeighter(Weighter):
         dL/dw [n] float64 on the CPU, the HyperResult of this rank)."""
         cfg = self.cfg
         batch = ctx.data.batch(self._local(ids)).to(self.device)
+        if cfg.probe_len:  # the hypergradient of each sample's first probe_len tokens (phi reads no more)
+            batch = Batch(batch.input_ids[:, :cfg.probe_len], batch.n_tokens.clamp(max=cfg.probe_len),
+                          batch.sample_ids, batch.domain_ids)
         G = min(self.G, len(ids))
         self.net.eval()
         with torch.no_grad():
@@ -410,7 +414,7 @@ class DWMWeighter(Weighter):
             ok, reason = False, f"hypergradient spread {scale} across the probed samples"
         grad_norm = math.nan
         if ok:
-            self.buffer.append((ids, (dL_dw / scale).numpy()))
+            self.buffer.append((ids, (dL_dw / scale).numpy(), self.stage_of(ctx.step)))
             all_ids = np.concatenate([b[0] for b in self.buffer])
             all_t = np.concatenate([b[1] for b in self.buffer])
             self.net.train()
@@ -526,7 +530,7 @@ class DWMWeighter(Weighter):
         return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "stage": self.stage, "rng": self.rng.bit_generator.state, "n_updates": self.n_updates,
-                "buffer": [(i.copy(), t.copy()) for i, t in self.buffer],
+                "buffer": [(i.copy(), t.copy(), k) for i, t, k in self.buffer],
                 "n_skipped": self.n_skipped, "n_ess_warnings": self.n_ess_warnings}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -539,4 +543,4 @@ class DWMWeighter(Weighter):
         self.rng.bit_generator.state = state["rng"]
         self.n_updates, self.n_skipped = int(state["n_updates"]), int(state["n_skipped"])
         self.n_ess_warnings = int(state.get("n_ess_warnings", 0))
-        self.buffer = [(np.asarray(i), np.asarray(t)) for i, t in state.get("buffer", [])]
+        self.buffer = [(np.asarray(i), np.asarray(t), int(k)) for i, t, k in state.get("buffer", [])]

@@ -45,6 +45,25 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def data_fingerprint(data_dir: str | Path, split: str = "train") -> str:
+    """What identifies one split of a prepared directory: meta.json (its `fingerprint` of inputs and options, or
+    the whole file), the split's name, the size of its .bin and the bytes of its .parquet (a few MB). A selection
+    manifest records it; `dwm train` refuses a manifest made from another directory."""
+    import hashlib
+
+    d = Path(data_dir)
+    meta = read_meta(d)
+    h = hashlib.sha256()
+    h.update(json.dumps({"meta": meta.get("fingerprint") or meta, "split": split}, sort_keys=True).encode())
+    bin_path, pq_path = d / f"{split}.bin", d / f"{split}.parquet"
+    h.update(str(bin_path.stat().st_size if bin_path.is_file() else -1).encode())
+    if pq_path.is_file():
+        with open(pq_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
 class PreparedData:
     """One split: `.tokens` [N, seq_len] memmap, `.n_tokens`, `.domain_ids`, `.doc_ids`, `.table`, `.batch(idx)`."""
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from dwm.errors import UserError
 from dwm.selection import METHODS
 from dwm.selection.engine import ENGINES, make_engine

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import pickle
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from dwm.data import rayjobs
 from dwm.errors import UserError
 
 ENGINES = ("local", "ray")
@@ -47,51 +46,22 @@ class LocalEngine:
         pass
 
 
-def _ray_task(row: dict[str, Any]) -> dict[str, Any]:
-    fn, item = pickle.loads(row["task"])
-    return {"i": row["i"], "out": pickle.dumps(fn(item))}
-
-
 class RayEngine:
-    """Ray Data: one task per shard (`map` over a dataset of shard specs), results gathered on the driver."""
+    """Ray Data: one task per shard (dwm.data.rayjobs), results gathered on the driver in shard order."""
 
     name = "ray"
     shared_disk = False  # a cluster's tasks may run anywhere
 
     def __init__(self, workers: int = 0, address: str | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise UserError("--engine ray needs Ray Data: pip install 'dwm-llm[ray]' (or 'ray[data]')") from None
-        self.ray = ray
         self.workers = workers or default_workers()
-        self.started = False
-        if not ray.is_initialized():
-            src = str(Path(__file__).resolve().parents[2])  # so that workers import this dwm
-            env = {"PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p),
-                   "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-            kw: dict[str, Any] = {"address": address} if address else {"num_cpus": self.workers}
-            try:
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                         runtime_env={"env_vars": env}, **kw)
-            except Exception as e:  # a bad address, no cluster there
-                raise UserError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {e}") from e
-            self.started = True
+        self.started = rayjobs.start(self.workers, address)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
-        rows = [{"i": i, "task": pickle.dumps((fn, item))} for i, item in enumerate(items)]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(_ray_task)
-        out = sorted(ds.take_all(), key=lambda r: r["i"])
-        return [pickle.loads(r["out"]) for r in out]
+        return list(rayjobs.imap(fn, items))
 
     def close(self) -> None:
         if self.started:
-            self.ray.shutdown()
+            rayjobs.stop()
             self.started = False
 
 

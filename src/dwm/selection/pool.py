@@ -14,6 +14,7 @@ shard by shard inside the workers, so a method's working set does not grow with 
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from dataclasses import dataclass
@@ -113,7 +114,7 @@ class Pool:
         cum = np.cumsum(self.unit_tokens)
         cuts = np.searchsorted(cum, cum[-1] * np.arange(1, k) / k, side="left") + 1
         bounds = np.unique(np.concatenate([[0], np.clip(cuts, 1, D), [D]]))
-        return [self.shard(i, int(lo), int(hi)) for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        return [self.shard(i, int(lo), int(hi)) for i, (lo, hi) in enumerate(itertools.pairwise(bounds))]
 
     def shard(self, index: int, u_lo: int, u_hi: int) -> Shard:
         r_lo, r_hi = int(self.unit_rows[u_lo]), int(self.unit_rows[u_hi])
@@ -199,7 +200,7 @@ def decode(data_dir: str, docs: list[np.ndarray]) -> list[str]:
 def shard_texts(shard: Shard) -> list[str]:
     """The decoded text of every document of the shard."""
     flat, off = shard_tokens(shard)
-    return decode(shard.dir, [flat[a:b] for a, b in zip(off[:-1], off[1:])])
+    return decode(shard.dir, [flat[a:b] for a, b in itertools.pairwise(off)])
 
 
 # ------------------------------------------------------------------------------------------ choosing
@@ -268,8 +269,8 @@ def write_selection(pool: Pool, chosen: np.ndarray, scores: np.ndarray, out: str
     sh = shares(pool, chosen)
     report = {"format": "dwm-selection/1", **info, "data_dir": str(pool.dir.resolve()), "split": pool.split,
               "fingerprint": pool.fingerprint, "seed": seed, "pool_documents": len(pool),
-              "pool_tokens": pool.total_tokens, "selected_documents": int(len(chosen)),
-              "selected_samples": int(len(ids)), "selected_tokens": int(pool.unit_tokens[chosen].sum())}
+              "pool_tokens": pool.total_tokens, "selected_documents": len(chosen),
+              "selected_samples": len(ids), "selected_tokens": int(pool.unit_tokens[chosen].sum())}
     write_manifest(ids, out, columns={"doc_id": pool.doc_ids.take(pa.array(doc)),
                                       "score": pa.array(np.asarray(scores, np.float64)[doc], pa.float64())},
                    metadata={MANIFEST_KEY: json.dumps(report, sort_keys=True).encode()})

@@ -139,7 +139,6 @@ def test_budget_counts_tokens_until_met():
 
 # ------------------------------------------------------------------------------------------ quality
 def test_classifier_prefers_the_target_like_domain(pool_dir, target_a, tmp_path):
-    pytest.importorskip("sklearn")
     out = tmp_path / "q.parquet"
     assert select(pool_dir, out, "--classifier", "--target", str(target_a), "--top-k", method="quality") == 0
     assert domain_share(pool_dir, out) > 0.9
@@ -346,6 +345,32 @@ def test_influence_selector_prefers_the_target_like_domain(pool_dir, target_a, m
     events = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     infl = [e for e in events if e.get("event") == "influence"]
     assert len(infl) == 4 and all(e["probed"] == 2 * G for e in infl)
+
+
+def test_influence_selector_resumes_exactly(pool_dir, target_a, make_cfg, tmp_path):
+    """Killed after step 3 (inside the second selection) and resumed: the same batches as one uninterrupted run,
+    because the kept ids, the probe history and the seeds are in the checkpoint."""
+    from dwm.run import build_trainer
+
+    def cfg(out, *extra):
+        return make_cfg("train.max_steps=6", f"data.dir={pool_dir}", "selector.mode=influence", "selector.every=2",
+                        f"influence.reference={target_a}", "influence.ref_batch=4", *extra, out=out)
+
+    def record(tr):
+        seen, orig = [], tr.local_batch
+        tr.local_batch = lambda step: (b := orig(step), seen.append(b.sample_ids.tolist()))[0]
+        return seen
+
+    a = build_trainer(cfg(tmp_path / "a"))
+    full = record(a)
+    a.train()
+    b = build_trainer(cfg(tmp_path / "b", "checkpoint.every=1"))
+    b.total_steps = 3
+    b.train()
+    c = build_trainer(cfg(tmp_path / "b", "checkpoint.every=1"), resume=True)
+    rest = record(c)
+    c.train()
+    assert rest == full[3:]
 
 
 def test_influence_config_is_checked(make_cfg, capsys, prepared_dir, tmp_path):

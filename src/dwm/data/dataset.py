@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from dwm.data.batch import Batch
 from dwm.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by batch() only: `dwm select` reads prepared data without it
+    from dwm.data.batch import Batch
 
 FORMAT = "dwm-prepared/1"
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -117,6 +118,10 @@ class PreparedData:
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
         """Rows `indices` (sample ids) as a CPU Batch; rows are copied out of the memmap in the given order."""
+        import torch
+
+        from dwm.data.batch import Batch
+
         idx = np.asarray(indices, dtype=np.int64)
         rows = np.asarray(self.tokens[idx], dtype=np.int64) if len(idx) else np.zeros((0, self.seq_len), np.int64)
         return Batch(

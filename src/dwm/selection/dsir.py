@@ -239,6 +239,8 @@ def score(pool: Pool, opts: DSIROptions, target: str | Path, engine: Any) -> dic
     """Fit both bags of n-grams and score every document: {"scores": log importance weights, "eligible": words >=
     min_words, "words": ..., "settings": ...}."""
     opts.validate()
+    if opts.features == "words":
+        char_classes()  # once, before the workers fork
     t_counts = target_counts(read_target_texts(target), opts, pool.dir)
     shards = pool.shards(min_shards=engine.workers)
     spill = tempfile.mkdtemp(prefix="dwm-dsir-") if engine.shared_disk else None

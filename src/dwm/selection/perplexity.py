@@ -47,7 +47,7 @@ def load_reference_lm(path: str | Path, device: str):
                         "Face model directory (config.json)")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                     torch_dtype=torch.float32).to(device).eval()
+                                                     dtype=torch.float32).to(device).eval()
     except Exception as e:
         raise UserError(f"--ref-model {p}: cannot load a causal LM from {model_dir} ({e})") from e
     return model, model_dir, (tok_file if tok_file.is_file() else None)

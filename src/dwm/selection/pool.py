@@ -182,8 +182,66 @@ def shard_tokens(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
     return flat, row_off[shard.unit_rows]
 
 
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte, inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_TABLES: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
+
+
+def _byte_table(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(bytes, offsets, lengths) of every token of a byte-level BPE (EOS -> newline, other special tokens -> no
+    bytes), or None when the tokenizer is not byte-level (then the tokenizer's own decode_batch is used)."""
+    if data_dir in _BYTE_TABLES:
+        return _BYTE_TABLES[data_dir]
+    tok = _tokenizer(data_dir)
+    spec = json.loads(tok.to_str())
+    table = None
+    if (spec.get("decoder") or {}).get("type") == "ByteLevel" and (spec.get("model") or {}).get("type") == "BPE":
+        meta = read_meta(data_dir)
+        inv = _bytes_to_unicode()
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        chunks = []
+        for i in range(tok.get_vocab_size()):
+            piece = tok.id_to_token(i) or ""
+            if i == int(meta["eos_id"]):
+                chunks.append(b"\n")
+            elif i in special:
+                chunks.append(b"")
+            elif all(c in inv for c in piece):
+                chunks.append(bytes(inv[c] for c in piece))
+            else:  # a non-special added token: its text as is
+                chunks.append(piece.encode("utf-8"))
+        lens = np.array([len(c) for c in chunks], dtype=np.int64)
+        table = (np.frombuffer(b"".join(chunks), dtype=np.uint8), np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    _BYTE_TABLES[data_dir] = table
+    return table
+
+
 def decode(data_dir: str, docs: list[np.ndarray]) -> list[str]:
-    """Texts of token arrays (EOS as a newline, special tokens dropped) with the prepared tokenizer."""
+    """Texts of token arrays with the prepared tokenizer (EOS as a newline, special tokens dropped). A byte-level
+    BPE (what `dwm prepare` trains) is decoded by a vectorised table lookup, as its ByteLevel decoder does (the
+    bytes of each token, concatenated, UTF-8 with replacement); any other tokenizer by its decode_batch."""
+    table = _byte_table(data_dir)
+    if table is not None and docs:
+        data, off, lens = table
+        flat = np.concatenate(docs).astype(np.int64) if len(docs) > 1 else docs[0].astype(np.int64)
+        n = lens[flat]
+        out_start = np.cumsum(n) - n
+        pos = np.repeat(off[flat] - out_start, n) + np.arange(int(n.sum()))
+        buf = data[pos].tobytes()
+        doc_end = np.cumsum([len(d) for d in docs])
+        byte_end = np.concatenate([[0], np.cumsum(n)])[doc_end]
+        starts = np.concatenate([[0], byte_end[:-1]])
+        return [buf[a:b].decode("utf-8", "replace") for a, b in zip(starts.tolist(), byte_end.tolist())]
     meta = read_meta(data_dir)
     tok = _tokenizer(data_dir)
     nl = tok.encode("\n", add_special_tokens=False).ids

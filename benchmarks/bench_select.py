@@ -8,7 +8,7 @@
    packages' log importance weights (all documents), and the overlap of the two selections.
 2. `quality --classifier`: documents/s of the scoring pass and peak RSS, 1 worker and 2.
 3. Peak RSS of every method at two pool sizes (the first 25% and 100% of the pool's rows; perplexity with a tiny
-   dwm run on 2% and 8%, a CPU LM forward over the whole pool would take hours here).
+   dwm run on 0.5% and 2%: a CPU LM forward over the whole pool would take hours here).
 4. `influence`: a whole cpu-small run against uniform training of the same steps and tokens (seconds, ratio), how
    often it re-selects and what it probes.
 
@@ -192,7 +192,7 @@ def bench_memory(data: Path, target: Path, tmp: Path, lines: list[str]) -> None:
               "| method | small pool | large pool | small MB | large MB | large / small |", "|---|---|---|---:|---:|---:|"]
     pools = {f: sub_pool(data, tmp / f"pool{int(f * 100)}", f) for f in (0.25, 1.0)}
     run_dir = tiny_run(pools[0.25], tmp / "tiny-lm")
-    small_ppl = {f: sub_pool(data, tmp / f"ppl{int(f * 100)}", f) for f in (0.02, 0.08)}
+    small_ppl = {f: sub_pool(data, tmp / f"ppl{f * 100:g}", f) for f in (0.005, 0.02)}
     cases = [("random", pools, ["--method", "random"]),
              ("dsir", pools, ["--method", "dsir", "--target", str(target)]),
              ("quality --classifier", pools, ["--method", "quality", "--classifier", "--target", str(target)]),
@@ -219,10 +219,11 @@ def tiny_run(data: Path, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ 4. influence
-def bench_influence(data: Path, target: Path, tmp: Path, steps: int, lines: list[str]) -> None:
+def bench_influence(data: Path, target: Path, tmp: Path, steps: int, lines: list[str],
+                    batch_tokens: int = 4096) -> None:
     base = [PY, "-m", "dwm.cli", "train", "--config", "cpu-small-uniform", "--data", str(data),
-            f"train.max_steps={steps}", "log.progress=false", "train.device=cpu", "checkpoint.every=0",
-            "log.every=1"]
+            f"train.max_steps={steps}", f"train.global_batch_tokens={batch_tokens}", "log.progress=false",
+            "train.device=cpu", "checkpoint.every=0", "log.every=1"]
     env = {"OMP_NUM_THREADS": "2"}
     res = {}
     for name, extra in (("uniform", []), ("influence", ["selector.mode=influence", "selector.every=10",
@@ -270,20 +271,20 @@ def main() -> None:
              (f"- machine: {platform.machine()}, {os.cpu_count()} CPUs visible (shared with other jobs: load average "
              f"{os.getloadavg()[0]:.1f} at the start), python {platform.python_version()}"), ""]
     only = set(args.only.split(","))
+    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench-select-") as t:
         tmp = Path(t)
-        if "dsir" in only:
-            bench_dsir(data, target, budget, tmp, args.skip_package, lines)
-        if "quality" in only:
-            bench_quality(data, target, budget, tmp, lines)
-        if "memory" in only:
-            bench_memory(data, target, tmp, lines)
-        if "influence" in only:
-            bench_influence(data, target, tmp, args.influence_steps, lines)
+        for name, fn in (("dsir", lambda: bench_dsir(data, target, budget, tmp, args.skip_package, lines)),
+                         ("quality", lambda: bench_quality(data, target, budget, tmp, lines)),
+                         ("memory", lambda: bench_memory(data, target, tmp, lines)),
+                         ("influence", lambda: bench_influence(data, target, tmp, args.influence_steps, lines))):
+            if name in only:
+                fn()
+                out.write_text("\n".join(lines) + "\n")  # what is measured so far survives an interrupted run
     lines.append(f"- load average at the end: {os.getloadavg()[0]:.1f}")
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).write_text(text)
+    out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -400,3 +400,19 @@ def test_pool_documents_group_consecutive_rows(tmp_path):
 
     ids, doc = manifest_rows(pool, np.array([3, 0]), seed=0)
     assert sorted(ids.tolist()) == [0, 1, 6] and sorted(doc.tolist()) == [0, 0, 3]
+
+
+def test_fast_decode_equals_the_tokenizers_decode(pool_dir):
+    """The vectorised byte-level decode gives the tokenizer's own decode_batch text (EOS as a newline)."""
+    from dwm.selection import pool as P
+
+    shard = Pool(pool_dir).shards()[0]
+    flat, off = P.shard_tokens(shard)
+    docs = [flat[a:b] for a, b in zip(off[:-1], off[1:])]
+    fast = P.decode(shard.dir, docs)
+    P._BYTE_TABLES[shard.dir] = None  # what a tokenizer that is not byte-level gets
+    try:
+        slow = P.decode(shard.dir, docs)
+    finally:
+        P._BYTE_TABLES.pop(shard.dir)
+    assert fast == slow and any("\n" in t for t in fast)

@@ -128,11 +128,10 @@ class Pool:
 
     def texts(self, units: np.ndarray) -> list[str]:
         """Decoded texts of a few listed documents (random access, e.g. a classifier's negatives)."""
-        mm = _memmap(str(self.dir), self.split)[0]
         docs = []
         for u in units:
             lo, hi = int(self.unit_rows[u]), int(self.unit_rows[u + 1])
-            docs.append(_real_tokens(np.asarray(mm[lo:hi]), self.row_tokens[lo:hi]))
+            docs.append(_real_tokens(read_rows(str(self.dir), self.split, lo, hi), self.row_tokens[lo:hi]))
         return decode(str(self.dir), docs)
 
 
@@ -152,22 +151,24 @@ def _tokenizer(data_dir: str):
     return tok
 
 
-_MEMMAPS: dict[tuple[str, str], tuple[np.memmap, dict]] = {}
+_BINS: dict[tuple[str, str], tuple[Path, np.dtype, int]] = {}
 
 
-def _memmap(data_dir: str, split: str) -> tuple[np.memmap, dict]:
+def read_rows(data_dir: str, split: str, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a split's .bin, read into a fresh array. Not a memmap: pages of a mapped file count in
+    the process's RSS while mapped, so a worker that maps its way through the pool would look like it held it."""
     key = (str(data_dir), split)
-    if key not in _MEMMAPS:
+    if key not in _BINS:
         meta = read_meta(data_dir)
-        L, n = int(meta["seq_len"]), int(meta["splits"][split]["n_samples"])
-        mm = np.memmap(Path(data_dir) / f"{split}.bin", dtype=_DTYPES[meta["dtype"]], mode="r", shape=(n, L))
-        _MEMMAPS[key] = (mm, meta)
-    return _MEMMAPS[key]
+        _BINS[key] = (Path(data_dir) / f"{split}.bin", np.dtype(_DTYPES[meta["dtype"]]), int(meta["seq_len"]))
+    path, dtype, L = _BINS[key]
+    rows = np.fromfile(path, dtype=dtype, count=(hi - lo) * L, offset=lo * L * dtype.itemsize)
+    return rows.reshape(hi - lo, L)
 
 
 def shard_rows(shard: Shard) -> np.ndarray:
-    """The shard's rows [row_hi - row_lo, seq_len] (a copy out of the memmap)."""
-    return np.asarray(_memmap(shard.dir, shard.split)[0][shard.row_lo:shard.row_hi])
+    """The shard's rows [row_hi - row_lo, seq_len]."""
+    return read_rows(shard.dir, shard.split, shard.row_lo, shard.row_hi)
 
 
 def _real_tokens(rows: np.ndarray, row_tokens: np.ndarray) -> np.ndarray:

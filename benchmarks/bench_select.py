@@ -221,7 +221,7 @@ def tiny_run(data: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------ 4. influence
 def bench_influence(data: Path, target: Path, tmp: Path, steps: int, lines: list[str],
                     batch_tokens: int = 4096) -> None:
-    base = [PY, "-m", "dwm.cli", "train", "--config", "cpu-small-uniform", "--data", str(data),
+    base = [PY, "-m", "dwm.cli", "train", "--config", "cpu-small-uniform", "--data", str(data), "--out", "{out}",
             f"train.max_steps={steps}", f"train.global_batch_tokens={batch_tokens}", "log.progress=false",
             "train.device=cpu", "checkpoint.every=0", "log.every=1"]
     env = {"OMP_NUM_THREADS": "2"}
@@ -229,7 +229,7 @@ def bench_influence(data: Path, target: Path, tmp: Path, steps: int, lines: list
     for name, extra in (("uniform", []), ("influence", ["selector.mode=influence", "selector.every=10",
                                                         "selector.candidates=2", f"influence.reference={target}"])):
         out = tmp / f"run-{name}"
-        wall, cpu, rss, rc = child([*base, "--out", str(out), *extra], env)
+        wall, cpu, rss, rc = child([str(out) if a == "{out}" else a for a in base] + extra, env)
         if rc != 0:
             raise SystemExit(f"{name} run failed")
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -8,7 +8,9 @@ Output format: docs/ARCHITECTURE.md ("Prepared data directory"). Design points:
     and the split does not depend on input order or the number of workers;
   * everything is written into DIR/.tmp-prepare and moved into DIR at the end, meta.json last: a killed run
     leaves no meta.json, and its re-run starts clean and produces the same bytes as an uninterrupted run;
-  * a finished DIR whose fingerprint (input paths, sizes, mtimes and the options) matches is not redone.
+  * a finished DIR whose fingerprint (input paths, sizes, mtimes and the options) matches is not redone;
+  * `--engine ray` reads and tokenizes as Ray Data tasks, one per input source (dwm/data/rayjobs.py), on a local
+    Ray instance or a cluster; the driver writes in source order, so the directory is byte-identical.
 """
 
 from __future__ import annotations

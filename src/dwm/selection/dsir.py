@@ -39,7 +39,7 @@ _C1 = U64(0xBF58476D1CE4E5B9)
 _C2 = U64(0x94D049BB133111EB)
 _GOLD = U64(0x9E3779B97F4A7C15)
 _POW_BITS = 16
-_CHARS_PER_BATCH = 1 << 21
+_CHARS_PER_BATCH = 1 << 19  # ~40 MB of temporaries per batch
 
 
 @dataclass
@@ -53,8 +53,8 @@ class DSIROptions:
     def validate(self) -> None:
         if self.ngrams < 1:
             raise UserError(f"--dsir-ngrams must be >= 1, got {self.ngrams}")
-        if not 1 <= self.buckets <= 1 << 32:
-            raise UserError(f"--dsir-buckets must be in [1, 2^32], got {self.buckets}")
+        if not 1 <= self.buckets < 1 << 31:
+            raise UserError(f"--dsir-buckets must be in [1, 2^31), got {self.buckets}")
         if self.features not in ("words", "tokens"):
             raise UserError(f"--dsir-features must be words or tokens, not {self.features!r}")
 
@@ -116,14 +116,15 @@ def ngram_buckets(h: np.ndarray, doc: np.ndarray, n: int, buckets: int) -> tuple
     """(bucket per n-gram occurrence, document per occurrence) for the unigrams .. n-grams of a word (or token)
     sequence; an n-gram never spans two documents."""
     nb = U64(buckets)
-    out_b, out_d = [(h % nb).astype(np.int64)], [doc]
+    doc = doc.astype(np.int32)
+    out_b, out_d = [(h % nb).astype(np.int32)], [doc]
     g = h
     for k in range(1, n):
         if len(h) <= k:
             break
         g = _mix(g[: len(h) - k] * _GOLD + h[k:])
         same = doc[k:] == doc[: len(h) - k]
-        out_b.append((g[same] % nb).astype(np.int64))
+        out_b.append((g[same] % nb).astype(np.int32))
         out_d.append(doc[: len(h) - k][same])
     return np.concatenate(out_b), np.concatenate(out_d)
 
@@ -141,10 +142,10 @@ def text_features(texts: list[str], opts: DSIROptions) -> tuple[np.ndarray, np.n
         words[i:j] = np.bincount(doc, minlength=j - i)
         b, d = ngram_buckets(h, doc, opts.ngrams, opts.buckets)
         bs.append(b)
-        ds.append(d + i)
+        ds.append(d + np.int32(i))
         i = j
     if not bs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), words
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), words
     return np.concatenate(bs), np.concatenate(ds), words
 
 
@@ -186,7 +187,7 @@ def score_task(item: tuple[Shard, DSIROptions, str | None, np.ndarray]) -> tuple
     path = _spill_path(spill, shard)
     if path is not None and path.is_file():
         z = np.load(path)
-        b, d, words = z["b"].astype(np.int64), z["d"].astype(np.int64), z["words"]
+        b, d, words = z["b"], z["d"], z["words"]
         path.unlink()
     else:
         b, d, words = shard_features(shard, opts)

@@ -59,35 +59,48 @@ class Pool:
             raise UserError(f"{self.dir}: no split {split!r} (has {sorted(self.meta['splits'])})")
         path = self.dir / f"{split}.parquet"
         try:
-            schema = pq.read_schema(path)
-            cols = [c for c in ("doc_id", "source", "domain", "n_tokens") if c in schema.names]
-            table = pq.read_table(path, columns=cols, use_threads=False)
+            pf = pq.ParquetFile(path)
         except Exception as e:
             raise UserError(f"cannot read {path}: {e}") from e
+        names = pf.schema_arrow.names
         for c in ("doc_id", "domain", "n_tokens"):
-            if c not in cols:
+            if c not in names:
                 raise UserError(f"{path}: missing column {c!r}")
-        self.score_columns = [c for c in schema.names if c not in ("sample_id", "doc_id", "source", "domain",
-                                                                    "n_tokens")]
-        n = table.num_rows
+        self.score_columns = [c for c in names if c not in ("sample_id", "doc_id", "source", "domain", "n_tokens")]
+        self.domains: list[str] = list(self.meta["domains"])
+        index = {d: i for i, d in enumerate(self.domains)}
+        # streamed by record batch: what is kept is 4 bytes a row and a few numbers and the doc_id a document
+        cols = [c for c in ("doc_id", "source", "domain", "n_tokens") if c in names]
+        row_tokens, starts, doc_ids, doms = [], [], [], []
+        n, last = 0, None
+        try:
+            for batch in pf.iter_batches(batch_size=1 << 16, columns=cols, use_threads=False):
+                doc = batch.column("doc_id")
+                key = pc.binary_join_element_wise(doc, batch.column("source"), "\x00") if "source" in cols else doc
+                change = np.ones(len(key), dtype=bool)
+                if len(key) > 1:
+                    change[1:] = pc.not_equal(key[1:], key[:-1]).to_numpy(zero_copy_only=False)
+                if last is not None and len(key):
+                    change[0] = key[0].as_py() != last
+                first = np.flatnonzero(change)
+                starts.append(first + n)
+                doc_ids.append(doc.take(pa.array(first)))
+                doms += batch.column("domain").take(pa.array(first)).to_pylist()
+                row_tokens.append(batch.column("n_tokens").to_numpy().astype(np.int32))
+                n += len(key)
+                last = key[-1].as_py() if len(key) else last
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {e}") from e
         if n == 0:
             raise UserError(f"{self.dir}: split {split!r} has no samples")
         self.n_rows = n
-        self.row_tokens = table["n_tokens"].to_numpy().astype(np.int64)
-        doc = table["doc_id"].combine_chunks()
-        change = pc.not_equal(doc[1:], doc[:-1])
-        if "source" in cols:
-            src = table["source"].combine_chunks()
-            change = pc.or_(change, pc.not_equal(src[1:], src[:-1]))
-        starts = np.flatnonzero(np.concatenate([[True], change.to_numpy(zero_copy_only=False)]))
-        self.unit_rows = np.append(starts, n).astype(np.int64)  # [D + 1]
-        self.unit_tokens = np.add.reduceat(self.row_tokens, starts).astype(np.int64)
-        self.doc_ids: pa.Array = doc.take(pa.array(starts))
-        self.domains: list[str] = list(self.meta["domains"])
-        index = {d: i for i, d in enumerate(self.domains)}
-        dom = table["domain"].combine_chunks().take(pa.array(starts)).to_pylist()
+        self.row_tokens = np.concatenate(row_tokens)
+        start = np.concatenate(starts)
+        self.unit_rows = np.append(start, n).astype(np.int64)  # [D + 1]
+        self.unit_tokens = np.add.reduceat(self.row_tokens.astype(np.int64), start)
+        self.doc_ids: pa.Array = pa.concat_arrays(doc_ids)
         try:
-            self.unit_domain = np.array([index[d] for d in dom], dtype=np.int32)
+            self.unit_domain = np.array([index[d] for d in doms], dtype=np.int32)
         except KeyError as e:
             raise UserError(f"{path}: domain {e.args[0]!r} not listed in meta.json domains") from e
         self._fingerprint: str | None = None
@@ -227,22 +240,34 @@ def _byte_table(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     return table
 
 
+def _decode_bytes(table: tuple[np.ndarray, np.ndarray, np.ndarray], docs: list[np.ndarray]) -> list[str]:
+    data, off, lens = table
+    flat = np.concatenate(docs).astype(np.int64)
+    n = lens[flat]
+    out_start = np.cumsum(n) - n
+    pos = np.repeat(off[flat] - out_start, n) + np.arange(int(n.sum()))
+    buf = data[pos].tobytes()
+    byte_end = np.concatenate([[0], np.cumsum(n)])[np.cumsum([len(d) for d in docs])]
+    starts = np.concatenate([[0], byte_end[:-1]])
+    return [buf[a:b].decode("utf-8", "replace") for a, b in zip(starts.tolist(), byte_end.tolist())]
+
+
 def decode(data_dir: str, docs: list[np.ndarray]) -> list[str]:
     """Texts of token arrays with the prepared tokenizer (EOS as a newline, special tokens dropped). A byte-level
     BPE (what `dwm prepare` trains) is decoded by a vectorised table lookup, as its ByteLevel decoder does (the
     bytes of each token, concatenated, UTF-8 with replacement); any other tokenizer by its decode_batch."""
     table = _byte_table(data_dir)
-    if table is not None and docs:
-        data, off, lens = table
-        flat = np.concatenate(docs).astype(np.int64) if len(docs) > 1 else docs[0].astype(np.int64)
-        n = lens[flat]
-        out_start = np.cumsum(n) - n
-        pos = np.repeat(off[flat] - out_start, n) + np.arange(int(n.sum()))
-        buf = data[pos].tobytes()
-        doc_end = np.cumsum([len(d) for d in docs])
-        byte_end = np.concatenate([[0], np.cumsum(n)])[doc_end]
-        starts = np.concatenate([[0], byte_end[:-1]])
-        return [buf[a:b].decode("utf-8", "replace") for a, b in zip(starts.tolist(), byte_end.tolist())]
+    if table is not None:
+        out: list[str] = []
+        i = 0
+        while i < len(docs):  # groups of ~256k tokens bound the gather's temporaries (~16 bytes per byte)
+            j, size = i, 0
+            while j < len(docs) and (j == i or size < 1 << 18):
+                size += len(docs[j])
+                j += 1
+            out += _decode_bytes(table, docs[i:j])
+            i = j
+        return out
     meta = read_meta(data_dir)
     tok = _tokenizer(data_dir)
     nl = tok.encode("\n", add_special_tokens=False).ids

@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +39,16 @@ PY = sys.executable
 
 
 def child(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, int]:
-    """(wall s, CPU s of the process tree, peak RSS MB of its largest process, return code)."""
+    """(wall s, CPU s of the process tree, peak RSS MB of its largest process, return code), measured by
+    /usr/bin/time: a child forked from this (large) process would start with this process's RSS as its peak."""
     e = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    err = p.stderr.read().decode() if p.stderr else ""
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        print(err[-3000:], file=sys.stderr)
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, rc
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as f:
+        p = subprocess.run(["/usr/bin/time", "-o", f.name, "-f", "%e %U %S %M", *cmd], check=False, env=e,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=False)
+        wall, user, system, rss_kb = f.read().split()[-4:]
+    if p.returncode != 0:
+        print(p.stderr.decode()[-3000:], file=sys.stderr)
+    return float(wall), float(user) + float(system), int(rss_kb) / 1024, p.returncode
 
 
 def dwm_select(data: Path, out: Path, *args: str, workers: int = 2) -> tuple[float, float, float, dict]:

@@ -4,6 +4,7 @@ manifests into `dwm train`, the Ray engine against the local one, determinism, a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -408,7 +409,7 @@ def test_fast_decode_equals_the_tokenizers_decode(pool_dir):
 
     shard = Pool(pool_dir).shards()[0]
     flat, off = P.shard_tokens(shard)
-    docs = [flat[a:b] for a, b in zip(off[:-1], off[1:])]
+    docs = [flat[a:b] for a, b in itertools.pairwise(off)]
     fast = P.decode(shard.dir, docs)
     P._BYTE_TABLES[shard.dir] = None  # what a tokenizer that is not byte-level gets
     try:

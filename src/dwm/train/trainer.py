@@ -90,8 +90,8 @@ def _check_fingerprint(p: Path, data_dir: str | Path, split: str) -> None:
     try:
         md = pq.read_schema(p).metadata or {}
         info = json.loads(md[b"dwm.selection"]) if b"dwm.selection" in md else {}
-    except Exception as e:
-        raise UserError(f"selection manifest {p}: not a readable parquet file ({e})") from e
+    except (OSError, ValueError):  # unreadable (ArrowInvalid is a ValueError): the read below says so
+        return
     fp = info.get("fingerprint")
     if fp and fp != data_fingerprint(data_dir, split):
         raise UserError(f"selection manifest {p} was made from another prepared directory "

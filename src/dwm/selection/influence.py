@@ -136,7 +136,7 @@ class InfluenceSelector(OnlineSelector):
         t["candidates"] += n
         t["seconds"] += dt
         ctx.log({"event": "influence", "chunk": chunk, "candidates": n, "probed": k, "seconds": round(dt, 4),
-                 "model_corr": fit, "domain_kept_share": None})
+                 "model_corr": fit})
         return scores
 
     def keep(self, ctx: TrainContext, ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:

@@ -167,7 +167,8 @@ def test_cli_help_config_and_errors(capsys, prepared_dir):
     assert err.startswith("dwm train: error: config key optim.lr") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["corpus", "target", "prepare", "train", "eval", "export", "analyze", "demo"])
+@pytest.mark.parametrize("command", ["corpus", "target", "prepare", "select", "train", "eval", "export", "analyze",
+                                     "demo"])
 def test_every_cli_option_has_help_and_default(command):
     """`dwm COMMAND --help`: every option and argument says what it does, and every option with a default
     (other than none or off) shows it."""

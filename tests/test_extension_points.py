@@ -174,18 +174,22 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_walls_between_packages():
-    """data knows nothing of training or weighting; training never names the weighting package; evaluation
-    reads no weighting code; analysis reads run directories, not the training or weighting code; and no two dwm
+    """data knows nothing of training, weighting or selection; training never names the weighting or selection
+    packages; evaluation reads no weighting code; selection uses data, train's interfaces and the bi-level
+    hypergradient only; analysis reads run directories, not the training or weighting code; and no two dwm
     modules import each other."""
     mods = {".".join(p.relative_to(SRC.parent).with_suffix("").parts): p for p in SRC.rglob("*.py")}
     graph = {m: {i for i in _imports(p) if i in mods} for m, p in mods.items()}
     for m, deps in graph.items():
         if m.startswith("dwm.data"):
-            assert not {d for d in deps
-                        if d.startswith(("dwm.train", "dwm.weighting", "dwm.eval", "dwm.analysis"))}, m
+            assert not {d for d in deps if d.startswith(("dwm.train", "dwm.weighting", "dwm.eval",
+                                                          "dwm.selection", "dwm.analysis"))}, m
         if m.startswith("dwm.train"):
-            assert not {d for d in deps
-                        if d.startswith(("dwm.weighting", "dwm.eval", "dwm.run", "dwm.analysis"))}, m
+            assert not {d for d in deps if d.startswith(("dwm.weighting", "dwm.eval", "dwm.run",
+                                                          "dwm.selection", "dwm.analysis"))}, m
+        if m.startswith("dwm.selection"):  # data, train's interfaces and the bi-level hypergradient only
+            assert not {d for d in deps if d.startswith(("dwm.eval", "dwm.run", "dwm.demo"))
+                        or (d.startswith("dwm.weighting") and d != "dwm.weighting.bilevel")}, m
         if m.startswith("dwm.eval"):
             assert not {d for d in deps if d.startswith("dwm.weighting")}, m
         if m.startswith("dwm.analysis"):  # reads run directories and prepared data, not the code that wrote them

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("dwm.tools", "rebuild the shipped multi-domain corpus from package registries (maintainers)"),
     "target": ("dwm.data.target", "build LAMBADA-style reference/heldout target sets from held-out novels"),
     "prepare": ("dwm.data.prepare", "tokenize documents into fixed-length samples (memmap + parquet)"),
+    "select": ("dwm.selection.cli", "select a token budget of documents: a manifest for `dwm train --selection`"),
     "train": ("dwm.run", "train a LLaMA-style LM, uniform or with a data weighting model"),
     "eval": ("dwm.eval.cli", "evaluate a run: held-out loss per domain, LAMBADA accuracy/perplexity, lm-eval"),
     "export": ("dwm.eval.export", "export a run's model as a Hugging Face directory"),

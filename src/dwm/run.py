@@ -2,12 +2,14 @@
 by name, the Trainer built, and `dwm train`.
 
     RunConfig = TrainerConfig (out, model, data, optim, train, checkpoint, log: dwm/train/config.py)
-              + selector (dwm/train/selector.py) + weighting (dwm/weighting/config.py)
+              + selector (dwm/train/selector.py) + influence (dwm/selection/config.py)
+              + weighting (dwm/weighting/config.py)
 
 `weighting.mode` names a weighter in `dwm.train.weighter.WEIGHTERS` ('uniform', 'dwm', anything registered in
 process or through the `dwm.weighters` entry-point group) or is a run directory whose learned weighting models to
 replay; `selector.mode` names a selector in `dwm.train.selector.SELECTORS`. The built-in Data Weighting Model is
-registered here, lazily, so neither the trainer nor a uniform run imports it.
+registered here, lazily, so neither the trainer nor a uniform run imports it; so is the MATES-style online
+selector `influence` (dwm/selection/influence.py), which gets the [influence] section.
 
 `dwm train` launches with torchrun for DDP (`torchrun --nproc_per_node N -m dwm.cli train ...`); the same command
 runs on one process. `--data`, `--selection`, `--out`, `--weighting` and `--keep-learning` are shortcuts for the
@@ -24,12 +26,14 @@ from pathlib import Path
 
 from dwm import config as C
 from dwm.errors import UserError
+from dwm.selection.config import InfluenceConfig
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.selector import SELECTORS, Selector, SelectorConfig
 from dwm.train.weighter import WEIGHTERS, Weighter
 from dwm.weighting.config import WeightingConfig
 
 WEIGHTERS.register("dwm", "dwm.weighting.dwm_weighter:DWMWeighter")
+SELECTORS.register("influence", "dwm.selection.influence:InfluenceSelector")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -38,6 +42,7 @@ class RunConfig(TrainerConfig):
     """A whole `dwm train` run."""
 
     selector: SelectorConfig = field(default_factory=SelectorConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     def validate(self, prefix: str = "") -> None:
@@ -72,6 +77,9 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> P
         return None
     plan = plan_for_data(cfg, world_size)
     cfg.weighting.check_paths()
+    section = getattr(SELECTORS.get(cfg.selector.mode), "config_section", None)  # a selector's own section
+    if section and hasattr(getattr(cfg, section), "check_paths"):
+        getattr(cfg, section).check_paths()
     return plan
 
 
@@ -91,7 +99,9 @@ def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector
             raise UserError(f"the {weighter.name} weighter draws the batches itself (weighting.apply = resample); "
                             f"selector.mode must stay 'sequential', not {cfg.selector.mode!r}")
         return own
-    return SELECTORS.get(cfg.selector.mode)(cfg.selector)
+    cls = SELECTORS.get(cfg.selector.mode)
+    section = getattr(cls, "config_section", None)  # a selector with its own section of the run config
+    return cls(cfg.selector, getattr(cfg, section)) if section else cls(cfg.selector)
 
 
 def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):

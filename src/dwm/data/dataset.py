@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from dwm.data.batch import Batch
 from dwm.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by batch() only: `dwm select` reads prepared data without it
+    from dwm.data.batch import Batch
 
 FORMAT = "dwm-prepared/1"
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -43,6 +44,25 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     if meta["dtype"] not in _DTYPES:
         raise UserError(f"{mpath}: dtype {meta['dtype']!r} not one of {sorted(_DTYPES)}")
     return meta
+
+
+def data_fingerprint(data_dir: str | Path, split: str = "train") -> str:
+    """What identifies one split of a prepared directory: meta.json (its `fingerprint` of inputs and options, or
+    the whole file), the split's name, the size of its .bin and the bytes of its .parquet (a few MB). A selection
+    manifest records it; `dwm train` refuses a manifest made from another directory."""
+    import hashlib
+
+    d = Path(data_dir)
+    meta = read_meta(d)
+    h = hashlib.sha256()
+    h.update(json.dumps({"meta": meta.get("fingerprint") or meta, "split": split}, sort_keys=True).encode())
+    bin_path, pq_path = d / f"{split}.bin", d / f"{split}.parquet"
+    h.update(str(bin_path.stat().st_size if bin_path.is_file() else -1).encode())
+    if pq_path.is_file():
+        with open(pq_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
 
 
 class PreparedData:
@@ -98,6 +118,10 @@ class PreparedData:
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
         """Rows `indices` (sample ids) as a CPU Batch; rows are copied out of the memmap in the given order."""
+        import torch
+
+        from dwm.data.batch import Batch
+
         idx = np.asarray(indices, dtype=np.int64)
         rows = np.asarray(self.tokens[idx], dtype=np.int64) if len(idx) else np.zeros((0, self.seq_len), np.int64)
         return Batch(

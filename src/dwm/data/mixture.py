@@ -59,8 +59,12 @@ def mixture_ids(domain_ids: np.ndarray, domains: list[str], shares: dict[str, fl
     return rng.permutation(np.concatenate(parts))[:n].astype(np.int64)
 
 
-def write_manifest(ids: np.ndarray, path: str | Path) -> Path:
+def write_manifest(ids: np.ndarray, path: str | Path, columns: dict[str, pa.Array] | None = None,
+                   metadata: dict[bytes, bytes] | None = None) -> Path:
+    """A selection manifest: `sample_id` (the training order), optional extra columns (one value per id) and
+    parquet schema metadata (`dwm select` records its method, settings and the data's fingerprint there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"sample_id": pa.array(ids, pa.int64())}), path)
+    table = pa.table({"sample_id": pa.array(ids, pa.int64()), **(columns or {})})
+    pq.write_table(table.replace_schema_metadata(metadata) if metadata else table, path)
     return path

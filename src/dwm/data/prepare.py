@@ -8,7 +8,9 @@ Output format: docs/ARCHITECTURE.md ("Prepared data directory"). Design points:
     and the split does not depend on input order or the number of workers;
   * everything is written into DIR/.tmp-prepare and moved into DIR at the end, meta.json last: a killed run
     leaves no meta.json, and its re-run starts clean and produces the same bytes as an uninterrupted run;
-  * a finished DIR whose fingerprint (input paths, sizes, mtimes and the options) matches is not redone.
+  * a finished DIR whose fingerprint (input paths, sizes, mtimes and the options) matches is not redone;
+  * `--engine ray` reads and tokenizes as Ray Data tasks, one per input source (dwm/data/rayjobs.py), on a local
+    Ray instance or a cluster; the driver writes in source order, so the directory is byte-identical.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class PrepareOptions:
     packing: str = "stream"
     on_error: str = "skip"
     workers: int = 0  # 0: all cores
+    engine: str = "local"  # "local": a thread pool; "ray": Ray Data tasks, one per input source
+    ray_address: str | None = None  # engine "ray": a cluster address (None: a local Ray instance)
     seed: int = 0
     force: bool = False
     progress: bool | None = None  # None: only on a terminal
@@ -71,6 +75,10 @@ class PrepareOptions:
             raise UserError(f"--packing must be stream or doc, not {self.packing!r}")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error must be skip or fail, not {self.on_error!r}")
+        if self.engine not in ("local", "ray"):
+            raise UserError(f"--engine must be local or ray, not {self.engine!r}")
+        if self.ray_address and self.engine != "ray":
+            raise UserError("--ray-address needs --engine ray")
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         if self.tokenizer_sample_mb <= 0:
@@ -104,7 +112,7 @@ def fingerprint(sources: list[InputSource], opts: PrepareOptions) -> str:
     for s in sources:
         files.extend(_file_sig(f) for f in (s.files or (s.path,)))
     o = asdict(opts)
-    for k in ("workers", "force", "progress"):
+    for k in ("workers", "force", "progress", "engine", "ray_address"):
         o.pop(k)
     if opts.tokenizer:
         tp = Path(opts.tokenizer)
@@ -263,6 +271,42 @@ def _tokenized(tok, chunks: Iterator[tuple[int, list[Document]]], workers: int
             yield si0, docs0, fut.result()
 
 
+def _tokenize_source(task: tuple) -> tuple[list[tuple[list[Document], list[list[int]]]], SkipCounter]:
+    """A Ray task: read one source, cut it into the local engine's chunks and tokenize them (the same chunks and
+    ids as `_tokenized`); returns them with the source's skip counter."""
+    from tokenizers import Tokenizer
+
+    src, ropts, tok_json = task
+    tok = Tokenizer.from_str(tok_json)
+    counter = SkipCounter()
+    out = [(docs, tkz.encode_batch(tok, [d.text for d in docs])) for _, docs in _chunks([src], ropts, counter)]
+    return out, counter
+
+
+def _tokenized_ray(tok, sources: list[InputSource], ropts: ReadOptions, counter: SkipCounter, workers: int,
+                   address: str | None) -> Iterator[tuple[int, list[Document], list[list[int]]]]:
+    """`_tokenized` as Ray Data tasks, one per input source (a source is the unit of parallelism: split a large
+    input into several files to spread it), yielded in source order; the skip counters are merged in that order,
+    so the prepared directory is byte-identical to the local engine's. With on_error = fail, a bad record's error
+    is raised by its task."""
+    from dwm.data import rayjobs
+
+    started = rayjobs.start(workers, address)
+    try:
+        tok_json = tok.to_str()
+        results = rayjobs.imap(_tokenize_source, [(s, ropts, tok_json) for s in sources])
+        for si, (chunks, c) in enumerate(results):
+            counter.docs_in += c.docs_in
+            counter.skipped.update(c.skipped)
+            counter.examples.extend(c.examples[: max(0, 20 - len(counter.examples))])
+            counter.scores_missing += c.scores_missing
+            for docs, ids in chunks:
+                yield si, docs, ids
+    finally:
+        if started:
+            rayjobs.stop()
+
+
 def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions) -> Iterator[str]:
     """Bounded, deterministic training sample: the first share of each source's train documents."""
     share = opts.tokenizer_sample_mb * 1e6 / len(sources)
@@ -342,7 +386,9 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     current = 0
     n_tokens_total = 0
     try:
-        for si, docs, ids_list in _tokenized(tok, _chunks(sources, opts.read_options(), counter), workers):
+        stream = (_tokenized_ray(tok, sources, opts.read_options(), counter, workers, opts.ray_address)
+                  if opts.engine == "ray" else _tokenized(tok, _chunks(sources, opts.read_options(), counter), workers))
+        for si, docs, ids_list in stream:
             if si != current:  # sources end in order; stream packing restarts per source
                 for w in writers.values():
                     w.end_source()
@@ -445,6 +491,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="bad input records: count and skip them, or stop at the first with file:line")
     p.add_argument("--workers", type=int, default=0, help="tokenizer threads (default 0: all cores)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="tokenize with a local thread pool, or as Ray Data tasks (one per input source; same output)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --engine ray: a Ray cluster address (default: a local Ray instance)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="redo even if DIR is already prepared")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -456,6 +506,6 @@ def run(args: argparse.Namespace) -> int:
         score_fields=tuple(f.strip() for f in args.score_fields.split(",") if f.strip()),
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb,
         seq_len=args.seq_len, val_fraction=args.val_fraction, packing=args.packing, on_error=args.on_error,
-        workers=args.workers, seed=args.seed, force=args.force, progress=False if args.no_progress else None)
+        workers=args.workers, engine=args.engine, ray_address=args.ray_address, seed=args.seed, force=args.force, progress=False if args.no_progress else None)
     prepare(args.inputs, args.out, opts)
     return 0

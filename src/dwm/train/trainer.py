@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dwm.config import to_dict, to_toml, validate
 from dwm.data.batch import Batch
-from dwm.data.dataset import PreparedData
+from dwm.data.dataset import PreparedData, data_fingerprint
 from dwm.errors import UserError
 from dwm.train import distributed as dist_utils
 from dwm.train.callbacks import Callback
@@ -62,11 +62,15 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def load_selection(path: str, n: int) -> np.ndarray:
-    """sample_ids of a selection manifest (restricts and orders the data); UserError when unusable."""
+def load_selection(path: str, n: int, data_dir: str | Path | None = None, split: str = "train") -> np.ndarray:
+    """sample_ids of a selection manifest (restricts and orders the data); UserError when unusable, or when the
+    manifest records the fingerprint of another prepared directory than data_dir (`dwm select` writes it into the
+    parquet schema metadata; manifests without one are accepted)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"selection manifest {p} does not exist")
+    if data_dir is not None:
+        _check_fingerprint(p, data_dir, split)
     try:
         table = pq.read_table(p, columns=["sample_id"])
     except Exception as e:
@@ -80,6 +84,19 @@ def load_selection(path: str, n: int) -> np.ndarray:
     if ids.min() < 0 or ids.max() >= n:
         raise UserError(f"selection manifest {p}: sample_id out of range [0, {n})")
     return ids
+
+
+def _check_fingerprint(p: Path, data_dir: str | Path, split: str) -> None:
+    try:
+        md = pq.read_schema(p).metadata or {}
+        info = json.loads(md[b"dwm.selection"]) if b"dwm.selection" in md else {}
+    except (OSError, ValueError):  # unreadable (ArrowInvalid is a ValueError): the read below says so
+        return
+    fp = info.get("fingerprint")
+    if fp and fp != data_fingerprint(data_dir, split):
+        raise UserError(f"selection manifest {p} was made from another prepared directory "
+                        f"({info.get('data_dir')}, split {info.get('split')}): its fingerprint does not match "
+                        f"{data_dir} split {split}; run `dwm select --data {data_dir}` again")
 
 
 class Trainer:
@@ -107,7 +124,8 @@ class Trainer:
         self.train_data = PreparedData(cfg.data.dir, cfg.data.split)
         if len(self.train_data) == 0:
             raise UserError(f"{cfg.data.dir}: split {cfg.data.split!r} has no samples")
-        self.selection = load_selection(cfg.data.selection, len(self.train_data)) if cfg.data.selection else None
+        self.selection = (load_selection(cfg.data.selection, len(self.train_data), cfg.data.dir, cfg.data.split)
+                          if cfg.data.selection else None)
         self.pool = (self.selection if self.selection is not None
                      else np.arange(len(self.train_data), dtype=np.int64))
         from tokenizers import Tokenizer

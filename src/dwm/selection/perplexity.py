@@ -1,0 +1,125 @@
+"""`perplexity`: score every document by a reference LM's mean token NLL (log perplexity) and keep a band:
+`lowest` (CCNet's head: the most fluent / reference-like text, the default), `middle` (closest to the median,
+Marion et al. 2023's best band for pretraining) or `highest`.
+
+The reference LM is a `dwm train` run directory (its newest checkpoint) or a local Hugging Face causal-LM
+directory. When its tokenizer is the prepared data's (a dwm run trained on the same directory), the rows are
+scored as they are (each row is a sample as training sees it; a document's NLL is the token-weighted mean over its
+rows). Otherwise the document text is decoded and re-tokenized with the LM's tokenizer, scored in windows of
+`--max-length` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dwm.errors import UserError
+from dwm.selection.pool import Pool, shard_rows, shard_texts
+
+BANDS = ("lowest", "middle", "highest")
+
+
+@dataclass
+class PerplexityOptions:
+    model: str = ""
+    band: Literal["lowest", "middle", "highest"] = "lowest"
+    batch_size: int = 16
+    max_length: int = 512
+
+
+def load_reference_lm(path: str | Path, device: str):
+    """(model, tokenizer_file_or_None, hf_tokenizer_or_None): a dwm run directory or a local HF model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if (p / "checkpoints" / "LATEST").is_file():
+        model_dir = p / "checkpoints" / (p / "checkpoints" / "LATEST").read_text().strip() / "model"
+        tok_file = p / "tokenizer.json"
+    elif (p / "config.json").is_file():
+        model_dir, tok_file = p, p / "tokenizer.json"
+    else:
+        raise UserError(f"--ref-model {p}: neither a dwm run directory (checkpoints/LATEST) nor a local Hugging "
+                        "Face model directory (config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                     dtype=torch.float32).to(device).eval()
+    except Exception as e:
+        raise UserError(f"--ref-model {p}: cannot load a causal LM from {model_dir} ({e})") from e
+    return model, model_dir, (tok_file if tok_file.is_file() else None)
+
+
+def _row_nll(model, rows: np.ndarray, n_tok: np.ndarray, bs: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of token NLLs, predicted tokens) per row."""
+    import torch
+
+    from dwm.train.losses import per_sample_nll
+
+    sums, counts = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), bs):
+            ids = torch.from_numpy(rows[i:i + bs].astype(np.int64)).to(device)
+            nt = torch.from_numpy(n_tok[i:i + bs].astype(np.int64)).to(device)
+            mean = per_sample_nll(model(input_ids=ids).logits, ids, nt).double().cpu().numpy()
+            k = np.maximum(n_tok[i:i + bs] - 1, 0)
+            sums.append(mean * k)
+            counts.append(k)
+    return np.concatenate(sums), np.concatenate(counts)
+
+
+def score(pool: Pool, opts: PerplexityOptions, device: str = "cpu") -> dict[str, Any]:
+    if not opts.model:
+        raise UserError("--method perplexity needs --ref-model (a dwm run directory or a local HF model)")
+    if opts.band not in BANDS:
+        raise UserError(f"--band must be one of {', '.join(BANDS)}, not {opts.band!r}")
+    model, model_dir, tok_file = load_reference_lm(opts.model, device)
+    same = tok_file is not None and tok_file.read_bytes() == (pool.dir / "tokenizer.json").read_bytes()
+    out = []
+    for shard in pool.shards():
+        if same:
+            s, c = _row_nll(model, shard_rows(shard), shard.row_tokens, opts.batch_size, device)
+            starts = shard.unit_rows[:-1]
+            out.append(np.add.reduceat(s, starts) / np.maximum(np.add.reduceat(c, starts), 1))
+        else:
+            out.append(_text_nll(model, model_dir, shard_texts(shard), opts, device))
+    nll = np.concatenate(out)
+    return {"scores": nll, "eligible": np.isfinite(nll),
+            "settings": {"model": str(Path(opts.model).resolve()), "band": opts.band,
+                         "tokenization": "prepared rows" if same else "re-tokenized text"}}
+
+
+def _text_nll(model, model_dir: Path, texts: list[str], opts: PerplexityOptions, device: str) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    L = opts.max_length
+    windows, owner = [], []
+    for d, t in enumerate(texts):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        for a in range(0, max(len(ids), 1), L):
+            windows.append(ids[a:a + L])
+            owner.append(d)
+    n_tok = np.array([len(w) for w in windows], dtype=np.int64)
+    rows = np.zeros((len(windows), max(int(n_tok.max()), 2)), dtype=np.int64)
+    for i, w in enumerate(windows):
+        rows[i, :len(w)] = w
+    s, c = _row_nll(model, rows, n_tok, opts.batch_size, device)
+    tot_s = np.bincount(owner, weights=s, minlength=len(texts))
+    tot_c = np.bincount(owner, weights=c, minlength=len(texts))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot_c > 0, tot_s / tot_c, np.nan)
+
+
+def keys(result: dict[str, Any], opts: PerplexityOptions, seed: int) -> np.ndarray:
+    """Sort keys of the band: -nll (lowest first), nll (highest first) or -|nll - median| (middle outwards)."""
+    nll = np.nan_to_num(result["scores"], nan=np.inf)
+    if opts.band == "lowest":
+        return -nll
+    if opts.band == "highest":
+        return np.where(np.isfinite(nll), nll, -np.inf)
+    med = float(np.median(nll[np.isfinite(nll)])) if np.isfinite(nll).any() else 0.0
+    return -np.abs(nll - med)

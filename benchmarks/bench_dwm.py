@@ -43,16 +43,22 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 
 # one DWM lever changed at a time, on top of the shipped defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
-    "paper-like: weights in the batch, 1 update of G samples per stage, no KL": [
-        "weighting.apply=weights", "weighting.batch_size=0", "weighting.phi_steps=1", "weighting.kl=0",
-        "weighting.normalize=none", "weighting.updates_per_stage=1"],
-    "apply=weights (the defaults otherwise)": ["weighting.apply=weights"],
+    "paper-like: 1 update of one batch (G samples) per stage, 1 phi step of lr 1e-2, no KL, raw dL/dw": [
+        "weighting.batch_size=0", "weighting.phi_steps=1", "weighting.lr=1e-2", "weighting.kl=0",
+        "weighting.normalize=none"],
+    "apply=resample, candidates=4 (weights choose the batch)": ["weighting.apply=resample",
+                                                               "weighting.candidates=4"],
     "kl=0 (no penalty)": ["weighting.kl=0"],
+    "kl=2": ["weighting.kl=2"],
     "normalize=none": ["weighting.normalize=none"],
     "phi_steps=1": ["weighting.phi_steps=1"],
     "batch_size=G (probe one batch per update)": ["weighting.batch_size=0"],
-    "schedule=interleaved, interval 15": ["weighting.schedule=interleaved", "weighting.interval=15"],
-    "candidates=2": ["weighting.candidates=2"],
+    "batch_size=128, probe_len=128, phi_steps=16, kl=0.5, buffer_stages=2": [
+        "weighting.batch_size=128", "weighting.probe_len=128", "weighting.phi_steps=16", "weighting.kl=0.5",
+        "weighting.buffer_stages=2"],
+    "updates_per_stage=4": ["weighting.updates_per_stage=4"],
+    "schedule=interleaved, interval 10, batch_size 32": ["weighting.schedule=interleaved", "weighting.interval=10",
+                                                         "weighting.batch_size=32"],
     "ref_loss=target": ["weighting.ref_loss=target"],
     "use_domain_feature": ["weighting.net.use_domain_feature=true"],
 }
@@ -220,10 +226,11 @@ def best_static(results: dict[str, dict], t: Target, seeds: list[int]) -> str:
                                                     for r in arm_results(results, t.name, a, seeds)))
 
 
-def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: int, batch_tokens: int) -> str:
+def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: int, batch_tokens: int,
+                  oseeds: list[int]) -> str:
     uni = arm_results(results, t.name, "uniform", seeds)
     dwm = arm_results(results, t.name, "dwm", seeds)
-    oracle_arm = best_static(results, t, seeds)
+    oracle_arm = best_static(results, t, oseeds)
     orc = arm_results(results, t.name, oracle_arm, seeds)
     key = "heldout_passage_loss"
     diffs = [d[key] - u[key] for d, u in zip(dwm, uni, strict=True)]
@@ -232,11 +239,12 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
     share = -dm / statistics.fmean(gaps) if statistics.fmean(gaps) > 0 else float("nan")
     cost = [d["train_seconds"] / u["train_seconds"] for d, u in zip(dwm, uni, strict=True)]
     lines = [(f"### target `{t.name}` (oracle grid over `{t.domain}`'s share {list(t.grid)}; best on the reference "
-             f"side: `{oracle_arm}`), {steps} steps x {batch_tokens} tokens, seeds {seeds}"), "",
+             f"side of seeds {oseeds}: `{oracle_arm}`), {steps} steps x {batch_tokens} tokens, seeds {seeds}"), "",
              "| arm | heldout passage loss | reference passage loss | LAMBADA ppl | val loss (all domains) |",
              "|---|---|---|---|---|"]
     for name, rs in (("uniform", uni), ("DWM (defaults)", dwm), (f"oracle `{oracle_arm}`", orc),
-                     *((f"`static:{g}`", arm_results(results, t.name, f"static:{g}", seeds)) for g in t.grid
+                     *((f"`static:{g}` (seeds {oseeds})", arm_results(results, t.name, f"static:{g}", oseeds))
+                       for g in t.grid
                        if f"static:{g}" != oracle_arm)):
         lines.append(f"| {name} | {fmt([r[key] for r in rs])} | {fmt([r['reference_passage_loss'] for r in rs])} | "
                      f"{fmt([r['lambada_ppl'] for r in rs], 1)} | {fmt([r['val_loss_all'] for r in rs])} |")
@@ -265,9 +273,9 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
     return "\n".join(lines)
 
 
-def report_ablation(results: dict[str, dict], t: Target, seeds: list[int]) -> str:
+def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseeds: list[int]) -> str:
     uni = arm_results(results, t.name, "uniform", seeds)
-    oracle_arm = best_static(results, t, seeds)
+    oracle_arm = best_static(results, t, oseeds)
     orc = arm_results(results, t.name, oracle_arm, seeds)
     key = "reference_passage_loss"
     gap = statistics.fmean(u[key] - o[key] for u, o in zip(uni, orc, strict=True))
@@ -293,6 +301,9 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (paired across arms)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds of the ablation rows "
                                                                                 "(default: --seeds)")
+    p.add_argument("--oracle-seeds", type=int, nargs="+", default=None,
+                   help="seeds the oracle grid is trained on (default: --seeds); the share chosen there on the "
+                        "reference side is then trained on every seed")
     p.add_argument("--steps", type=int, default=150, help="LM steps per run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
@@ -304,14 +315,17 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     targets = prepare_targets(args.out)
     parts = ["main", "second", "ablation"] if args.part == "all" else [args.part]
-    cells: list[Cell] = []
     abl_seeds = args.ablation_seeds or args.seeds
+    oseeds = args.oracle_seeds or args.seeds
+    # phase 1: the oracle grid on its seeds (first, so it is ready early) and every other arm
+    cells: list[Cell] = []
     for part in parts:
         t = targets["speech" if part == "second" else "novels"]
-        seeds = abl_seeds if part == "ablation" else args.seeds
-        for s in seeds:
+        cells += [Cell(t.name, f"static:{g}", s) for s in oseeds for g in t.grid]
+    for part in parts:
+        t = targets["speech" if part == "second" else "novels"]
+        for s in abl_seeds if part == "ablation" else args.seeds:
             cells += [Cell(t.name, "uniform", s), Cell(t.name, "dwm", s)]
-            cells += [Cell(t.name, f"static:{g}", s) for g in t.grid]
             if part == "ablation":
                 cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in ABLATIONS.items()]
     seen: set[str] = set()
@@ -321,13 +335,21 @@ def main() -> int:
         run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs)
         return 0
     results = run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs)
+    # phase 2: the mixture chosen on the reference side of the oracle seeds, on every seed
+    more = []
+    for part in parts:
+        t = targets["speech" if part == "second" else "novels"]
+        best = best_static(results, t, oseeds)
+        more += [Cell(t.name, best, s) for s in (abl_seeds if part == "ablation" else args.seeds)]
+    more = [c for c in more if not (c.key in seen or seen.add(c.key))]
+    results.update(run_all(more, targets, args.out, args.steps, args.batch_tokens, args.jobs))
     text = []
     for part in parts:
         t = targets["speech" if part == "second" else "novels"]
         if part == "ablation":
-            text.append(report_ablation(results, t, abl_seeds))
+            text.append(report_ablation(results, t, abl_seeds, oseeds))
         else:
-            text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens))
+            text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens, oseeds))
     out = "\n\n".join(text)
     print(out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dwm.eval.cli", "evaluate a run: held-out loss per domain, LAMBADA accuracy/perplexity, lm-eval"),
     "export": ("dwm.eval.export", "export a run's model as a Hugging Face directory"),
     "analyze": ("dwm.analysis.cli", "data preferences of DWM runs per stage: plots and an HTML report"),
+    "experiment": ("dwm.experiment", "a grid of runs (selection x weighting x model x seed) -> one results table"),
     "demo": ("dwm.demo", "prepare the shipped corpus, train uniform and DWM, evaluate, print both"),
 }
 

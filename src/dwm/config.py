@@ -3,7 +3,7 @@
 Each part of the pipeline owns its section, a dataclass whose fields carry a docstring (the string literal after
 the field, which becomes its help text) and whose range checks live in its own `validate(self, prefix)` method.
 This module knows none of the sections: it parses values by their annotated type (bool, int, float, str or a
-`Literal[...]` of strings), checks every `Literal` field once for the whole tree (`validate`), and prints every
+`Literal[...]` of strings, a `list[...]` of those, or a `dict[str, str]` table), checks every `Literal` field once for the whole tree (`validate`), and prints every
 bad value as one line naming the key, with a did-you-mean hint for misspelt keys and choices.
 """
 
@@ -69,7 +69,11 @@ def choices(t: Any) -> tuple[str, ...] | None:
 
 def type_name(t: Any) -> str:
     c = choices(t)
-    return "|".join(map(str, c)) if c else t.__name__
+    if c:
+        return "|".join(map(str, c))
+    if typing.get_origin(t) in (list, dict):
+        return f"{typing.get_origin(t).__name__}[{', '.join(type_name(a) for a in typing.get_args(t))}]"
+    return t.__name__
 
 
 def iter_keys(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
@@ -126,7 +130,20 @@ def check_range(key: str, value: float, lo: float, hi: float, hi_open: bool = Fa
 
 
 def _coerce(key: str, t: Any, value: Any, from_str: bool) -> Any:
-    """value as type t, or a UserError naming the key."""
+    """value as type t, or a UserError naming the key. A list from a string is comma-separated (`seeds=0,1,2`)."""
+    if typing.get_origin(t) is list:
+        (elem,) = typing.get_args(t)
+        if from_str:
+            items = [x for x in value.split(",") if x.strip()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            raise UserError(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", elem, x, from_str) for i, x in enumerate(items)]
+    if typing.get_origin(t) is dict:
+        if from_str or not isinstance(value, dict):
+            raise UserError(f"config key {key}: expected a table of name = value, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", typing.get_args(t)[1], v, False) for k, v in value.items()}
     allowed = choices(t)
     if allowed is not None:
         v = value.strip() if from_str else value
@@ -195,7 +212,7 @@ def apply_dict(obj: Any, data: dict[str, Any], prefix: str = "", command: str = 
                 raise UserError(f"config key {prefix}{k} is a section, got {v!r}")
             apply_dict(getattr(obj, k), v, f"{prefix}{k}.", command)
         else:
-            if isinstance(v, dict):
+            if isinstance(v, dict) and typing.get_origin(t) is not dict:
                 raise UserError(f"config key {prefix}{k} is a value, not a section")
             setattr(obj, k, _coerce(prefix + k, t, v, from_str=False))
 
@@ -250,6 +267,11 @@ def validate(obj: Any, prefix: str = "") -> None:
         allowed = choices(t)
         if allowed is not None and value not in allowed:
             raise choice_error(prefix + f.name, value, allowed)
+        if typing.get_origin(t) is list and choices(typing.get_args(t)[0]) is not None:
+            allowed = choices(typing.get_args(t)[0])
+            for i, v in enumerate(value):
+                if v not in allowed:
+                    raise choice_error(f"{prefix}{f.name}[{i}]", v, allowed)
     own = getattr(obj, "validate", None)
     if callable(own):
         own(prefix)
@@ -259,6 +281,10 @@ def validate(obj: Any, prefix: str = "") -> None:
 
 
 def fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {fmt(x)}" for k, x in v.items()) + "}"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

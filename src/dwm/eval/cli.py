@@ -128,11 +128,19 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
     if tasks:
         from dwm.eval.harness import run_harness
 
+        shots: dict[int | None, list[str]] = {}
+        for t in tasks:  # "name" (the task's default shots) or "name:k" (k-shot)
+            name_, _, k = t.partition(":")
+            if k and not (k.isdigit()):
+                raise UserError(f"task {t!r}: the shot count after ':' must be a whole number (e.g. {name_}:5)")
+            shots.setdefault(int(k) if k else None, []).append(name_)
+        result["harness"] = {}
         with tempfile.TemporaryDirectory(prefix="dwm_export_") as tmp:
             export_run(run, tmp, name)
-            result["harness"] = run_harness(tmp, tasks, target=target_path, batch_size=batch_size,
-                                            device=device, limit=max_passages,
-                                            include_path=task_include or ())["results"]
+            for k, names in shots.items():
+                res = run_harness(tmp, names, target=target_path, batch_size=batch_size, device=device,
+                                  limit=max_passages, include_path=task_include or (), num_fewshot=k)["results"]
+                result["harness"].update({(t if k is None else f"{t}:{k}"): r for t, r in res.items()})
     del model
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -198,7 +206,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"LAMBADA-format JSONL to report (default: {DEFAULT_TARGET}); 'none' to skip")
     p.add_argument("--checkpoint", default=None, help="checkpoint name (default: checkpoints/LATEST)")
     p.add_argument("--tasks", default=None,
-                   help="comma-separated lm-eval tasks run on an export of the checkpoint (dwm_lambada is offline)")
+                   help="comma-separated lm-eval tasks run on an export of the checkpoint (dwm_lambada is offline); "
+                        "NAME:K runs a task K-shot, e.g. hellaswag:0,hellaswag:5")
     p.add_argument("--task-include", action="append", default=None, metavar="DIR",
                    help="directory of extra lm-eval task YAMLs for --tasks (repeatable)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")

@@ -55,12 +55,13 @@ def _clean_metrics(res: dict[str, Any]) -> dict[str, Any]:
 def run_harness(model_dir: str | Path, tasks: Sequence[str], target: str | Path | None = None,
                 batch_size: int = 16, device: str = "cpu", limit: int | None = None,
                 log_samples: bool = False, include_path: Sequence[str | Path] = (),
-                include_defaults: bool | None = None) -> dict[str, Any]:
+                include_defaults: bool | None = None, num_fewshot: int | None = None) -> dict[str, Any]:
     """`lm_eval.simple_evaluate(model="hf", model_args=pretrained=model_dir, ...)` on `tasks`.
 
     Returns {"results": {task: {metric: value}}, "samples": raw lm-eval samples (only if log_samples)}.
     dwm's local tasks need `target`; other names are looked up in the YAML dirs of `include_path`, then in
     lm-eval's own registry (indexing it takes 10-30 s, so only when needed, unless include_defaults says).
+    num_fewshot: examples in each prompt (None: each task's own default, zero for most).
     """
     try:
         import lm_eval
@@ -98,7 +99,7 @@ def run_harness(model_dir: str | Path, tasks: Sequence[str], target: str | Path 
             out = lm_eval.simple_evaluate(
                 model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"},
                 tasks=list(tasks), batch_size=batch_size, device=device, limit=limit, task_manager=tm,
-                log_samples=log_samples, bootstrap_iters=1000)
+                log_samples=log_samples, bootstrap_iters=1000, num_fewshot=num_fewshot)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 -- hub task offline, bad dataset file...: one line for the user

@@ -35,6 +35,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # tests: a model that trains in milliseconds
     "tiny": Preset(layers=2, hidden=32, heads=4, mlp=64, max_positions=512),
+    # ~1.4M params with an 8192 vocab (1.05M of them the tied embedding): the learner of size-transfer experiments
+    "cpu-mini": Preset(layers=2, hidden=128, heads=4, mlp=344, max_positions=1024),
     # ~5.3M params with an 8192 vocab (2.1M of them the tied embedding)
     "cpu-small": Preset(layers=4, hidden=256, heads=4, mlp=688, max_positions=1024),
     # ~20.8M params with an 8192 vocab

@@ -1,0 +1,393 @@
+"""`dwm experiment RECIPE.toml`: the paper's comparisons as one grid of runs and one table.
+
+A cell is (selection method, weighting, model preset, seed):
+- selection: a `dwm select` manifest of the recipe's token budget, one per method and seed (`[selections]`:
+  name = extra `dwm select` arguments; the method is the name unless the arguments say `--method`);
+- weighting: `uniform`; `dwm` (a weighting model learned in that run); `transfer` (the weighting models learned by
+  the `dwm` cell of the `transfer_from` selection, same model and seed, replayed: `weighting.mode = RUN_DIR`);
+- model: a preset; `size_transfer = ["cpu-mini->cpu-small"]` adds, per seed, the learner's `dwm` cell on the
+  `transfer_from` selection and the receiver's `uniform` and `transfer` cells there, the receiver replaying the
+  learner's weighting models (a small model teaches a larger one).
+
+Cells run in order (learners before the cells that replay them), each trained with the recipe's `run_recipe` and
+`overrides` (in this process, or through `launcher`, e.g. torchrun, as `dwm train` subprocesses), then evaluated
+on the `heldout` target, the prepared data's `val` split and the lm-eval `tasks`. The grid is resumable: a cell
+whose `cell.json` exists is never rerun; a cell killed mid-run continues from its newest checkpoint.
+
+Writes OUT/cells.csv (one row per cell), OUT/results.csv and OUT/results.md (one row per selection x weighting x
+model: every metric as mean ± standard error over seeds, the average of the accuracies, and the paired difference
+against the uniform cell of the same selection and model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dwm import config as C
+from dwm.errors import UserError
+
+RECIPES = Path(__file__).resolve().parent / "recipes" / "experiments"
+WEIGHTINGS = ("uniform", "dwm", "transfer")
+
+
+@dataclass
+class ExperimentConfig:
+    """A grid of runs (selection x weighting x model x seed) and how each is trained and evaluated."""
+
+    out: str = "runs/experiment"
+    """directory of the grid: selections/, one run directory per cell, cells.csv, results.csv, results.md"""
+    data: str = "data/prepared"
+    """prepared data directory (`dwm prepare`) every selection draws from"""
+    reference: str = "data/target/reference.jsonl"
+    """the weighting model's reference passages (weighting.reference) and dsir / quality classifier target"""
+    heldout: str = "data/target/heldout.jsonl"
+    """the target reported on (never seen by the weighting model)"""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """seeds: paired across cells (same init and data order for every weighting of a selection)"""
+    quick_seeds: list[int] = field(default_factory=lambda: [0])
+    """seeds of `--quick`"""
+    selections: dict[str, str] = field(default_factory=lambda: {"random": ""})
+    """name = extra `dwm select` arguments (method = the name unless they give --method), e.g. quality = "--classifier\""""
+    weightings: list[Literal["uniform", "dwm", "transfer"]] = field(default_factory=lambda: ["uniform", "dwm"])
+    """weightings of every selection (transfer: replay the dwm cell of transfer_from)"""
+    transfer_from: str = "random"
+    """the selection whose learned weighting models `transfer` cells replay"""
+    models: list[str] = field(default_factory=lambda: ["cpu-small"])
+    """model presets of the grid"""
+    size_transfer: list[str] = field(default_factory=list)
+    """"LEARNER->RECEIVER" preset pairs: the receiver replays what the learner's DWM learned on transfer_from"""
+    run_recipe: str = "cpu-small-dwm"
+    """`dwm train` recipe of every cell (a shipped name or a TOML path); uniform cells set weighting.mode=uniform"""
+    steps: int = 80
+    """LM steps per cell"""
+    batch_tokens: int = 4096
+    """global batch in tokens; each selection's budget is steps x batch_tokens"""
+    overrides: list[str] = field(default_factory=list)
+    """`dwm train` key=value overrides for every cell"""
+    launcher: str = ""
+    """empty: train in this process; else a command prefix whose cells run as `LAUNCHER -m dwm.cli train ...`
+    subprocesses, e.g. "torchrun --nproc_per_node 8\""""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks per cell; NAME:K for K-shot (the paper reports 0- and few-shot)"""
+    eval_device: str = "cpu"
+    """device of the evaluation"""
+    eval_batch_size: int = 16
+    """batch size of the evaluation"""
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.seeds or not self.quick_seeds:
+            raise UserError(f"config key {prefix}seeds / quick_seeds: at least one seed")
+        if not self.selections:
+            raise UserError(f"config key {prefix}selections: at least one selection")
+        if not self.weightings or not self.models:
+            raise UserError(f"config keys {prefix}weightings and {prefix}models need at least one entry")
+        if ("transfer" in self.weightings or self.size_transfer) and self.transfer_from not in self.selections:
+            raise UserError(f"config key {prefix}transfer_from: {self.transfer_from!r} is not one of the selections"
+                            f" ({', '.join(self.selections)}){C.did_you_mean(self.transfer_from, list(self.selections))}")
+        for pair in self.size_transfer:
+            if pair.count("->") != 1 or not all(pair.split("->")):
+                raise UserError(f"config key {prefix}size_transfer: {pair!r} is not LEARNER->RECEIVER")
+        C.check_positive(prefix + "steps", self.steps)
+        C.check_positive(prefix + "batch_tokens", self.batch_tokens)
+
+
+@dataclass
+class Cell:
+    selection: str
+    weighting: str  # uniform | dwm | transfer (replays `source`)
+    model: str
+    seed: int
+    source: str = ""  # the key of the dwm cell a transfer cell replays
+    label: str = ""  # the row of the results table (size-transfer cells get their own)
+
+    @property
+    def key(self) -> str:
+        return f"{self.selection}/{self.weighting}/{self.model}/s{self.seed}"
+
+    @property
+    def row(self) -> str:
+        return self.label or f"{self.selection} | {self.weighting} | {self.model}"
+
+
+def recipe_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".toml" or p.exists():
+        return p
+    shipped = sorted(x.stem for x in RECIPES.glob("*.toml"))
+    if name not in shipped:
+        raise UserError(f"experiment recipe {name!r}: not a file nor a shipped recipe ({', '.join(shipped)})"
+                        f"{C.did_you_mean(name, shipped)}")
+    return RECIPES / f"{name}.toml"
+
+
+def load(name: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    cfg = C.load(ExperimentConfig, recipe_path(name), overrides, command="dwm experiment")
+    C.validate(cfg)
+    return cfg
+
+
+def plan(cfg: ExperimentConfig, seeds: list[int]) -> list[Cell]:
+    """Every cell in run order: per seed, the learners (dwm cells) before the transfer cells that replay them."""
+    cells: list[Cell] = []
+    for seed in seeds:
+        for model in cfg.models:
+            for sel in cfg.selections:
+                cells += [Cell(sel, w, model, seed) for w in cfg.weightings if w != "transfer"]
+            if "transfer" in cfg.weightings:
+                src = Cell(cfg.transfer_from, "dwm", model, seed)
+                cells += [Cell(sel, "transfer", model, seed, source=src.key) for sel in cfg.selections
+                          if sel != cfg.transfer_from]
+        for pair in cfg.size_transfer:
+            learner, receiver = pair.split("->")
+            src = Cell(cfg.transfer_from, "dwm", learner, seed)
+            cells += [src, Cell(cfg.transfer_from, "uniform", receiver, seed),
+                      Cell(cfg.transfer_from, "transfer", receiver, seed, source=src.key,
+                           label=f"{cfg.transfer_from} | transfer from {learner} | {receiver}")]
+    seen: set[str] = set()
+    return [c for c in cells if not (c.key in seen or seen.add(c.key))]
+
+
+# ---------------------------------------------------------------- running
+
+
+def _selection(cfg: ExperimentConfig, out: Path, name: str, seed: int) -> Path:
+    """The manifest of selection `name` at `seed` (made once)."""
+    path = out / "selections" / f"{name}-s{seed}.parquet"
+    if path.is_file():
+        return path
+    from dwm.cli import build_parser
+    from dwm.selection.cli import select
+
+    extra = shlex.split(cfg.selections[name])
+    method = [] if "--method" in extra else ["--method", name]
+    argv = ["select", "--data", cfg.data, *method, "--budget-tokens", str(cfg.steps * cfg.batch_tokens),
+            "--seed", str(seed), "--target", cfg.reference, *extra]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.parquet")
+    args = build_parser("select").parse_args([*argv, "--out", str(tmp)])
+    select(args)
+    for suffix in (".json",):  # the report beside the manifest
+        side = tmp.with_suffix(suffix)
+        if side.exists():
+            side.replace(path.with_suffix(suffix))
+    tmp.replace(path)
+    return path
+
+
+def _train_overrides(cfg: ExperimentConfig, out: Path, cell: Cell, selection: Path) -> list[str]:
+    ov = [f"data.dir={cfg.data}", f"data.selection={selection}", f"out={out / cell.key}",
+          f"model.spec={cell.model}", f"train.seed={cell.seed}", f"train.max_steps={cfg.steps}", "train.max_tokens=0",
+          f"train.global_batch_tokens={cfg.batch_tokens}", f"weighting.reference={cfg.reference}",
+          "log.progress=false", f"checkpoint.every={max(1, cfg.steps // 4)}", *cfg.overrides]
+    if cell.weighting == "uniform":
+        ov.append("weighting.mode=uniform")
+    elif cell.weighting == "dwm":
+        ov.append("weighting.mode=dwm")
+    else:
+        ov.append(f"weighting.mode={out / cell.source}")
+    return ov
+
+
+def train_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> float:
+    """Train one cell (resuming its newest checkpoint if a killed grid left one); returns the seconds it took."""
+    from dwm.run import recipe_path as run_recipe
+
+    selection = _selection(cfg, out, cell.selection, cell.seed)
+    run = out / cell.key
+    resume = (run / "checkpoints" / "LATEST").is_file()
+    recipe = run_recipe(cfg.run_recipe) if not cfg.run_recipe.endswith(".toml") else Path(cfg.run_recipe)
+    ov = _train_overrides(cfg, out, cell, selection)
+    t0 = time.perf_counter()
+    if cfg.launcher:
+        cmd = [*shlex.split(cfg.launcher), "-m", "dwm.cli", "train", "--config", str(recipe),
+               *(["--resume"] if resume else []), *ov]
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise UserError(f"cell {cell.key}: `{shlex.join(cmd)}` failed")
+    else:
+        from dwm.run import build_trainer, load_config
+
+        build_trainer(load_config(recipe, ov), resume=resume, callbacks=callbacks).train()
+    return time.perf_counter() - t0
+
+
+def metrics_of(ev: dict[str, Any]) -> dict[str, float]:
+    """The flat metrics of one eval.json: LAMBADA-style accuracy, perplexity and passage loss on the heldout
+    target, the val split's loss (all and per domain), every lm-eval task's accuracy."""
+    m: dict[str, float] = {}
+    lam = ev.get("lambada")
+    if lam:
+        m["lambada_acc"] = lam["acc"]
+        m["lambada_ppl"] = lam["perplexity"]
+        m["passage_loss"] = lam["passage_loss"]
+    held = ev.get("heldout", {})
+    if "overall" in held:
+        m["val_loss"] = held["overall"]["loss"]
+        m.update({f"val_loss/{d}": r["loss"] for d, r in sorted(held.get("per_domain", {}).items())})
+    for task, r in sorted(ev.get("harness", {}).items()):
+        for metric in ("acc", "acc_norm"):
+            if metric in r:
+                m[f"{task}/{metric}"] = r[metric]
+    accs = [v for k, v in m.items() if k == "lambada_acc" or k.endswith("/acc")]
+    if accs:
+        m["avg_acc"] = statistics.fmean(accs)
+    return m
+
+
+def run_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> dict[str, Any]:
+    """Train and evaluate a cell unless its cell.json exists; returns that record."""
+    done = out / cell.key / "cell.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    seconds = train_cell(cfg, out, cell, callbacks)
+    from dwm.eval.cli import evaluate_run
+
+    ev = evaluate_run(out / cell.key, data_dir=cfg.data, target=cfg.heldout, tasks=cfg.tasks or None,
+                      batch_size=cfg.eval_batch_size, device=cfg.eval_device)
+    rec = {"cell": cell.key, "row": cell.row, "selection": cell.selection, "weighting": cell.weighting,
+           "model": cell.model, "seed": cell.seed, "source": cell.source, "train_seconds": round(seconds, 1),
+           "metrics": metrics_of(ev)}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(done)  # atomic: a cell is finished or not
+    return rec
+
+
+def run_experiment(cfg: ExperimentConfig, quick: bool = False, callbacks=(), log=print) -> list[dict[str, Any]]:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.toml").write_text(C.to_toml(cfg, "resolved dwm experiment configuration"))
+    cells = plan(cfg, cfg.quick_seeds if quick else cfg.seeds)
+    records = []
+    for i, cell in enumerate(cells, 1):
+        finished = (out / cell.key / "cell.json").is_file()
+        t0 = time.perf_counter()
+        rec = run_cell(cfg, out, cell, callbacks)
+        m = rec["metrics"]
+        log(f"[{i}/{len(cells)}] {cell.key}: " + ("done before" if finished else f"{time.perf_counter() - t0:.0f} s")
+            + f", heldout passage loss {m.get('passage_loss', float('nan')):.4f}, "
+              f"acc {m.get('lambada_acc', float('nan')):.4f}")
+        records.append(rec)
+    write_results(out, records)
+    return records
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _mse(xs: list[float]) -> tuple[float, float]:
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per selection x weighting x model: mean and s.e. of every metric over seeds, and the paired
+    difference against the uniform cell of the same selection and model (same seed)."""
+    rows: dict[str, list[dict]] = {}
+    for r in records:
+        rows.setdefault(r["row"], []).append(r)
+    uniform = {(r["selection"], r["model"], r["seed"]): r for r in records if r["weighting"] == "uniform"}
+    out = []
+    for row, rs in rows.items():
+        keys = list(dict.fromkeys(k for r in rs for k in r["metrics"]))
+        s: dict[str, Any] = {"row": row, "selection": rs[0]["selection"], "weighting": rs[0]["weighting"],
+                             "model": rs[0]["model"], "seeds": [r["seed"] for r in rs]}
+        for k in keys:
+            vals = [r["metrics"][k] for r in rs if k in r["metrics"]]
+            s[k], s[k + " se"] = _mse(vals)
+        if rs[0]["weighting"] != "uniform":
+            base = [uniform.get((r["selection"], r["model"], r["seed"])) for r in rs]
+            for k in ("passage_loss", "avg_acc"):
+                d = [r["metrics"][k] - b["metrics"][k] for r, b in zip(rs, base, strict=True)
+                     if b is not None and k in r["metrics"] and k in b["metrics"]]
+                if d:
+                    s[f"{k} - uniform"], s[f"{k} - uniform se"] = _mse(d)
+        out.append(s)
+    return out
+
+
+def _cell(v: float, se: float, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def write_results(out: Path, records: list[dict[str, Any]]) -> None:
+    if not records:
+        return
+    keys = list(dict.fromkeys(k for r in records for k in r["metrics"]))
+    with open(out / "cells.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["cell", "selection", "weighting", "model", "seed", "train_seconds", *keys])
+        for r in records:
+            w.writerow([r["cell"], r["selection"], r["weighting"], r["model"], r["seed"], r["train_seconds"],
+                        *(r["metrics"].get(k, "") for k in keys)])
+    summary = summarise(records)
+    cols = list(dict.fromkeys(k for s in summary for k in s if k not in ("row", "selection", "weighting", "model",
+                                                                            "seeds")))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["selection", "weighting", "model", "n_seeds", *cols])
+        for s in summary:
+            w.writerow([s["selection"], s["row"].split(" | ")[1], s["model"], len(s["seeds"]),
+                        *(s.get(k, "") for k in cols)])
+    main = [k for k in ("lambada_acc", "lambada_ppl", "passage_loss", "val_loss") if k in keys]
+    tasks = [k for k in keys if "/acc" in k]
+    diffs = ["passage_loss - uniform", "avg_acc - uniform"]
+    head = [*main, *tasks, *(["avg_acc"] if "avg_acc" in keys else []), *diffs]
+    lines = [f"# {out.name}: {len(records)} cells, mean ± s.e. over seeds", "",
+             "| selection | weighting | model | seeds | " + " | ".join(head) + " |",
+             "|---|---|---|---|" + "---|" * len(head)]
+    for s in summary:
+        vals = [(_cell(s[k], s[k + " se"], 1 if k == "lambada_ppl" else 4) if k in s else "") for k in head]
+        lines.append(f"| {s['row']} | {len(s['seeds'])} | " + " | ".join(vals) + " |")
+    doms = [k for k in keys if k.startswith("val_loss/")]
+    if doms:
+        lines += ["", "held-out (val split) loss per domain, mean over seeds:", "",
+                  "| selection | weighting | model | " + " | ".join(d.split("/", 1)[1] for d in doms) + " |",
+                  "|---|---|---|" + "---|" * len(doms)]
+        for s in summary:
+            lines.append(f"| {s['row']} | " + " | ".join(f"{s[d]:.4f}" if d in s else "" for d in doms) + " |")
+    lines += ["", ("`passage_loss` and `lambada_*` are on the heldout target; `... - uniform` is the paired difference "
+                   "against the uniform cell of the same selection and model (mean ± s.e. over seeds).")]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- `dwm experiment`
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="experiment TOML, or a shipped recipe name (cpu-mini, paper-370m, "
+                                             "paper-1.3b) (default: none, print --help-config)")
+    p.add_argument("--quick", action="store_true", help="only the recipe's quick_seeds (one seed: a first look)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells in run order and exit")
+    p.add_argument("--help-config", action="store_true", help="print every experiment key, its type and default")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the recipe, e.g. seeds=0,1")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.help_config or not args.recipe:
+        print(C.help_text(ExperimentConfig))
+        return 0
+    cfg = load(args.recipe, args.overrides)
+    if args.dry_run:
+        for c in plan(cfg, cfg.quick_seeds if args.quick else cfg.seeds):
+            print(c.key + (f"  (replays {c.source})" if c.source else ""))
+        return 0
+    if not (Path(cfg.data) / "meta.json").is_file():
+        raise UserError(f"prepared data directory not found: {cfg.data} (run `dwm prepare` or `make demo` first, "
+                        f"or set data=DIR)")
+    for p in (cfg.reference, cfg.heldout):
+        if not Path(p).is_file():
+            raise UserError(f"target file not found: {p} (build it with `dwm target build`)")
+    run_experiment(cfg, quick=args.quick, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print((Path(cfg.out) / "results.md").read_text())
+    return 0

@@ -1,0 +1,172 @@
+"""`dwm experiment`: the grid's plan, a two-cell grid on the tiny preset killed mid-cell and resumed without
+redoing the finished cell, tables equal to the runs' own eval.json, the shipped recipes, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from eval_helpers import make_passages, write_jsonl
+
+from dwm.cli import main
+from dwm.errors import UserError
+from dwm.experiment import RECIPES, ExperimentConfig, load, metrics_of, plan, summarise
+from dwm.testing import make_synthetic_prepared
+
+KILL = textwrap.dedent("""
+    import os, signal, sys
+    from dwm.experiment import load, run_experiment
+    from dwm.train.callbacks import Callback
+
+    class KillSecondCell(Callback):  # SIGKILL the grid right after step 2 of its second cell
+        attached = 0
+        def on_attach(self, ctx):
+            KillSecondCell.attached += 1
+        def on_step_end(self, ctx, metrics):
+            if KillSecondCell.attached == 2 and ctx.step == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run_experiment(load(sys.argv[1], sys.argv[2:]), callbacks=[KillSecondCell()])
+""")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exp")
+    make_synthetic_prepared(root / "data", n_train=96, n_val=16, seq_len=32, vocab_size=300, domains=("a", "b"))
+    write_jsonl(make_passages(8, seed=1), root / "ref.jsonl")
+    write_jsonl(make_passages(8, seed=2), root / "held.jsonl")
+    recipe = root / "two.toml"
+    recipe.write_text(textwrap.dedent(f"""
+        out = "{root / 'grid'}"
+        data = "{root / 'data'}"
+        reference = "{root / 'ref.jsonl'}"
+        heldout = "{root / 'held.jsonl'}"
+        seeds = [0]
+        weightings = ["uniform", "dwm"]
+        models = ["tiny"]
+        steps = 4
+        batch_tokens = 256
+        overrides = ["train.micro_batch_size=4", "optim.warmup_steps=1", "log.every=1", "train.device=cpu",
+                     "weighting.net.width=32", "weighting.net.heads=2", "weighting.net.max_len=32",
+                     "weighting.probe_size=20", "weighting.ref_batch_size=4", "weighting.batch_size=8"]
+        [selections]
+        random = ""
+    """))
+    return {"root": root, "recipe": recipe, "out": root / "grid"}
+
+
+def test_plan_orders_learners_before_transfers():
+    cfg = ExperimentConfig(selections={"random": "", "dsir": ""}, weightings=["uniform", "dwm", "transfer"],
+                           models=["cpu-small"], size_transfer=["cpu-mini->cpu-small"], seeds=[0, 1])
+    cells = plan(cfg, cfg.seeds)
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys)) == 2 * (4 + 1 + 1 + 1)
+    assert keys[:7] == ["random/uniform/cpu-small/s0", "random/dwm/cpu-small/s0", "dsir/uniform/cpu-small/s0",
+                        "dsir/dwm/cpu-small/s0", "dsir/transfer/cpu-small/s0", "random/dwm/cpu-mini/s0",
+                        "random/transfer/cpu-small/s0"]
+    by = {c.key: c for c in cells}
+    assert by["dsir/transfer/cpu-small/s1"].source == "random/dwm/cpu-small/s1"
+    size = by["random/transfer/cpu-small/s1"]
+    assert size.source == "random/dwm/cpu-mini/s1" and "from cpu-mini" in size.row
+    for c in cells:  # every replayed learner runs earlier
+        if c.source:
+            assert keys.index(c.source) < keys.index(c.key)
+
+
+def test_grid_resumes_after_kill_and_tables_equal_eval(grid, one_thread):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", KILL, str(grid["recipe"])], env=env, capture_output=True, text=True, check=False,
+                       timeout=600)
+    assert p.returncode == -9, p.stderr[-2000:]
+    out = grid["out"]
+    first = out / "random/uniform/tiny/s0/cell.json"
+    second = out / "random/dwm/tiny/s0"
+    assert first.is_file() and not (second / "cell.json").exists()
+    assert (second / "checkpoints" / "LATEST").is_file()
+    before = (first.stat().st_mtime_ns, first.read_text())
+    log: list[str] = []
+    from dwm.experiment import run_experiment
+
+    records = run_experiment(load(str(grid["recipe"])), log=log.append)
+    assert (first.stat().st_mtime_ns, first.read_text()) == before  # the finished cell was not rerun
+    assert "done before" in log[0] and "done before" not in log[1]
+    resumed = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["checkpoint"] for r in resumed if r.get("event") == "resume"] == ["step_00000002"]
+    assert max(r["step"] for r in resumed if "loss" in r) == 4
+
+    # the tables hold the runs' own eval.json numbers
+    for rec in records:
+        ev = json.loads((out / rec["cell"] / "eval.json").read_text())
+        assert rec["metrics"] == metrics_of(ev)
+        assert rec["metrics"]["passage_loss"] == ev["lambada"]["passage_loss"]
+    rows = list(csv.DictReader((out / "cells.csv").read_text().splitlines()))
+    assert [r["cell"] for r in rows] == ["random/uniform/tiny/s0", "random/dwm/tiny/s0"]
+    for r, rec in zip(rows, records, strict=True):
+        assert float(r["passage_loss"]) == pytest.approx(rec["metrics"]["passage_loss"], rel=1e-12)
+        assert float(r["val_loss/a"]) == pytest.approx(rec["metrics"]["val_loss/a"], rel=1e-12)
+    res = {r["weighting"]: r for r in csv.DictReader((out / "results.csv").read_text().splitlines())}
+    u, d = (rec["metrics"] for rec in records)
+    assert float(res["dwm"]["passage_loss - uniform"]) == pytest.approx(d["passage_loss"] - u["passage_loss"])
+    assert float(res["uniform"]["lambada_acc"]) == pytest.approx(u["lambada_acc"])
+    md = (out / "results.md").read_text()
+    assert f"{d['passage_loss']:.4f}" in md and f"{d['passage_loss'] - u['passage_loss']:+.4f}"[1:] in md
+    # the selection the cells trained on is a real `dwm select` manifest of the budget
+    report = json.loads((out / "selections" / "random-s0.json").read_text())
+    assert report["method"] == "random" and report["budget_tokens"] == 4 * 256
+
+
+def test_summary_statistics_by_hand():
+    recs = [{"row": f"r | {w} | m", "selection": "r", "weighting": w, "model": "m", "seed": s,
+             "metrics": {"passage_loss": v, "avg_acc": a}}
+            for w, vals in (("uniform", [(5.0, 0.1), (6.0, 0.2)]), ("dwm", [(4.5, 0.2), (5.9, 0.2)]))
+            for s, (v, a) in enumerate(vals)]
+    s = {x["weighting"]: x for x in summarise(recs)}
+    assert s["dwm"]["passage_loss"] == pytest.approx(5.2)
+    assert s["dwm"]["passage_loss se"] == pytest.approx(0.7)  # stdev([4.5, 5.9]) / sqrt 2
+    assert s["dwm"]["passage_loss - uniform"] == pytest.approx(-0.3)  # mean(-0.5, -0.1)
+    assert s["dwm"]["passage_loss - uniform se"] == pytest.approx(0.2)
+    assert "passage_loss - uniform" not in s["uniform"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.toml")))
+def test_shipped_recipes_load_and_models_build(name):
+    from transformers import LlamaForCausalLM
+
+    from dwm.run import load_config, recipe_path
+    from dwm.train.model import PRESETS, count_params, llama_config
+
+    cfg = load(name)
+    assert cfg.selections and cfg.seeds
+    load_config(recipe_path(cfg.run_recipe))  # the run recipe each cell starts from exists and parses
+    want = {"paper-370m": (330e6, 420e6), "paper-1.3b": (1.2e9, 1.45e9), "cpu-small": (4.5e6, 6e6),
+            "cpu-mini": (1.2e6, 1.7e6)}
+    models = cfg.models + [m for pair in cfg.size_transfer for m in pair.split("->")]
+    for m in models:
+        with torch.device("meta"):
+            n = count_params(LlamaForCausalLM(llama_config(PRESETS[m], 32000 if m.startswith("paper") else 8192)))
+        assert want[m][0] < n < want[m][1], (m, n)
+
+
+def test_bad_recipes_one_line(tmp_path, capsys):
+    with pytest.raises(UserError, match="did you mean cpu-mini"):
+        load("cpu-mni")
+    with pytest.raises(UserError, match=r"weightings\[1\].*did you mean dwm"):
+        load("cpu-mini", ["weightings=uniform,dwn"])
+    with pytest.raises(UserError, match="transfer_from.*did you mean random"):
+        load("cpu-mini", ["transfer_from=randm"])
+    with pytest.raises(UserError, match="LEARNER->RECEIVER"):
+        load("cpu-mini", ["size_transfer=cpu-mini"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('seeds = [0]\nselction = {random = ""}\n')
+    with pytest.raises(UserError, match="unknown config key selction.*did you mean selections"):
+        load(str(bad))
+    assert main(["experiment", "cpu-mini", f"data={tmp_path / 'nowhere'}"]) == 2
+    assert "prepared data directory not found" in capsys.readouterr().err

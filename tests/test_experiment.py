@@ -170,3 +170,16 @@ def test_bad_recipes_one_line(tmp_path, capsys):
         load(str(bad))
     assert main(["experiment", "cpu-mini", f"data={tmp_path / 'nowhere'}"]) == 2
     assert "prepared data directory not found" in capsys.readouterr().err
+
+
+def test_launcher_runs_cells_as_dwm_train_subprocesses(grid, tmp_path):
+    from dwm.experiment import run_experiment
+
+    cfg = load(str(grid["recipe"]), [f"out={tmp_path / 'g'}", "weightings=uniform", f"launcher={sys.executable}",
+                                     "steps=2"])
+    records = run_experiment(cfg, log=lambda s: None)
+    run = tmp_path / "g" / "random/uniform/tiny/s0"
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step_00000002"
+    assert "weighting.mode=uniform" not in (run / "config.toml").read_text()  # the resolved config, not argv
+    assert 'mode = "uniform"' in (run / "config.toml").read_text()
+    assert records[0]["metrics"] == metrics_of(json.loads((run / "eval.json").read_text()))

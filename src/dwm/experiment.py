@@ -76,7 +76,7 @@ class ExperimentConfig:
     overrides: list[str] = field(default_factory=list)
     """`dwm train` key=value overrides for every cell"""
     launcher: str = ""
-    """empty: train in this process; else a command prefix whose cells run as `LAUNCHER -m dwm.cli train ...`
+    """empty: train in this process; else a command prefix whose cells run as `LAUNCHER -m dwm train ...`
     subprocesses, e.g. "torchrun --nproc_per_node 8\""""
     tasks: list[str] = field(default_factory=list)
     """lm-eval tasks per cell; NAME:K for K-shot (the paper reports 0- and few-shot)"""
@@ -166,16 +166,17 @@ def _selection(cfg: ExperimentConfig, out: Path, name: str, seed: int) -> Path:
     path = out / "selections" / f"{name}-s{seed}.parquet"
     if path.is_file():
         return path
-    from dwm.cli import build_parser
-    from dwm.selection.cli import select
+    from dwm.selection.cli import add_arguments, select
 
     extra = shlex.split(cfg.selections[name])
     method = [] if "--method" in extra else ["--method", name]
-    argv = ["select", "--data", cfg.data, *method, "--budget-tokens", str(cfg.steps * cfg.batch_tokens),
+    argv = ["--data", cfg.data, *method, "--budget-tokens", str(cfg.steps * cfg.batch_tokens),
             "--seed", str(seed), "--target", cfg.reference, *extra]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.parquet")
-    args = build_parser("select").parse_args([*argv, "--out", str(tmp)])
+    parser = argparse.ArgumentParser(prog="dwm select")
+    add_arguments(parser)
+    args = parser.parse_args([*argv, "--out", str(tmp)])
     select(args)
     for suffix in (".json",):  # the report beside the manifest
         side = tmp.with_suffix(suffix)
@@ -210,7 +211,7 @@ def train_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> fl
     ov = _train_overrides(cfg, out, cell, selection)
     t0 = time.perf_counter()
     if cfg.launcher:
-        cmd = [*shlex.split(cfg.launcher), "-m", "dwm.cli", "train", "--config", str(recipe),
+        cmd = [*shlex.split(cfg.launcher), "-m", "dwm", "train", "--config", str(recipe),
                *(["--resume"] if resume else []), *ov]
         if subprocess.run(cmd, check=False).returncode != 0:
             raise UserError(f"cell {cell.key}: `{shlex.join(cmd)}` failed")

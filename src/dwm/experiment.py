@@ -178,10 +178,7 @@ def _selection(cfg: ExperimentConfig, out: Path, name: str, seed: int) -> Path:
     add_arguments(parser)
     args = parser.parse_args([*argv, "--out", str(tmp)])
     select(args)
-    for suffix in (".json",):  # the report beside the manifest
-        side = tmp.with_suffix(suffix)
-        if side.exists():
-            side.replace(path.with_suffix(suffix))
+    tmp.with_suffix(".json").replace(path.with_suffix(".json"))  # the report select writes beside the manifest
     tmp.replace(path)
     return path
 
@@ -191,23 +188,18 @@ def _train_overrides(cfg: ExperimentConfig, out: Path, cell: Cell, selection: Pa
           f"model.spec={cell.model}", f"train.seed={cell.seed}", f"train.max_steps={cfg.steps}", "train.max_tokens=0",
           f"train.global_batch_tokens={cfg.batch_tokens}", f"weighting.reference={cfg.reference}",
           "log.progress=false", f"checkpoint.every={max(1, cfg.steps // 4)}", *cfg.overrides]
-    if cell.weighting == "uniform":
-        ov.append("weighting.mode=uniform")
-    elif cell.weighting == "dwm":
-        ov.append("weighting.mode=dwm")
-    else:
-        ov.append(f"weighting.mode={out / cell.source}")
+    ov.append(f"weighting.mode={out / cell.source if cell.weighting == 'transfer' else cell.weighting}")
     return ov
 
 
 def train_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> float:
     """Train one cell (resuming its newest checkpoint if a killed grid left one); returns the seconds it took."""
-    from dwm.run import recipe_path as run_recipe
+    from dwm.run import resolve_config_path
 
     selection = _selection(cfg, out, cell.selection, cell.seed)
     run = out / cell.key
     resume = (run / "checkpoints" / "LATEST").is_file()
-    recipe = run_recipe(cfg.run_recipe) if not cfg.run_recipe.endswith(".toml") else Path(cfg.run_recipe)
+    recipe = resolve_config_path(cfg.run_recipe, None, False)
     ov = _train_overrides(cfg, out, cell, selection)
     t0 = time.perf_counter()
     if cfg.launcher:

@@ -107,6 +107,13 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
     if not (data_path / "meta.json").is_file():
         raise UserError(f"prepared data directory not found: {data_path} (pass --data DIR)")
 
+    shots: dict[int | None, list[str]] = {}
+    for t in tasks or ():  # "name" (the task's default shots) or "name:k" (k-shot), checked before any loading
+        name_, _, k = t.partition(":")
+        if k and not k.isdigit():
+            raise UserError(f"task {t!r}: the shot count after ':' must be a whole number (e.g. {name_}:5)")
+        shots.setdefault(int(k) if k else None, []).append(name_)
+
     step, tokens_seen = _step_and_tokens(run, name, cfg)
     model = load_run_model(ckpt, device=device)
     tokenizer = load_run_tokenizer(run)
@@ -128,12 +135,6 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
     if tasks:
         from dwm.eval.harness import run_harness
 
-        shots: dict[int | None, list[str]] = {}
-        for t in tasks:  # "name" (the task's default shots) or "name:k" (k-shot)
-            name_, _, k = t.partition(":")
-            if k and not (k.isdigit()):
-                raise UserError(f"task {t!r}: the shot count after ':' must be a whole number (e.g. {name_}:5)")
-            shots.setdefault(int(k) if k else None, []).append(name_)
         result["harness"] = {}
         with tempfile.TemporaryDirectory(prefix="dwm_export_") as tmp:
             export_run(run, tmp, name)

@@ -164,6 +164,8 @@ def test_eval_errors(setup, tmp_path, capsys):
         evaluate_run(run, data_dir=tmp_path, target=None)
     with pytest.raises(UserError, match="checkpoint 'step_00000099' has no model"):
         evaluate_run(run, checkpoint="step_00000099", target=None)
+    with pytest.raises(UserError, match=r"task 'dwm_lambada:five': the shot count .* \(e.g. dwm_lambada:5\)"):
+        evaluate_run(run, target=None, tasks=["dwm_lambada:five"], write=False)
     capsys.readouterr()
     assert main(["eval", str(run), "--target", str(ref)]) == 2
     err = capsys.readouterr().err

@@ -93,3 +93,39 @@ def test_harness_errors(exported, tmp_path):
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
     with pytest.raises(UserError, match="hub"):
         run_harness(hf, ["hub_lambada"], include_path=[inc], include_defaults=False)
+
+
+def test_few_shot_prompts_and_scores(exported):
+    """num_fewshot=K (`dwm eval --tasks dwm_lambada:K`): every prompt is K *other* passages of the file (never the
+    passage itself: its answer would be in the prompt), then the passage's own context; lm-eval's log-likelihood
+    of the last word equals ours on that prompt."""
+    _run, hf, target, passages = exported
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    K = 2
+    theirs = run_harness(hf, ["dwm_lambada"], target=target, batch_size=4, log_samples=True, num_fewshot=K)
+    samples = theirs["samples"]["dwm_lambada"]
+    assert len(samples) == len(passages)
+    model = AutoModelForCausalLM.from_pretrained(hf).eval()
+    tok = AutoTokenizer.from_pretrained(hf)
+    encode, prefix = make_encoder(tok), prefix_token_id(tok)
+    pairs, lls = [], []
+    for s in samples:
+        own = passages[s["doc_id"]]
+        context, word = s["arguments"][0][0], s["arguments"][0][1]
+        ctx, tgt = split_context_target(own)
+        assert word == tgt
+        shots, _, tail = context.rpartition("\n\n")  # lm-eval's default fewshot_delimiter
+        assert tail == ctx
+        # a shot is lm-eval's doc_to_text + target_delimiter " " + doc_to_target, whose target already starts
+        # with a space: the passage with a double space before its last word (lm-eval's lambada_openai does this)
+        as_shot = {" ".join(split_context_target(p)): p for p in passages}
+        shots = shots.split("\n\n")
+        assert len(shots) == K and all(x in as_shot and as_shot[x] != own for x in shots)
+        pairs.append(encode_pair(encode, context, tgt, prefix))
+        lls.append(s["filtered_resps"][0][0])
+    scored = score_pairs(model, pairs, batch_size=4)
+    for (ll, _greedy), theirs_ll in zip(scored, lls, strict=True):
+        assert ll == pytest.approx(theirs_ll, rel=1e-4, abs=1e-5)
+    zero = run_harness(hf, ["dwm_lambada"], target=target, batch_size=4)["results"]["dwm_lambada"]
+    assert theirs["results"]["dwm_lambada"]["perplexity"] != zero["perplexity"]  # the shots reached the model

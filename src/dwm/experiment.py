@@ -376,8 +376,8 @@ def run(args: argparse.Namespace) -> int:
             print(c.key + (f"  (replays {c.source})" if c.source else ""))
         return 0
     if not (Path(cfg.data) / "meta.json").is_file():
-        raise UserError(f"prepared data directory not found: {cfg.data} (run `dwm prepare` or `make demo` first, "
-                        f"or set data=DIR)")
+        raise UserError(f"prepared data directory not found: {cfg.data} (`make demo` prepares runs/demo/data; "
+                        f"or `dwm prepare CORPUS --out DIR` and data=DIR)")
     for p in (cfg.reference, cfg.heldout):
         if not Path(p).is_file():
             raise UserError(f"target file not found: {p} (build it with `dwm target build`)")

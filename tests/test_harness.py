@@ -109,6 +109,9 @@ def test_few_shot_prompts_and_scores(exported):
     model = AutoModelForCausalLM.from_pretrained(hf).eval()
     tok = AutoTokenizer.from_pretrained(hf)
     encode, prefix = make_encoder(tok), prefix_token_id(tok)
+    # a shot is lm-eval's doc_to_text + target_delimiter " " + doc_to_target, whose target already starts with a
+    # space: the passage with a double space before its last word (lm-eval's lambada_openai does this)
+    as_shot = {" ".join(split_context_target(p)): p for p in passages}
     pairs, lls = [], []
     for s in samples:
         own = passages[s["doc_id"]]
@@ -117,9 +120,6 @@ def test_few_shot_prompts_and_scores(exported):
         assert word == tgt
         shots, _, tail = context.rpartition("\n\n")  # lm-eval's default fewshot_delimiter
         assert tail == ctx
-        # a shot is lm-eval's doc_to_text + target_delimiter " " + doc_to_target, whose target already starts
-        # with a space: the passage with a double space before its last word (lm-eval's lambada_openai does this)
-        as_shot = {" ".join(split_context_target(p)): p for p in passages}
         shots = shots.split("\n\n")
         assert len(shots) == K and all(x in as_shot and as_shot[x] != own for x in shots)
         pairs.append(encode_pair(encode, context, tgt, prefix))

@@ -18,6 +18,9 @@ gives the same model init and data stream to every arm.
 - ablation: one DWM lever changed at a time from the defaults, on the main target: the change of *reference*
   passage loss against uniform (paired), its share of the reference-side headroom, and the cost.
 
+`--steps 40 --batch-tokens 16384 --out benchmarks/out/dwm_b64` is the same token budget in batches of 64 samples
+instead of 16, where a batch holds enough of the target's domain for in-batch weights to act (docs/METHOD.md §8).
+
 Figures: per arm the heldout passage loss (mean +- s.e. over seeds); the paired difference DWM - uniform per seed
 with its mean and standard error; DWM's share of the uniform -> oracle gap; per-domain held-out loss of the three;
 the whole-run cost DWM / uniform (wall time of runs trained side by side, probe scoring excluded); the mean probe
@@ -304,6 +307,9 @@ def main() -> int:
     p.add_argument("--oracle-seeds", type=int, nargs="+", default=None,
                    help="seeds the oracle grid is trained on (default: --seeds); the share chosen there on the "
                         "reference side is then trained on every seed")
+    p.add_argument("--oracle-grid", type=float, nargs="+", default=None, metavar="SHARE",
+                   help="shares of the target-like domain in the oracle grid (default 0.25 0.5 1.0); one share "
+                        "reuses a choice made at another budget instead of choosing again")
     p.add_argument("--steps", type=int, default=150, help="LM steps per run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
@@ -313,7 +319,12 @@ def main() -> int:
                         "cache, e.g. the baselines before the DWM defaults are settled")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.oracle_grid and not all(0 < g <= 1 for g in args.oracle_grid):
+        p.error(f"--oracle-grid: shares must be in (0, 1], got {args.oracle_grid}")
     targets = prepare_targets(args.out)
+    if args.oracle_grid:
+        for t in targets.values():
+            t.grid = tuple(args.oracle_grid)
     parts = ["main", "second", "ablation"] if args.part == "all" else [args.part]
     abl_seeds = args.ablation_seeds or args.seeds
     oseeds = args.oracle_seeds or args.seeds

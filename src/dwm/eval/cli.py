@@ -20,6 +20,7 @@ from typing import Any
 
 from dwm.errors import UserError
 from dwm.eval.export import export_run, load_run_model, load_run_tokenizer, resolve_checkpoint
+from dwm.host import keep_freed_memory
 
 DEFAULT_TARGET = "data/target/heldout.jsonl"
 
@@ -115,6 +116,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
         shots.setdefault(int(k) if k else None, []).append(name_)
 
     step, tokens_seen = _step_and_tokens(run, name, cfg)
+    if device == "cpu":
+        keep_freed_memory()  # the logits of a 16-sample batch are 134 MB: reuse them (dwm.host)
     model = load_run_model(ckpt, device=device)
     tokenizer = load_run_tokenizer(run)
     result: dict[str, Any] = {

@@ -109,6 +109,11 @@ class TrainConfig:
     """'auto' = bf16 autocast on CUDA, fp32 on CPU; 'fp64' = float64 weights (numerical checks)"""
     compile: bool = False
     """torch.compile the model's forward/backward"""
+    keep_freed_memory: bool = True
+    """on CPU (Linux, glibc): keep freed blocks in the process heap instead of returning the large ones (a
+    micro-batch's logits) to the kernel and faulting them in again at every step (dwm.host: a cpu-small step's
+    kernel time 0.46 -> 0.04 s, CPU time a median 1.05x, benchmarks/results/malloc.md); the heap keeps its
+    high-water mark"""
 
     def validate(self, prefix: str) -> None:
         check_positive(f"{prefix}global_batch_tokens", self.global_batch_tokens)

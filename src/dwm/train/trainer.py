@@ -34,6 +34,7 @@ from dwm.config import to_dict, to_toml, validate
 from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData, data_fingerprint
 from dwm.errors import UserError
+from dwm.host import keep_freed_memory
 from dwm.train import distributed as dist_utils
 from dwm.train.callbacks import Callback
 from dwm.train.checkpoint import load_latest, save_checkpoint
@@ -116,6 +117,8 @@ class Trainer:
         validate(cfg)
         info = dist_utils.setup(cfg.train.device)
         self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
+        if self.device.type == "cpu" and cfg.train.keep_freed_memory:
+            keep_freed_memory()
         self.plan: Plan = plan_for_data(cfg, world_size=self.world_size)
         self.run_dir = Path(cfg.out)
         self.is_main = self.rank == 0

@@ -56,3 +56,30 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
                  "--heldout", str(tmp_path / "heldout.jsonl"), "--preset", "tiny", "--steps", "5", "--vocab-size",
                  "300", "--seq-len", "32", "--batch-tokens", "256", "--max-passages", "6", "--jobs", "1"]) == 0
     assert (out / "dwm" / "checkpoints" / "LATEST").stat().st_mtime == mtime
+
+
+def test_the_last_arm_training_takes_the_freed_cores(tmp_path):
+    """TakeFreedCores: with 2 cores and two other arms, 1 thread while any other is still training, both cores once
+    both have written their last checkpoint's LATEST pointer."""
+    import torch
+
+    from dwm.demo import TakeFreedCores
+
+    others = [tmp_path / "uniform", tmp_path / "oracle"]
+    cb = TakeFreedCores(others, steps=150, cores=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for run in others:
+            (run / "checkpoints").mkdir(parents=True)
+            (run / "checkpoints" / "LATEST").write_text("step_00000100\n")  # still training
+        cb.on_step_end(None, None)
+        assert torch.get_num_threads() == 1
+        (others[0] / "checkpoints" / "LATEST").write_text("step_00000150\n")
+        cb.on_step_end(None, None)
+        assert torch.get_num_threads() == 1  # 2 running on 2 cores: one each
+        (others[1] / "checkpoints" / "LATEST").write_text("step_00000150\n")
+        cb.on_step_end(None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -9,20 +9,23 @@
    DWM's mean weight per domain at every stage, and say in one line what it learned and how much it helped.
 
 The three runs train at the same time, one process and one thread each (on two cores this is faster than one
-after the other). Each part is skipped when its output is already complete, so a re-run after an interruption
-continues. Every number printed comes from this run's files.
+after the other); an arm still training when the others have finished takes the cores they freed. Each part is
+skipped when its output is already complete, so a re-run after an interruption continues. Every number printed
+comes from this run's files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from dwm.errors import UserError
+from dwm.train.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = ("uniform", "dwm", "oracle")
@@ -53,9 +56,27 @@ def _finished(run: Path, steps: int) -> bool:
     return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}"
 
 
+class TakeFreedCores(Callback):
+    """The arms train side by side, one thread each; an arm still training when others have finished takes the
+    cores they freed (checked after every step from the other runs' LATEST pointers), so the longest arm (DWM)
+    does not finish alone on one core while the other idles."""
+
+    def __init__(self, others: list[Path], steps: int, cores: int):
+        self.others, self.steps, self.cores = others, steps, cores
+
+    def on_step_end(self, ctx, metrics) -> None:
+        import torch
+
+        running = 1 + sum(not _finished(r, self.steps) for r in self.others)
+        threads = max(1, self.cores // running)
+        if threads > torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+
 def train_and_eval(arm: str, overrides: list[str], steps: int, heldout: str, max_passages: int,
-                   threads: int) -> dict[str, Any]:
-    """One arm, in its own process: train (or resume, or skip when finished), then evaluate."""
+                   threads: int, others: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One arm, in its own process: train (or resume, or skip when finished), then evaluate. With `others` (the
+    runs training beside it) it takes the cores they free (TakeFreedCores)."""
     import torch
 
     from dwm.eval.cli import evaluate_run
@@ -66,7 +87,8 @@ def train_and_eval(arm: str, overrides: list[str], steps: int, heldout: str, max
     run = Path(cfg.out)
     if not _finished(run, steps):
         print(f"[demo] train {arm} -> {run}", file=sys.stderr, flush=True)
-        build_trainer(cfg, resume=(run / "checkpoints" / "LATEST").is_file()).train()
+        cbs = [TakeFreedCores(list(others), steps, os.cpu_count() or 1)] if others else []
+        build_trainer(cfg, resume=(run / "checkpoints" / "LATEST").is_file(), callbacks=cbs).train()
     return evaluate_run(run, target=heldout, max_passages=max_passages)
 
 
@@ -151,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {a: ex.submit(train_and_eval, a, overrides[a], args.steps, args.heldout, args.max_passages, 1)
+            futs = {a: ex.submit(train_and_eval, a, overrides[a], args.steps, args.heldout, args.max_passages, 1,
+                                 tuple(out / b for b in arms if b != a) if jobs == len(arms) else ())
                     for a in arms}
             results = {a: f.result() for a, f in futs.items()}
 

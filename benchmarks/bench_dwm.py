@@ -19,7 +19,9 @@ gives the same model init and data stream to every arm.
   passage loss against uniform (paired), its share of the reference-side headroom, and the cost.
 
 `--steps 40 --batch-tokens 16384 --out benchmarks/out/dwm_b64` is the same token budget in batches of 64 samples
-instead of 16, where a batch holds enough of the target's domain for in-batch weights to act (docs/METHOD.md §8).
+instead of 16, where a batch holds enough of the target's domain for in-batch weights to act; `--steps 40
+--batch-tokens 4096 --out benchmarks/out/dwm_s40` is its control, the same 40 steps in batches of 16 (a quarter of
+the tokens), which separates the batch size from the point of training (docs/METHOD.md §8).
 
 Figures: per arm the heldout passage loss (mean +- s.e. over seeds); the paired difference DWM - uniform per seed
 with its mean and standard error; DWM's share of the uniform -> oracle gap; per-domain held-out loss of the three;

@@ -7,6 +7,8 @@ faults, 0.46 s of kernel time a step here). Raising the mmap and trim thresholds
 for reuse: 15x fewer faults, 0.04 s of kernel time, a step's CPU time a median 1.05x lower (noisy: 0.92-1.22
 between repeats; `benchmarks/bench_malloc.py`, benchmarks/results/malloc.md). mallopt only reaches glibc; with
 jemalloc or tcmalloc preloaded (PyTorch's CPU performance guide) the allocator already reuses such blocks.
+The reuse starts once the heap has grown: in a fresh process the first few 64 MB blocks after the call still
+fault (4 allocations measured, then none), so a run pays it in its first step only.
 """
 
 from __future__ import annotations

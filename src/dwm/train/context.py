@@ -11,10 +11,9 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover (annotations only: importing the contract stays free of torch)
+    import numpy as np
+    import torch
     from tokenizers import Tokenizer
 
     from dwm.data.dataset import PreparedData

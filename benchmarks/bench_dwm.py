@@ -82,7 +82,7 @@ class Target:
 @dataclass
 class Cell:
     target: str
-    arm: str  # "uniform" | "dwm" | "static:<share>" | "ablation:<name>"
+    arm: str  # "uniform" | "dwm" | "static:<share>" | "inbatch:<weight>" | "ablation:<name>"
     seed: int
     overrides: list[str] = field(default_factory=list)
 
@@ -154,7 +154,8 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
 
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    recipe = "cpu-small-uniform" if cell.arm == "uniform" or cell.arm.startswith("static:") else "cpu-small-dwm"
+    recipe = ("cpu-small-uniform" if cell.arm == "uniform" or cell.arm.startswith(("static:", "inbatch:"))
+              else "cpu-small-dwm")
     ov = [f"data.dir={target.data}", f"out={run}", f"train.max_steps={steps}", f"train.seed={cell.seed}",
           f"train.global_batch_tokens={batch_tokens}", f"optim.warmup_steps={max(1, steps // 10)}",
           f"weighting.reference={target.reference}", "log.progress=false", f"checkpoint.every={steps}",
@@ -165,6 +166,8 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
         ids = mixture_ids(data.domain_ids, data.domains, {target.domain: float(cell.arm.split(":")[1])}, n,
                           seed=cell.seed)
         ov.append(f"data.selection={write_manifest(ids, run / 'mixture.parquet')}")
+    if cell.arm.startswith("inbatch:"):  # the target's domain weighted by v within each batch, same stream as uniform
+        ov += ["weighting.mode=domains", f"weighting.domain_weights={target.domain}={cell.arm.split(':')[1]}"]
     trainer = build_trainer(load_config(recipe_path(recipe), ov))
     t0 = time.perf_counter()
     trainer.train()
@@ -232,7 +235,7 @@ def best_static(results: dict[str, dict], t: Target, seeds: list[int]) -> str:
 
 
 def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: int, batch_tokens: int,
-                  oseeds: list[int]) -> str:
+                  oseeds: list[int], inbatch: tuple[float, ...] = ()) -> str:
     uni = arm_results(results, t.name, "uniform", seeds)
     dwm = arm_results(results, t.name, "dwm", seeds)
     oracle_arm = best_static(results, t, oseeds)
@@ -250,7 +253,9 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
     for name, rs in (("uniform", uni), ("DWM (defaults)", dwm), (f"oracle `{oracle_arm}`", orc),
                      *((f"`static:{g}` (seeds {oseeds})", arm_results(results, t.name, f"static:{g}", oseeds))
                        for g in t.grid
-                       if f"static:{g}" != oracle_arm)):
+                       if f"static:{g}" != oracle_arm),
+                     *((f"in-batch oracle: `{t.domain}` x {v:g}", arm_results(results, t.name, f"inbatch:{v:g}", seeds))
+                       for v in inbatch)):
         lines.append(f"| {name} | {fmt([r[key] for r in rs])} | {fmt([r['reference_passage_loss'] for r in rs])} | "
                      f"{fmt([r['lambada_ppl'] for r in rs], 1)} | {fmt([r['val_loss_all'] for r in rs])} |")
     lines += ["", (f"- paired difference DWM - uniform (heldout passage loss) per seed: "
@@ -258,6 +263,7 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
                   f"{abs(dm) / dse if dse > 0 else float('inf'):.1f} s.e.; DWM below uniform in "
                   f"{sum(x < 0 for x in diffs)} of {len(diffs)} seeds"),
               f"- uniform -> oracle gap: {fmt(gaps)}; DWM recovers **{100 * share:.0f}%** of it",
+              *(inbatch_line(results, t, v, uni, gaps, seeds) for v in inbatch),
               (f"- whole-run cost DWM / uniform (trained side by side): {[round(c, 3) for c in cost]}, median "
               f"{statistics.median(cost):.3f} (probe scoring excluded: {fmt([d['probe_seconds'] for d in dwm], 1)} s)")]
     w = [d["last_stage_weights"] for d in dwm if d["last_stage_weights"]]
@@ -276,6 +282,18 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
         lines.append(f"| {d} | " + " | ".join(f"{statistics.fmean(r['val_loss'][d] for r in rs):.4f}"
                                                for rs in (uni, dwm, orc)) + " |")
     return "\n".join(lines)
+
+
+def inbatch_line(results: dict[str, dict], t: Target, v: float, uni: list[dict], gaps: list[float],
+                 seeds: list[int]) -> str:
+    """The in-batch oracle against uniform: what weighting the target's domain by v within every batch (same
+    stream) gains, i.e. how much of the static mixture's gap in-batch weights can reach at this budget."""
+    key = "heldout_passage_loss"
+    d = [r[key] - u[key] for r, u in zip(arm_results(results, t.name, f"inbatch:{v:g}", seeds), uni, strict=True)]
+    m, se = mse(d)
+    return (f"- in-batch oracle (`{t.domain}` x {v:g} in every batch, hand-set) - uniform per seed: "
+            f"{[round(x, 4) for x in d]}; mean {m:+.4f} ± {se:.4f}; {100 * -m / statistics.fmean(gaps):.0f}% of "
+            f"the static gap")
 
 
 def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseeds: list[int]) -> str:
@@ -312,6 +330,9 @@ def main() -> int:
     p.add_argument("--oracle-grid", type=float, nargs="+", default=None, metavar="SHARE",
                    help="shares of the target-like domain in the oracle grid (default 0.25 0.5 1.0); one share "
                         "reuses a choice made at another budget instead of choosing again")
+    p.add_argument("--inbatch-oracle", type=float, nargs="+", default=(), metavar="V",
+                   help="also train the in-batch oracle: the target's domain weighted by V within every batch "
+                        "(weighting.mode = domains, the same stream as uniform), on every seed of main/second")
     p.add_argument("--steps", type=int, default=150, help="LM steps per run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
@@ -321,6 +342,8 @@ def main() -> int:
                         "cache, e.g. the baselines before the DWM defaults are settled")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not all(v > 0 for v in args.inbatch_oracle):
+        p.error(f"--inbatch-oracle: weights must be > 0, got {args.inbatch_oracle}")
     if args.oracle_grid and not all(0 < g <= 1 for g in args.oracle_grid):
         p.error(f"--oracle-grid: shares must be in (0, 1], got {args.oracle_grid}")
     targets = prepare_targets(args.out)
@@ -341,6 +364,8 @@ def main() -> int:
             cells += [Cell(t.name, "uniform", s), Cell(t.name, "dwm", s)]
             if part == "ablation":
                 cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in ABLATIONS.items()]
+            else:
+                cells += [Cell(t.name, f"inbatch:{v:g}", s) for v in args.inbatch_oracle]
     seen: set[str] = set()
     cells = [c for c in cells if not (c.key in seen or seen.add(c.key))]
     if args.arms:
@@ -362,7 +387,8 @@ def main() -> int:
         if part == "ablation":
             text.append(report_ablation(results, t, abl_seeds, oseeds))
         else:
-            text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens, oseeds))
+            text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens, oseeds,
+                                      tuple(args.inbatch_oracle)))
     out = "\n\n".join(text)
     print(out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

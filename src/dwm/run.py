@@ -33,6 +33,7 @@ from dwm.train.weighter import WEIGHTERS, Weighter
 from dwm.weighting.config import WeightingConfig
 
 WEIGHTERS.register("dwm", "dwm.weighting.dwm_weighter:DWMWeighter")
+WEIGHTERS.register("domains", "dwm.weighting.domains:DomainWeighter")
 SELECTORS.register("influence", "dwm.selection.influence:InfluenceSelector")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 

@@ -61,7 +61,11 @@ class WeightingConfig:
     """How the batch is weighted: uniform, a learned DWM, or a replayed DWM from another run."""
 
     mode: str = "uniform"
-    """'uniform', 'dwm' (learn a weighting model by bi-level optimisation), or a RUN_DIR whose stage models to replay"""
+    """'uniform', 'dwm' (learn a weighting model by bi-level optimisation), 'domains' (hand-set per-domain weights,
+    `domain_weights`), or a RUN_DIR whose stage models to replay"""
+    domain_weights: str = ""
+    """with mode = domains: raw weight per domain, e.g. "books=2,code=0.5" (unnamed domains 1), normalised within
+    each batch to sum to its size: the in-batch counterpart of a static mixture (dwm.weighting.domains)"""
     keep_learning: bool = False
     """with mode=RUN_DIR: keep updating the replayed model by bi-level updates"""
     net: WeightingNetConfig = field(default_factory=WeightingNetConfig)
@@ -136,7 +140,9 @@ class WeightingConfig:
     def validate(self, prefix: str) -> None:
         """Ranges and cross-field rules; `mode` itself (a registered weighter or a run directory) is resolved
         where the weighters are wired (dwm.run)."""
-        if self.keep_learning and self.mode in ("uniform", "dwm"):
+        if self.mode == "domains" and not self.domain_weights.strip():
+            raise UserError(f"{prefix}mode = domains needs {prefix}domain_weights, e.g. \"books=2\"")
+        if self.keep_learning and self.mode in ("uniform", "dwm", "domains"):
             raise UserError(f"{prefix}keep_learning needs {prefix}mode = a RUN_DIR whose weighting model to replay")
         for k in ("temperature", "fd_eps", "lr"):
             check_positive(f"{prefix}{k}", getattr(self, k))

@@ -130,8 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (out; default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's newest good checkpoint")
     p.add_argument("--weighting", metavar="MODE_OR_RUN_DIR",
-                   help="'uniform', 'dwm', another registered weighter, or a run directory whose weighting models "
-                        "to replay (weighting.mode; default uniform)")
+                   help="'uniform', 'dwm', 'domains' (weighting.domain_weights), another registered weighter, or a run "
+                        "directory whose weighting models to replay (weighting.mode; default uniform)")
     p.add_argument("--keep-learning", action="store_true",
                    help="with --weighting RUN_DIR: keep updating the replayed model (weighting.keep_learning)")
     p.add_argument("--help-config", action="store_true", help="print every config key, its type, default and doc")

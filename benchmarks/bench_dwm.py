@@ -18,6 +18,11 @@ gives the same model init and data stream to every arm.
 - ablation: one DWM lever changed at a time from the defaults, on the main target: the change of *reference*
   passage loss against uniform (paired), its share of the reference-side headroom, and the cost.
 
+`--inbatch-oracle V [V ...]` adds the in-batch oracle to main/second: the target's domain weighted by V within
+every batch (`weighting.mode = domains`, hand-set, on the uniform stream), i.e. what in-batch weights toward the
+target can gain at the budget however well phi learns them; its paired difference and share of the static gap are
+printed beside DWM's.
+
 `--steps 40 --batch-tokens 16384 --out benchmarks/out/dwm_b64` is the same token budget in batches of 64 samples
 instead of 16, where a batch holds enough of the target's domain for in-batch weights to act; `--steps 40
 --batch-tokens 4096 --out benchmarks/out/dwm_s40` is its control, the same 40 steps in batches of 16 (a quarter of

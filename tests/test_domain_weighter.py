@@ -25,7 +25,7 @@ def test_parse_domain_weights():
         parse_domain_weights("code=0", ["books", "code"])
     with pytest.raises(UserError, match="expected domain=weight pairs"):
         parse_domain_weights(" , ", ["books"])
-    with pytest.raises(UserError, match="expected domain=share pairs"):
+    with pytest.raises(UserError, match=r"expected domain=weight pairs \(e.g. books=2\), got 'books=two'"):
         parse_domain_weights("books=two", ["books"])
 
 

@@ -26,7 +26,11 @@ from dwm.weighting.config import WeightingConfig
 def parse_domain_weights(spec: str, domains: list[str]) -> np.ndarray:
     """"books=2,code=0.5" -> a raw weight per domain of `domains` (1 for the unnamed); one-line errors for an
     unknown domain (with a did-you-mean hint) or a weight that is not positive."""
-    named = parse_shares(spec)
+    try:
+        named = parse_shares(spec)
+    except UserError:
+        raise UserError(f"config key weighting.domain_weights: expected domain=weight pairs (e.g. books=2), got "
+                        f"{spec!r}") from None
     if not named:
         raise UserError("config key weighting.domain_weights: empty; expected domain=weight pairs, e.g. books=2")
     for d, v in named.items():

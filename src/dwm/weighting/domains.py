@@ -19,6 +19,7 @@ from dwm.data.batch import Batch
 from dwm.data.mixture import parse_shares
 from dwm.errors import UserError
 from dwm.train.context import TrainContext
+from dwm.train.distributed import is_dist
 from dwm.train.weighter import Weighter
 from dwm.weighting.config import WeightingConfig
 
@@ -60,7 +61,7 @@ class DomainWeighter(Weighter):
         assert self.v is not None, "attach() first"
         raw = self.v.to(batch.input_ids.device)[batch.domain_ids]
         total = torch.stack([raw.sum(), torch.tensor(float(len(raw)), device=raw.device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_dist():
             dist.all_reduce(total)  # normalise over the global batch, as the contract asks
         w = raw * (total[1] / total[0])
         self._last = {"w_min": float(w.min()), "w_max": float(w.max())}

@@ -40,6 +40,12 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     loss = {a: results[a]["lambada"]["passage_loss"] for a in ("uniform", "dwm", "oracle")}
     assert f"by {abs(loss['dwm'] - loss['uniform']):.3f} nats against uniform" in text
     assert text.strip().splitlines()[-1].startswith("DWM learned to favour")
+    # what the DWM run trained on, from its metrics.jsonl: the shares of every logged step sum to 1
+    steps = [json.loads(x) for x in (out / "dwm" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    shares = results["trained_share"]
+    assert set(shares) == {"books", "code"} and abs(sum(shares.values()) - 1) < 1e-9
+    assert abs(shares["books"] - sum(r.get("share/books", 0.0) for r in steps) / len(steps)) < 1e-12
+    assert f"{shares['books']:.3f}" in text.split("trained share")[1].splitlines()[1]
     # the oracle trained on its manifest: books only
     import pyarrow.parquet as pq
 
@@ -48,6 +54,7 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     ids = pq.read_table(out / "oracle_mixture.parquet").column("sample_id").to_numpy()
     data = PreparedData(out / "data", "train")
     assert {data.domains[d] for d in data.domain_ids[ids]} == {"books"}
+    assert results["corpus_share"] == {d: float((data.domain_ids == i).mean()) for i, d in enumerate(data.domains)}
     assert (out / "dwm" / "weighting" / "stage_4.safetensors").is_file()
     assert not (out / "uniform" / "weighting").exists()
     # a second run finds everything done and trains nothing again

@@ -6,7 +6,8 @@
    static domain mixture (default: books only, the best static mixture of the benchmark's grid, chosen there on
    the reference side) given as a selection manifest;
 3. evaluate the three on the held-out domains and the `heldout` target split, print them side by side, print the
-   DWM's mean weight per domain at every stage, and say in one line what it learned and how much it helped.
+   DWM's mean weight per domain at every stage and each domain's share of what it trained on (beside its share of
+   the corpus), and say in one line what it learned and how much it helped.
 
 The three runs train at the same time, one process and one thread each (on two cores this is faster than one
 after the other); an arm still training when the others have finished takes the cores they freed. Each part is
@@ -106,26 +107,44 @@ def stage_weights(run: Path) -> list[dict[str, float]]:
     return out
 
 
-def stage_table(weights: list[dict[str, float]]) -> str:
+def loss_shares(run: Path) -> dict[str, float]:
+    """Each domain's mean share of the trained loss over the run's logged steps (with apply = resample: its share
+    of the samples trained on), from metrics.jsonl; a domain absent from a logged step counts 0 there."""
+    steps = [r for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))
+             if "loss" in r and "dwm_stage" in r]
+    doms = sorted({k.removeprefix("share/") for r in steps for k in r if k.startswith("share/")})
+    return {d: sum(r.get(f"share/{d}", 0.0) for r in steps) / len(steps) for d in doms} if steps else {}
+
+
+def stage_table(weights: list[dict[str, float]], shares: dict[str, float] | None = None,
+                corpus: dict[str, float] | None = None) -> str:
     doms = sorted(weights[0])
     width = max(8, *(len(d) for d in doms))
     lines = ["stage  " + "".join(d.rjust(width + 1) for d in doms)]
     for k, w in enumerate(weights):
         lines.append(f"{k:>5}  " + "".join(f"{w[d]:>{width + 1}.2f}" for d in doms))
+    for name, row in (("trained share (whole run)", shares), ("corpus share", corpus)):
+        if row:
+            lines.append(f"{name}:\n       " + "".join(f"{row.get(d, 0.0):>{width + 1}.3f}" for d in doms))
     return "\n".join(lines)
 
 
-def in_words(results: dict[str, dict[str, Any]], weights: list[dict[str, float]]) -> str:
-    """One line: what the weighting model learned (its last stage's top and bottom domains) and what it did to
-    the heldout passage loss, against the oracle's headroom when there is one."""
+def in_words(results: dict[str, dict[str, Any]], weights: list[dict[str, float]],
+             shares: dict[str, float] | None = None, corpus: dict[str, float] | None = None) -> str:
+    """One line: what the weighting model learned (its last stage's top and bottom domains), how much of the
+    training its top domain then carried, and what it did to the heldout passage loss, against the oracle's
+    headroom when there is one."""
     last = weights[-1]
     order = sorted(last, key=lambda d: -last[d])
     top, bottom = [d for d in order[:2] if last[d] > 1], [d for d in order[::-1][:2] if last[d] < 1]
     loss = {a: r["lambada"]["passage_loss"] for a, r in results.items()}
     diff = loss["dwm"] - loss["uniform"]
-    s = (f"DWM learned to favour {' and '.join(top) or 'no domain'} and to avoid {' and '.join(bottom) or 'none'} "
-         f"(last stage); on the heldout passages it {'lowered' if diff < 0 else 'raised'} the loss by "
-         f"{abs(diff):.3f} nats against uniform")
+    s = f"DWM learned to favour {' and '.join(top) or 'no domain'} and to avoid {' and '.join(bottom) or 'none'} (last stage)"
+    if top and shares and corpus and top[0] in shares:
+        s += (f"; {top[0]} carried {100 * shares[top[0]]:.0f}% of its training loss ({100 * corpus.get(top[0], 0):.0f}% "
+              f"of the corpus)")
+    s += (f"; on the heldout passages it {'lowered' if diff < 0 else 'raised'} the loss by {abs(diff):.3f} nats "
+          f"against uniform")
     if "oracle" in loss:
         gap = loss["uniform"] - loss["oracle"]
         s += (f"; the static oracle mixture lowered it by {gap:.3f}, so DWM recovered {100 * -diff / gap:.0f}% of "
@@ -180,13 +199,17 @@ def run(args: argparse.Namespace) -> int:
 
     print("[demo] 3/3 results", file=sys.stderr)
     weights = stage_weights(out / "dwm")
+    shares = loss_shares(out / "dwm")
+    data = PreparedData(out / "data", "train")
+    corpus_share = {d: float((data.domain_ids == i).mean()) for i, d in enumerate(data.domains)}
     names = {"uniform": "uniform", "dwm": "dwm", "oracle": f"oracle ({args.oracle})"}
     table = format_table({names[a]: results[a] for a in arms})
     text = (f"{table}\n\nDWM: mean weight of each domain's probe samples, stage by stage (1 = uniform)\n"
-            f"{stage_table(weights)}\n\n{in_words(results, weights)}")
+            f"{stage_table(weights, shares, corpus_share)}\n\n{in_words(results, weights, shares, corpus_share)}")
     (out / "results.md").write_text(f"# dwm demo ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens)"
                                     f"\n\n```\n{text}\n```\n")
-    (out / "results.json").write_text(json.dumps({**results, "stage_weights": weights}, indent=2, default=str))
+    (out / "results.json").write_text(json.dumps({**results, "stage_weights": weights, "trained_share": shares,
+                                                  "corpus_share": corpus_share}, indent=2, default=str))
     print(text)
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s; results in {out / 'results.md'}", file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
 """DWM benchmark: does the learned weighting help, against the headroom a static mixture shows? (prints figures;
 not a test)
 
-    .venv/bin/python benchmarks/bench_dwm.py [--part main|second|ablation|all] [--seeds 0 1 2] [--jobs 2]
+    .venv/bin/python benchmarks/bench_dwm.py [--part main|second|ablation|ablation-weights|all] [--seeds 0 1 2] [--jobs 2]
 
 Every run trains cpu-small on the same budget (default the demo's: 150 steps x 4096 tokens) and is evaluated on
 the target's `heldout` passages (what is reported) and on its `reference` passages (what the weighting model
@@ -15,7 +15,8 @@ gives the same model init and data stream to every arm.
 - second: a target cut from documents held out of the speech domain (State of the Union addresses; held out of
   training too, `dwm target build --from ... --train ...` refuses any overlap), on the corpus without them.
   Same arms, the oracle grid over speech's share.
-- ablation: one DWM lever changed at a time from the defaults, on the main target: the change of *reference*
+- ablation: one DWM lever changed at a time from the defaults (a second table: from the in-batch-weights defaults
+  shipped through stop 16), on the main target: the change of *reference*
   passage loss against uniform (paired), its share of the reference-side headroom, and the cost.
 
 `--inbatch-oracle V [V ...]` adds the in-batch oracle to main/second: the target's domain weighted by V within
@@ -31,8 +32,14 @@ the tokens), which separates the batch size from the point of training (docs/MET
 Figures: per arm the heldout passage loss (mean +- s.e. over seeds); the paired difference DWM - uniform per seed
 with its mean and standard error; DWM's share of the uniform -> oracle gap; per-domain held-out loss of the three;
 the whole-run cost DWM / uniform (wall time of runs trained side by side, probe scoring excluded); the mean probe
-weight per domain at the last stage and the target domain's rank. Runs are cached in --out (a finished run is never
-retrained), so an interrupted benchmark continues. Results are appended to benchmarks/results/dwm.md.
+weight per domain at the last stage and the target domain's rank; the target domain's share of DWM's trained loss.
+
+Runs are cached in --out and identified by their resolved configuration (config.toml without the output path): a
+finished run is never retrained, so an interrupted benchmark continues; a cell whose configuration another
+finished run has reuses that run (training is deterministic given the configuration: same seed, init and stream),
+e.g. the DWM arm and an ablation row that equals the defaults; and a cached run of a cell whose configuration
+changed (the recipe's defaults moved) is kept aside as KEY.stale-TIME and the cell retrained. Results are appended
+to benchmarks/results/dwm.md.
 """
 
 from __future__ import annotations
@@ -47,12 +54,26 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 
-# one DWM lever changed at a time, on top of the shipped defaults (weighting.* overrides)
+# one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
+    "apply=weights (the paper's in-batch weights, tau 1; domain input and 5-stage buffer kept)": [
+        "weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1"],
+    "temperature=0.5": ["weighting.temperature=0.5"],
+    "temperature=0.125": ["weighting.temperature=0.125"],
+    "resampling alone: temperature=0.5, no domain input, buffer_stages=1": [
+        "weighting.temperature=0.5", "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"],
+}
+
+# the defaults before resampling was adopted (stop 17): the paper's in-batch weights, no domain input, one stage's
+# buffer. The first ablation table's levers are one change from these (its rows are kept reproducible).
+WEIGHTS_DEFAULTS = ["weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1",
+                    "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"]
+ABLATIONS_FROM_WEIGHTS: dict[str, list[str]] = {name: WEIGHTS_DEFAULTS + ov for name, ov in {
     "paper-like: 1 update of one batch (G samples) per stage, 1 phi step of lr 1e-2, no KL, raw dL/dw": [
         "weighting.batch_size=0", "weighting.phi_steps=1", "weighting.lr=1e-2", "weighting.kl=0",
         "weighting.normalize=none"],
@@ -71,7 +92,7 @@ ABLATIONS: dict[str, list[str]] = {
                                                          "weighting.batch_size=32"],
     "ref_loss=target": ["weighting.ref_loss=target"],
     "use_domain_feature": ["weighting.net.use_domain_feature=true"],
-}
+}.items()}
 
 
 @dataclass
@@ -140,40 +161,116 @@ def prepare_targets(out: Path) -> dict[str, Target]:
 # ---------------------------------------------------------------- one run (in a worker process)
 
 
-def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int) -> dict:
-    """Train one arm (skipped when its result exists) and evaluate it; returns its result record."""
-    import torch
+def cell_config(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int) -> Any:
+    """The cell's resolved training configuration: what identifies its run."""
+    from dwm.run import load_config, recipe_path
 
-    torch.set_num_threads(int(os.environ.get("DWM_BENCH_THREADS", "1")))
     run = out / cell.key
-    res_path = run / "result.json"
-    if res_path.is_file():
-        return json.loads(res_path.read_text())
-    import shutil
-
-    from dwm.data.dataset import PreparedData
-    from dwm.data.mixture import mixture_ids, write_manifest
-    from dwm.eval.cli import evaluate_run
-    from dwm.eval.lambada import passage_loss
-    from dwm.run import build_trainer, load_config, recipe_path
-
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
     recipe = ("cpu-small-uniform" if cell.arm == "uniform" or cell.arm.startswith(("static:", "inbatch:"))
               else "cpu-small-dwm")
     ov = [f"data.dir={target.data}", f"out={run}", f"train.max_steps={steps}", f"train.seed={cell.seed}",
           f"train.global_batch_tokens={batch_tokens}", f"optim.warmup_steps={max(1, steps // 10)}",
           f"weighting.reference={target.reference}", "log.progress=false", f"checkpoint.every={steps}",
           *cell.overrides]
+    if cell.arm.startswith("static:"):  # the manifest itself is written by run_cell
+        ov.append(f"data.selection={run / 'mixture.parquet'}")
+    if cell.arm.startswith("inbatch:"):  # the target's domain weighted by v within each batch, same stream as uniform
+        ov += ["weighting.mode=domains", f"weighting.domain_weights={target.domain}={cell.arm.split(':')[1]}"]
+    return load_config(recipe_path(recipe), ov)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def identity(cfg: Any) -> dict[str, Any]:
+    """What identifies a run: its resolved configuration, flattened, without the output directory."""
+    from dwm.config import to_dict
+
+    flat = _flat(to_dict(cfg))
+    flat.pop("out", None)
+    return flat
+
+
+def same_run(config_toml: Path, cfg: Any) -> bool:
+    """Whether the finished run whose config.toml this is trained with `cfg`. A key the older file lacks counts as
+    equal when `cfg` holds its default: options are added with defaults that keep the earlier behaviour."""
+    import tomllib
+
+    old = _flat(tomllib.loads(config_toml.read_text()))
+    old.pop("out", None)
+    new, default = identity(cfg), identity(type(cfg)())
+    return old.keys() <= new.keys() and all(old.get(k, default.get(k)) == v for k, v in new.items())
+
+
+def cached_run(cell: Cell, cfg: Any, out: Path) -> Path | None:
+    """A finished run with this configuration: the cell's own, else any other cell's of the same target (training
+    is deterministic given the configuration, so it is the same run), else None."""
+    own = out / cell.key
+    finished = [d for d in [own, *sorted((out / cell.target).glob("*"))]
+                if (d / "result.json").is_file() and (d / "config.toml").is_file()]
+    return next((d for d in finished if same_run(d / "config.toml", cfg)), None)
+
+
+def domain_share(run: Path, domain: str) -> float | None:
+    """The domain's mean share of the trained loss over the run's logged steps (under resampling: its fraction of
+    the trained samples); None for runs that log no weights (uniform, static)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    steps = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+             if "loss" in r and "dwm_stage" in r]
+    return statistics.fmean(r.get(f"share/{domain}", 0.0) for r in steps) if steps else None
+
+
+def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int) -> dict:
+    """Train one arm and evaluate it, or reuse a finished run with the same configuration; returns its record.
+    A cached run of this cell whose configuration no longer matches (the recipe's defaults changed) is kept aside
+    as KEY.stale-TIME, never overwritten."""
+    import torch
+
+    from dwm.config import to_toml
+
+    torch.set_num_threads(int(os.environ.get("DWM_BENCH_THREADS", "1")))
+    run = out / cell.key
+    cfg = cell_config(cell, target, out, steps, batch_tokens)
+    hit = cached_run(cell, cfg, out)
+    if hit == run:
+        return json.loads((run / "result.json").read_text())
+    import shutil
+
+    if (run / "result.json").is_file() and (run / "config.toml").is_file():
+        stale = run.with_name(f"{run.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.rmtree(stale, ignore_errors=True)
+        run.rename(stale)
+        print(f"[bench] {cell.key}: the cached run has another configuration; kept as {stale.name}",
+              file=sys.stderr, flush=True)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    if hit is not None:
+        result = json.loads((hit / "result.json").read_text())
+        result.update(arm=cell.arm, seed=cell.seed, overrides=cell.overrides, same_run_as=hit.name)
+        result.setdefault("target_share", domain_share(hit, target.domain))
+        (run / "config.toml").write_text(to_toml(cfg))
+        (run / "result.json").write_text(json.dumps(result, indent=1))
+        print(f"[bench] {cell.key}: same configuration as {hit.name}, reused", file=sys.stderr, flush=True)
+        return result
+    from dwm.data.dataset import PreparedData
+    from dwm.data.mixture import mixture_ids, write_manifest
+    from dwm.eval.cli import evaluate_run
+    from dwm.eval.lambada import passage_loss
+    from dwm.run import build_trainer
+
     if cell.arm.startswith("static:"):
         data = PreparedData(target.data, "train")
         n = steps * batch_tokens // data.seq_len
         ids = mixture_ids(data.domain_ids, data.domains, {target.domain: float(cell.arm.split(":")[1])}, n,
                           seed=cell.seed)
-        ov.append(f"data.selection={write_manifest(ids, run / 'mixture.parquet')}")
-    if cell.arm.startswith("inbatch:"):  # the target's domain weighted by v within each batch, same stream as uniform
-        ov += ["weighting.mode=domains", f"weighting.domain_weights={target.domain}={cell.arm.split(':')[1]}"]
-    trainer = build_trainer(load_config(recipe_path(recipe), ov))
+        write_manifest(ids, run / "mixture.parquet")
+    trainer = build_trainer(cfg)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -189,29 +286,36 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
               "val_loss": {d: r["loss"] for d, r in res["heldout"]["per_domain"].items()},
               "val_loss_all": res["heldout"]["overall"]["loss"],
               "bilevel_updates": sum(1 for r in recs if r.get("event") == "bilevel"),
+              "target_share": domain_share(run, target.domain),
               "last_stage_weights": next((r["probe_weight_by_domain"] for r in reversed(recs)
                                           if r.get("event") == "stage"), None)}
-    res_path.write_text(json.dumps(result, indent=1))
+    (run / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, steps: int, batch_tokens: int,
             jobs: int) -> dict[str, dict]:
-    todo = [c for c in cells if not (out / c.key / "result.json").is_file()]
+    """Every cell's result: reused where a finished run has its configuration, else trained, `jobs` at a time
+    (cells that share a configuration train once)."""
+    cfgs = {c.key: cell_config(c, targets[c.target], out, steps, batch_tokens) for c in cells}
+    ids = {c.key: json.dumps(identity(cfgs[c.key]), sort_keys=True, default=str) for c in cells}
+    seen: set[str] = set()
+    todo = [c for c in cells if cached_run(c, cfgs[c.key], out) is None
+            and not (ids[c.key] in seen or seen.add(ids[c.key]))]
     print(f"[bench] {len(cells)} runs, {len(todo)} to train ({jobs} at a time)", file=sys.stderr, flush=True)
     results: dict[str, dict] = {}
-    if jobs <= 1:
-        for c in cells:
-            results[c.key] = run_cell(c, targets[c.target], out, steps, batch_tokens)
-        return results
-    import multiprocessing as mp
+    if jobs > 1 and todo:
+        import multiprocessing as mp
 
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-        futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, steps, batch_tokens) for c in cells}
-        for key, f in futs.items():
-            results[key] = f.result()
-            print(f"[bench] done {key}: heldout {results[key]['heldout_passage_loss']:.4f}, reference "
-                  f"{results[key]['reference_passage_loss']:.4f}", file=sys.stderr, flush=True)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, steps, batch_tokens) for c in todo}
+            for key, f in futs.items():
+                results[key] = f.result()
+                print(f"[bench] done {key}: heldout {results[key]['heldout_passage_loss']:.4f}, reference "
+                      f"{results[key]['reference_passage_loss']:.4f}", file=sys.stderr, flush=True)
+    for c in cells:  # the rest: cached, or (jobs = 1) trained here
+        if c.key not in results:
+            results[c.key] = run_cell(c, targets[c.target], out, steps, batch_tokens)
     return results
 
 
@@ -269,8 +373,17 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
                   f"{sum(x < 0 for x in diffs)} of {len(diffs)} seeds"),
               f"- uniform -> oracle gap: {fmt(gaps)}; DWM recovers **{100 * share:.0f}%** of it",
               *(inbatch_line(results, t, v, uni, gaps, seeds) for v in inbatch),
-              (f"- whole-run cost DWM / uniform (trained side by side): {[round(c, 3) for c in cost]}, median "
-              f"{statistics.median(cost):.3f} (probe scoring excluded: {fmt([d['probe_seconds'] for d in dwm], 1)} s)")]
+              (f"- whole-run cost DWM / uniform (train wall time, 1 thread each; side by side only where the two "
+               f"runs were trained together): {[round(c, 3) for c in cost]}, median {statistics.median(cost):.3f} "
+               f"(probe scoring excluded: {fmt([d['probe_seconds'] for d in dwm], 1)} s)")]
+    share_t = [d.get("target_share") for d in dwm]
+    if all(x is not None for x in share_t):
+        from dwm.data.dataset import PreparedData
+
+        data = PreparedData(t.data, "train")
+        corpus = float((data.domain_ids == data.domains.index(t.domain)).mean())
+        lines.append(f"- `{t.domain}`'s share of DWM's trained loss (mean of the logged steps) per seed: "
+                     f"{[round(x, 3) for x in share_t]}; its share of the training corpus {corpus:.3f}")
     w = [d["last_stage_weights"] for d in dwm if d["last_stage_weights"]]
     if w:
         doms = sorted(w[0])
@@ -301,31 +414,43 @@ def inbatch_line(results: dict[str, dict], t: Target, v: float, uni: list[dict],
             f"the static gap")
 
 
-def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseeds: list[int]) -> str:
+def ablation_rows(part: str) -> dict[str, list[str]]:
+    """The rows of an ablation table (name -> overrides), its baseline first."""
+    if part == "ablation":
+        return {"**shipped defaults**": [], **ABLATIONS}
+    return {"**in-batch-weights defaults**": WEIGHTS_DEFAULTS, **ABLATIONS_FROM_WEIGHTS}
+
+
+def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseeds: list[int], part: str) -> str:
     uni = arm_results(results, t.name, "uniform", seeds)
     oracle_arm = best_static(results, t, oseeds)
     orc = arm_results(results, t.name, oracle_arm, seeds)
     key = "reference_passage_loss"
     gap = statistics.fmean(u[key] - o[key] for u, o in zip(uni, orc, strict=True))
     lines = [(f"### ablation on `{t.name}`, reference side (the signal defaults are picked on), seeds {seeds}; "
-             f"uniform -> oracle (`{oracle_arm}`) gap {gap:.4f}"), "",
-             ("| lever (one change from the defaults) | reference loss - uniform (paired) | share of gap | "
-             "heldout loss - uniform | cost / uniform |"), "|---|---|---|---|---|"]
-    rows = [("defaults", "dwm")] + [(name, f"ablation:{name}") for name in ABLATIONS]
-    for name, arm in rows:
+             f"uniform -> oracle (`{oracle_arm}`) gap {gap:.4f}")]
+    head = ["", ("| lever | reference loss - uniform (paired) | share of gap | heldout loss - uniform | "
+                 "cost / uniform |"), "|---|---|---|---|---|"]
+
+    def row(name: str, arm: str) -> str:
         rs = arm_results(results, t.name, arm, seeds)
         d = [r[key] - u[key] for r, u in zip(rs, uni, strict=True)]
         h = [r["heldout_passage_loss"] - u["heldout_passage_loss"] for r, u in zip(rs, uni, strict=True)]
         c = [r["train_seconds"] / u["train_seconds"] for r, u in zip(rs, uni, strict=True)]
-        lines.append(f"| {name} | {fmt(d)} | {100 * -statistics.fmean(d) / gap:.0f}% | {fmt(h)} | "
-                     f"{statistics.median(c):.2f} |")
+        return (f"| {name} | {fmt(d)} | {100 * -statistics.fmean(d) / gap:.0f}% | {fmt(h)} | "
+                f"{statistics.median(c):.2f} |")
+
+    lines += ["", ("One change from the shipped defaults:" if part == "ablation" else
+                   "One change from the in-batch-weights defaults (shipped through stop 16):"), *head,
+              *(row(name, f"ablation:{name}") for name in ablation_rows(part))]
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["main", "second", "ablation", "all"], default="all",
-                   help="which comparison to run")
+    p.add_argument("--part", choices=["main", "second", "ablation", "ablation-weights", "all"], default="all",
+                   help="which comparison to run (all = main, second, ablation; ablation-weights is the lever table "
+                        "of the in-batch-weights defaults shipped through stop 16)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (paired across arms)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds of the ablation rows "
                                                                                 "(default: --seeds)")
@@ -365,10 +490,10 @@ def main() -> int:
         cells += [Cell(t.name, f"static:{g}", s) for s in oseeds for g in t.grid]
     for part in parts:
         t = targets["speech" if part == "second" else "novels"]
-        for s in abl_seeds if part == "ablation" else args.seeds:
+        for s in abl_seeds if part.startswith("ablation") else args.seeds:
             cells += [Cell(t.name, "uniform", s), Cell(t.name, "dwm", s)]
-            if part == "ablation":
-                cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in ABLATIONS.items()]
+            if part.startswith("ablation"):
+                cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in ablation_rows(part).items()]
             else:
                 cells += [Cell(t.name, f"inbatch:{v:g}", s) for v in args.inbatch_oracle]
     seen: set[str] = set()
@@ -383,14 +508,14 @@ def main() -> int:
     for part in parts:
         t = targets["speech" if part == "second" else "novels"]
         best = best_static(results, t, oseeds)
-        more += [Cell(t.name, best, s) for s in (abl_seeds if part == "ablation" else args.seeds)]
+        more += [Cell(t.name, best, s) for s in (abl_seeds if part.startswith("ablation") else args.seeds)]
     more = [c for c in more if not (c.key in seen or seen.add(c.key))]
     results.update(run_all(more, targets, args.out, args.steps, args.batch_tokens, args.jobs))
     text = []
     for part in parts:
         t = targets["speech" if part == "second" else "novels"]
-        if part == "ablation":
-            text.append(report_ablation(results, t, abl_seeds, oseeds))
+        if part.startswith("ablation"):
+            text.append(report_ablation(results, t, abl_seeds, oseeds, part))
         else:
             text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens, oseeds,
                                       tuple(args.inbatch_oracle)))

@@ -1,8 +1,9 @@
 """`dwm demo`: the README's main job, end to end on the shipped data.
 
 1. prepare the shipped corpus (data/corpus) into OUT/data (byte-level BPE, 8k vocab, 256-token samples);
-2. train `cpu-small` three times on the same data stream and token budget: uniform weights; the Data Weighting
-   Model learned against the LAMBADA-style `reference` split (recipe cpu-small-dwm); and the headroom oracle, a
+2. train `cpu-small` three times on the same token budget and seed: uniform weights; the Data Weighting Model
+   learned against the LAMBADA-style `reference` split (recipe cpu-small-dwm, whose scores draw each batch from
+   4x as many candidates of the same stream); and the headroom oracle, a
    static domain mixture (default: books only, the best static mixture of the benchmark's grid, chosen there on
    the reference side) given as a selection manifest;
 3. evaluate the three on the held-out domains and the `heldout` target split, print them side by side, print the

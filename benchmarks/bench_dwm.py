@@ -31,8 +31,9 @@ the tokens), which separates the batch size from the point of training (docs/MET
 
 Figures: per arm the heldout passage loss (mean +- s.e. over seeds); the paired difference DWM - uniform per seed
 with its mean and standard error; DWM's share of the uniform -> oracle gap; per-domain held-out loss of the three;
-the whole-run cost DWM / uniform (wall time of runs trained side by side, probe scoring excluded); the mean probe
-weight per domain at the last stage and the target domain's rank; the target domain's share of DWM's trained loss.
+the whole-run cost DWM / uniform (train wall time, probe scoring excluded; side by side only where the two were
+trained together, a reused run keeps its own); the mean probe weight per domain at the last stage and the target
+domain's rank; the target domain's share of DWM's trained loss.
 
 Runs are cached in --out and identified by their resolved configuration (config.toml without the output path): a
 finished run is never retrained, so an interrupted benchmark continues; a cell whose configuration another

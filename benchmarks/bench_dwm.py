@@ -67,6 +67,7 @@ ABLATIONS: dict[str, list[str]] = {
     "temperature=0.5": ["weighting.temperature=0.5"],
     "temperature=0.125": ["weighting.temperature=0.125"],
     "candidates=8": ["weighting.candidates=8"],
+    "kl=0.5 (a weaker pull toward uniform)": ["weighting.kl=0.5"],
     "net.max_len=64 (phi reads 64 tokens: half the scoring cost)": ["weighting.net.max_len=64"],
     "resampling alone: temperature=0.5, no domain input, buffer_stages=1": [
         "weighting.temperature=0.5", "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"],

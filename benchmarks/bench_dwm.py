@@ -222,12 +222,10 @@ def cached_run(cell: Cell, cfg: Any, out: Path) -> Path | None:
 def domain_share(run: Path, domain: str) -> float | None:
     """The domain's mean share of the trained loss over the run's logged steps (under resampling: its fraction of
     the trained samples); None for runs that log no weights (uniform, static)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    steps = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-             if "loss" in r and "dwm_stage" in r]
-    return statistics.fmean(r.get(f"share/{domain}", 0.0) for r in steps) if steps else None
+    from dwm.analysis.runs import trained_shares
+
+    shares = trained_shares(run)
+    return shares.get(domain, 0.0) if shares else None
 
 
 def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int) -> dict:

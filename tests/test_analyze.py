@@ -210,3 +210,21 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
                     "--data given 3 times")
     assert main(["analyze", str(moved), "--data", str(runs["data"]), "--out", str(tmp_path / "fixed")]) == 0
     check_report(tmp_path / "fixed")
+
+
+def test_trained_shares_reads_the_weighted_steps_of_metrics_jsonl(tmp_path):
+    """Mean share per domain over the logged weighted steps; a domain missing from a step counts 0 there; events
+    and unweighted runs contribute nothing."""
+    import json
+
+    from dwm.analysis.runs import trained_shares
+
+    assert trained_shares(tmp_path) == {}  # no metrics.jsonl
+    recs = [{"step": 10, "loss": 6.0, "dwm_stage": 0.0, "share/books": 0.75, "share/code": 0.25},
+            {"step": 20, "loss": 5.9, "dwm_stage": 0.0, "share/books": 1.0},
+            {"step": 20, "event": "stage", "stage": 1},
+            {"step": 30, "loss": 5.8}]  # a step without weights (not a DWM step)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + "\n")
+    assert trained_shares(tmp_path) == {"books": 0.875, "code": 0.125}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(recs[3]) + "\n")
+    assert trained_shares(tmp_path) == {}

@@ -108,15 +108,6 @@ def stage_weights(run: Path) -> list[dict[str, float]]:
     return out
 
 
-def loss_shares(run: Path) -> dict[str, float]:
-    """Each domain's mean share of the trained loss over the run's logged steps (with apply = resample: its share
-    of the samples trained on), from metrics.jsonl; a domain absent from a logged step counts 0 there."""
-    steps = [r for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))
-             if "loss" in r and "dwm_stage" in r]
-    doms = sorted({k.removeprefix("share/") for r in steps for k in r if k.startswith("share/")})
-    return {d: sum(r.get(f"share/{d}", 0.0) for r in steps) / len(steps) for d in doms} if steps else {}
-
-
 def stage_table(weights: list[dict[str, float]], shares: dict[str, float] | None = None,
                 corpus: dict[str, float] | None = None) -> str:
     doms = sorted(weights[0])
@@ -154,6 +145,7 @@ def in_words(results: dict[str, dict[str, Any]], weights: list[dict[str, float]]
 
 
 def run(args: argparse.Namespace) -> int:
+    from dwm.analysis.runs import trained_shares
     from dwm.data.dataset import PreparedData
     from dwm.data.mixture import mixture_ids, parse_shares, write_manifest
     from dwm.data.prepare import PrepareOptions, prepare
@@ -176,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
               f"train.global_batch_tokens={args.batch_tokens}", f"optim.warmup_steps={max(1, args.steps // 10)}",
               "checkpoint.every=50", f"weighting.reference={args.reference}", *args.override]
     overrides = {a: [*common, f"out={out / a}"] for a in arms}
+    data = PreparedData(out / "data", "train")
     if "oracle" in arms:
-        data = PreparedData(out / "data", "train")
         ids = mixture_ids(data.domain_ids, data.domains, parse_shares(args.oracle),
                           args.steps * args.batch_tokens // data.seq_len, seed=0)
         overrides["oracle"].append(f"data.selection={write_manifest(ids, out / 'oracle_mixture.parquet')}")
@@ -200,8 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("[demo] 3/3 results", file=sys.stderr)
     weights = stage_weights(out / "dwm")
-    shares = loss_shares(out / "dwm")
-    data = PreparedData(out / "data", "train")
+    shares = trained_shares(out / "dwm")
     corpus_share = {d: float((data.domain_ids == i).mean()) for i, d in enumerate(data.domains)}
     names = {"uniform": "uniform", "dwm": "dwm", "oracle": f"oracle ({args.oracle})"}
     table = format_table({names[a]: results[a] for a in arms})

@@ -6,6 +6,7 @@ reads those files, the run's config.toml and the prepared data it trained on (dw
 static HTML report. It never imports the weighting or training code: it reads what they wrote.
 
     runs.py      load_run: a run directory -> RunData (stages, probe weights, sample properties, texts)
+                 trained_shares: each domain's share of what a weighted run trained on (metrics.jsonl)
     measures.py  Spearman, correlation ratio, bigram novelty, weight-distribution summaries
     report.py    analyze(): summary.json, PNG plots (matplotlib, Agg), report.html
     cli.py       `dwm analyze RUN_DIR [RUN_DIR ...]`

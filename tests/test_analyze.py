@@ -42,7 +42,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
               "weighting.net.heads=2", "weighting.probe_size=30", "weighting.ref_batch_size=4", "weighting.lr=0.01",
               "log.progress=false", "log.every=5", "train.device=cpu", "weighting.mode=dwm",
               "weighting.updates_per_stage=2"]
-    out = {"data": data, "root": root}
+    out = {"data": data, "root": root, "common": common}
     for name, extra in (("dwm_a", ["checkpoint.every=2", "checkpoint.keep_every=2"]),
                         ("dwm_b", ["checkpoint.every=0", "train.seed=1", "weighting.temperature=0.5"])):
         build_trainer(load_config(None, [*common, f"out={root / name}", *extra])).train()
@@ -116,6 +116,24 @@ def test_probes_record_the_lm_loss_of_their_step(runs):
     with torch.no_grad():
         want = per_sample_nll(model(input_ids=b.input_ids).logits, b.input_ids, b.n_tokens).numpy()
     assert np.allclose(t.column("lm_loss").to_numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_lm_loss_off_skips_that_column_and_trains_the_same(runs):
+    """weighting.probe_lm_loss = false: the probes have no lm_loss column (dwm analyze then skips that
+    correlation), and nothing else changes: the same probe scores and weights, the same training losses."""
+    run = runs["root"] / "dwm_b_no_lm_loss"
+    build_trainer(load_config(None, [*runs["common"], f"out={run}", "checkpoint.every=0", "train.seed=1",
+                                     "weighting.temperature=0.5", "weighting.probe_lm_loss=false"])).train()
+    for k in range(5):
+        t, ref = (pq.read_table(r / "probes" / f"stage_{k}.parquet") for r in (run, runs["dwm_b"]))
+        assert "lm_loss" not in t.column_names and "lm_loss" in ref.column_names
+        assert t.select(["sample_id", "score", "weight"]).equals(ref.select(["sample_id", "score", "weight"]))
+
+    def losses(r):
+        rows = [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["loss"]) for m in rows if "loss" in m]
+
+    assert losses(run) == losses(runs["dwm_b"]) and len(losses(run)) >= 2
 
 
 def test_one_run_report(runs, capsys):

@@ -189,8 +189,8 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, label: str
             score=aligned("score") if "score" in t.column_names else np.full(len(ids), np.nan),
             lm_loss=aligned("lm_loss") if "lm_loss" in t.column_names else None))
     if not all(s.lm_loss is not None for s in stages):
-        notes.append("its probes have no lm_loss column (a run from before probes recorded the LM's per-sample "
-                     "loss): the weight-vs-LM-loss correlation is skipped")
+        notes.append("its probes have no lm_loss column (trained with weighting.probe_lm_loss = false, or from "
+                     "before probes recorded the LM's per-sample loss): the weight-vs-LM-loss correlation is skipped")
 
     rows = np.asarray(data.tokens[ids], dtype=np.int64)
     n_tok = data.n_tokens[ids]

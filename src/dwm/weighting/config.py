@@ -134,6 +134,10 @@ class WeightingConfig:
     """clip of the weighting model's gradient norm"""
     probe_size: int = 2000
     """training samples (stratified by domain, fixed) scored at every stage boundary for dwm analyze"""
+    probe_lm_loss: bool = True
+    """also record the LM's per-sample loss on the probe set at each stage (dwm analyze correlates weights with it);
+    it is a no-grad LM forward of probe_size samples per stage, most of the probe pass's cost; training is the same
+    either way"""
     min_ess_fraction: float = 0.1
     """warn when effective sample size / B falls below this"""
 

@@ -472,8 +472,8 @@ class DWMWeighter(Weighter):
 
     def _save_stage(self, ctx: TrainContext, k: int, step: int) -> None:
         """weighting/stage_k.{safetensors,json} and probes/stage_k.parquet (rank 0: sample_id, domain, score,
-        weight, stage, step, and lm_loss, the LM's per-sample NLL at this step); every rank scores nothing else, so
-        the probe pass costs only rank 0."""
+        weight, stage, step, and with probe_lm_loss lm_loss, the LM's per-sample NLL at this step); every rank scores
+        nothing else, so the probe pass costs only rank 0."""
         if ctx.rank != 0:
             return
         stem = ctx.run_dir / "weighting" / f"stage_{k}"
@@ -488,7 +488,7 @@ class DWMWeighter(Weighter):
         t0 = time.perf_counter()
         scores = self.score_samples(ctx, self.probes)
         S = torch.from_numpy(scores)
-        table = pa.table({
+        columns = {
             "sample_id": pa.array(self.probes, pa.int64()),
             "domain": pa.array([self.domains[i] for i in ctx.data.domain_ids[self.probes]]),
             "score": pa.array(scores, pa.float32()),
@@ -496,8 +496,10 @@ class DWMWeighter(Weighter):
                                pa.float32()),
             "stage": pa.array(np.full(len(self.probes), k), pa.int32()),
             "step": pa.array(np.full(len(self.probes), step), pa.int64()),
-            "lm_loss": pa.array(self._probe_lm_loss(ctx), pa.float32()),  # for `dwm analyze`
-        })
+        }
+        if self.cfg.probe_lm_loss:  # for `dwm analyze`
+            columns["lm_loss"] = pa.array(self._probe_lm_loss(ctx), pa.float32())
+        table = pa.table(columns)
         (ctx.run_dir / "probes").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, ctx.run_dir / "probes" / f"stage_{k}.parquet")
         ctx.log({"event": "stage", "stage": k, "probe_seconds": time.perf_counter() - t0,

@@ -1,0 +1,73 @@
+"""benchmarks/bench_dwm.py identifies a cached run by its resolved configuration: the same configuration reuses
+the run (its own cell's or another's), an option an older run's config.toml lacks counts as equal only at its
+default, and any changed value (a moved recipe default) does not match."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from dwm.config import to_toml
+from dwm.run import load_config, recipe_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_dwm", REPO / "benchmarks" / "bench_dwm.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_dwm"] = mod  # its dataclasses resolve their module
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("bench_dwm", None)
+
+
+def _cfg(out: Path, *overrides: str):
+    return load_config(recipe_path("cpu-small-dwm"), [f"out={out}", "train.seed=1", *overrides])
+
+
+def _finished(run: Path, cfg) -> Path:
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(to_toml(cfg))
+    (run / "result.json").write_text(json.dumps({"heldout_passage_loss": 1.0}))
+    return run
+
+
+def test_same_configuration_matches_whatever_the_output_directory(bench, tmp_path):
+    toml = tmp_path / "config.toml"
+    toml.write_text(to_toml(_cfg(tmp_path / "a")))
+    assert bench.same_run(toml, _cfg(tmp_path / "b"))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b", "weighting.kl=1.0"))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b", "train.seed=2"))
+
+
+def test_an_option_the_old_file_lacks_matches_only_at_its_default(bench, tmp_path):
+    text = to_toml(_cfg(tmp_path / "a"))
+    assert "probe_lm_loss = true" in text
+    toml = tmp_path / "config.toml"
+    toml.write_text(text.replace("probe_lm_loss = true\n", ""))  # a run from before the option existed
+    assert bench.same_run(toml, _cfg(tmp_path / "b"))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b", "weighting.probe_lm_loss=false"))
+    # a key the current configuration no longer has is never the same run
+    toml.write_text(text.replace("[weighting]\n", "[weighting]\nretired_option = 3\n"))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b"))
+
+
+def test_cached_run_prefers_the_cells_own_then_any_finished_run_of_the_target(bench, tmp_path):
+    out = tmp_path / "cache"
+    cell = bench.Cell("novels", "dwm", 1)
+    cfg = _cfg(out / cell.key)
+    assert bench.cached_run(cell, cfg, out) is None
+    other = _finished(out / "novels" / "ablation_x-s1", _cfg(out / "novels" / "ablation_x-s1"))
+    (out / "novels" / "unfinished-s1").mkdir()
+    (out / "novels" / "unfinished-s1" / "config.toml").write_text(to_toml(cfg))  # no result.json: not reused
+    assert bench.cached_run(cell, cfg, out) == other
+    own = _finished(out / cell.key, cfg)
+    assert bench.cached_run(cell, cfg, out) == own
+    assert bench.cached_run(cell, _cfg(out / cell.key, "weighting.kl=0.25"), out) is None
+    assert bench.cached_run(bench.Cell("speech", "dwm", 1), cfg, out) is None  # another target's runs

@@ -173,14 +173,16 @@ def prepare_targets(out: Path) -> dict[str, Target]:
 # ---------------------------------------------------------------- one run (in a worker process)
 
 
-def cell_config(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int) -> Any:
+def cell_config(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int,
+                preset: str = "cpu-small") -> Any:
     """The cell's resolved training configuration: what identifies its run."""
     from dwm.run import load_config, recipe_path
 
     run = out / cell.key
     recipe = ("cpu-small-uniform" if cell.arm == "uniform" or cell.arm.startswith(("static:", "inbatch:"))
               else "cpu-small-dwm")
-    ov = [f"data.dir={target.data}", f"out={run}", f"train.max_steps={steps}", f"train.seed={cell.seed}",
+    ov = [f"data.dir={target.data}", f"out={run}", f"model.spec={preset}", f"train.max_steps={steps}",
+          f"train.seed={cell.seed}",
           f"train.global_batch_tokens={batch_tokens}", f"optim.warmup_steps={max(1, steps // 10)}",
           f"weighting.reference={target.reference}", "log.progress=false", f"checkpoint.every={steps}",
           *cell.overrides]
@@ -236,7 +238,8 @@ def domain_share(run: Path, domain: str) -> float | None:
     return shares.get(domain, 0.0) if shares else None
 
 
-def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int) -> dict:
+def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int,
+             preset: str = "cpu-small") -> dict:
     """Train one arm and evaluate it, or reuse a finished run with the same configuration; returns its record.
     A cached run of this cell whose configuration no longer matches (the recipe's defaults changed) is kept aside
     as KEY.stale-TIME, never overwritten."""
@@ -246,7 +249,7 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
 
     torch.set_num_threads(int(os.environ.get("DWM_BENCH_THREADS", "1")))
     run = out / cell.key
-    cfg = cell_config(cell, target, out, steps, batch_tokens)
+    cfg = cell_config(cell, target, out, steps, batch_tokens, preset)
     hit = cached_run(cell, cfg, out)
     if hit == run:
         return json.loads((run / "result.json").read_text())
@@ -304,10 +307,10 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
 
 
 def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, steps: int, batch_tokens: int,
-            jobs: int) -> dict[str, dict]:
+            jobs: int, preset: str = "cpu-small") -> dict[str, dict]:
     """Every cell's result: reused where a finished run has its configuration, else trained, `jobs` at a time
     (cells that share a configuration train once)."""
-    cfgs = {c.key: cell_config(c, targets[c.target], out, steps, batch_tokens) for c in cells}
+    cfgs = {c.key: cell_config(c, targets[c.target], out, steps, batch_tokens, preset) for c in cells}
     ids = {c.key: json.dumps(identity(cfgs[c.key]), sort_keys=True, default=str) for c in cells}
     seen: set[str] = set()
     todo = [c for c in cells if cached_run(c, cfgs[c.key], out) is None
@@ -318,14 +321,14 @@ def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, steps: int
         import multiprocessing as mp
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, steps, batch_tokens) for c in todo}
+            futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, steps, batch_tokens, preset) for c in todo}
             for key, f in futs.items():
                 results[key] = f.result()
                 print(f"[bench] done {key}: heldout {results[key]['heldout_passage_loss']:.4f}, reference "
                       f"{results[key]['reference_passage_loss']:.4f}", file=sys.stderr, flush=True)
     for c in cells:  # the rest: cached, or (jobs = 1) trained here
         if c.key not in results:
-            results[c.key] = run_cell(c, targets[c.target], out, steps, batch_tokens)
+            results[c.key] = run_cell(c, targets[c.target], out, steps, batch_tokens, preset)
     return results
 
 
@@ -354,7 +357,7 @@ def best_static(results: dict[str, dict], t: Target, seeds: list[int]) -> str:
 
 
 def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: int, batch_tokens: int,
-                  oseeds: list[int], inbatch: tuple[float, ...] = ()) -> str:
+                  oseeds: list[int], inbatch: tuple[float, ...] = (), preset: str = "cpu-small") -> str:
     uni = arm_results(results, t.name, "uniform", seeds)
     dwm = arm_results(results, t.name, "dwm", seeds)
     oracle_arm = best_static(results, t, oseeds)
@@ -366,7 +369,7 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
     share = -dm / statistics.fmean(gaps) if statistics.fmean(gaps) > 0 else float("nan")
     cost = [d["train_seconds"] / u["train_seconds"] for d, u in zip(dwm, uni, strict=True)]
     lines = [(f"### target `{t.name}` (oracle grid over `{t.domain}`'s share {list(t.grid)}; best on the reference "
-             f"side of seeds {oseeds}: `{oracle_arm}`), {steps} steps x {batch_tokens} tokens, seeds {seeds}"), "",
+             f"side of seeds {oseeds}: `{oracle_arm}`), {preset}, {steps} steps x {batch_tokens} tokens, seeds {seeds}"), "",
              "| arm | heldout passage loss | reference passage loss | LAMBADA ppl | val loss (all domains) |",
              "|---|---|---|---|---|"]
     for name, rs in (("uniform", uni), ("DWM (defaults)", dwm), (f"oracle `{oracle_arm}`", orc),
@@ -473,6 +476,7 @@ def main() -> int:
     p.add_argument("--inbatch-oracle", type=float, nargs="+", default=(), metavar="V",
                    help="also train the in-batch oracle: the target's domain weighted by V within every batch "
                         "(weighting.mode = domains, the same stream as uniform), on every seed of main/second")
+    p.add_argument("--preset", default="cpu-small", help="model preset of every run (cpu-mini: the demo's model)")
     p.add_argument("--steps", type=int, default=150, help="LM steps per run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
@@ -510,9 +514,9 @@ def main() -> int:
     cells = [c for c in cells if not (c.key in seen or seen.add(c.key))]
     if args.arms:
         cells = [c for c in cells if c.arm.split(":")[0] in args.arms]
-        run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs)
+        run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs, args.preset)
         return 0
-    results = run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs)
+    results = run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs, args.preset)
     # phase 2: the mixture chosen on the reference side of the oracle seeds, on every seed
     more = []
     for part in parts:
@@ -520,7 +524,7 @@ def main() -> int:
         best = best_static(results, t, oseeds)
         more += [Cell(t.name, best, s) for s in (abl_seeds if part.startswith("ablation") else args.seeds)]
     more = [c for c in more if not (c.key in seen or seen.add(c.key))]
-    results.update(run_all(more, targets, args.out, args.steps, args.batch_tokens, args.jobs))
+    results.update(run_all(more, targets, args.out, args.steps, args.batch_tokens, args.jobs, args.preset))
     text = []
     for part in parts:
         t = targets["speech" if part == "second" else "novels"]
@@ -528,7 +532,7 @@ def main() -> int:
             text.append(report_ablation(results, t, abl_seeds, oseeds, part))
         else:
             text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens, oseeds,
-                                      tuple(args.inbatch_oracle)))
+                                      tuple(args.inbatch_oracle), args.preset))
     out = "\n\n".join(text)
     print(out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 # one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
     "kl=1.0 (a stronger pull toward uniform: the defaults of stop 17)": ["weighting.kl=1.0"],
+    "kl=0.35": ["weighting.kl=0.35"],
     "kl=0.25 (weaker still)": ["weighting.kl=0.25"],
     "candidates=3 (a smaller pool: cheaper scoring)": ["weighting.candidates=3"],
     "net.width=64 (phi a third of the scoring cost)": ["weighting.net.width=64"],

@@ -233,8 +233,6 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
 def test_trained_shares_reads_the_weighted_steps_of_metrics_jsonl(tmp_path):
     """Mean share per domain over the logged weighted steps; a domain missing from a step counts 0 there; events
     and unweighted runs contribute nothing."""
-    import json
-
     from dwm.analysis.runs import trained_shares
 
     assert trained_shares(tmp_path) == {}  # no metrics.jsonl

@@ -242,5 +242,9 @@ def test_trained_shares_reads_the_weighted_steps_of_metrics_jsonl(tmp_path):
             {"step": 30, "loss": 5.8}]  # a step without weights (not a DWM step)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + "\n")
     assert trained_shares(tmp_path) == {"books": 0.875, "code": 0.125}
+    torn = json.dumps({"step": 30, "loss": 5.8, "dwm_stage": 0.0, "share/code": 1.0})[:25]  # a killed run's last line
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(torn)
+    assert trained_shares(tmp_path) == {"books": 0.875, "code": 0.125}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(recs[3]) + "\n")
     assert trained_shares(tmp_path) == {}

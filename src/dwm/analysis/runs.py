@@ -107,12 +107,19 @@ def _resolve_data_dir(run: Path, configured: str, override: str | Path | None) -
 def trained_shares(run_dir: str | Path) -> dict[str, float]:
     """Each domain's mean share of the trained loss over a weighted run's logged steps (with weighting.apply =
     resample: its share of the samples trained on), from RUN_DIR/metrics.jsonl; a domain absent from a logged step
-    counts 0 there. {} when the run logged no weighted steps (uniform, static, or no metrics.jsonl)."""
+    counts 0 there. {} when the run logged no weighted steps (uniform, static, or no metrics.jsonl); a line that
+    is not JSON (the torn last line of a killed run) is skipped, as `dwm eval` does."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return {}
-    steps = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-             if "loss" in r and "dwm_stage" in r]
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank, or the torn last line of a killed run
+        if isinstance(r, dict) and "loss" in r and "dwm_stage" in r:
+            steps.append(r)
     doms = sorted({k.removeprefix("share/") for r in steps for k in r if k.startswith("share/")})
     return {d: sum(r.get(f"share/{d}", 0.0) for r in steps) / len(steps) for d in doms} if steps else {}
 

@@ -108,6 +108,18 @@ ABLATIONS_FROM_WEIGHTS: dict[str, list[str]] = {name: WEIGHTS_DEFAULTS + ov for 
 }.items()}
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What every run of one benchmark invocation trains: the model and the token budget."""
+
+    steps: int = 150
+    batch_tokens: int = 4096
+    preset: str = "cpu-small"
+
+    def __str__(self) -> str:
+        return f"{self.preset}, {self.steps} steps x {self.batch_tokens} tokens"
+
+
 @dataclass
 class Target:
     name: str
@@ -174,17 +186,17 @@ def prepare_targets(out: Path) -> dict[str, Target]:
 # ---------------------------------------------------------------- one run (in a worker process)
 
 
-def cell_config(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int,
-                preset: str = "cpu-small") -> Any:
+def cell_config(cell: Cell, target: Target, out: Path, budget: Budget) -> Any:
     """The cell's resolved training configuration: what identifies its run."""
     from dwm.run import load_config, recipe_path
 
     run = out / cell.key
     recipe = ("cpu-small-uniform" if cell.arm == "uniform" or cell.arm.startswith(("static:", "inbatch:"))
               else "cpu-small-dwm")
-    ov = [f"data.dir={target.data}", f"out={run}", f"model.spec={preset}", f"train.max_steps={steps}",
+    steps = budget.steps
+    ov = [f"data.dir={target.data}", f"out={run}", f"model.spec={budget.preset}", f"train.max_steps={steps}",
           f"train.seed={cell.seed}",
-          f"train.global_batch_tokens={batch_tokens}", f"optim.warmup_steps={max(1, steps // 10)}",
+          f"train.global_batch_tokens={budget.batch_tokens}", f"optim.warmup_steps={max(1, steps // 10)}",
           f"weighting.reference={target.reference}", "log.progress=false", f"checkpoint.every={steps}",
           *cell.overrides]
     if cell.arm.startswith("static:"):  # the manifest itself is written by run_cell
@@ -201,13 +213,25 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+PATH_KEYS = ("data.dir", "data.selection", "weighting.reference")
+
+
+def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
+    """Without the output directory, and with the input paths absolute (relative ones are relative to the
+    repository, where the benchmark runs): `--out benchmarks/out/x` and `--out $PWD/benchmarks/out/x` are the
+    same runs."""
+    flat = {k: v for k, v in flat.items() if k != "out"}
+    for k in PATH_KEYS:
+        if isinstance(flat.get(k), str) and flat[k]:
+            flat[k] = str((REPO / flat[k]).resolve())
+    return flat
+
+
 def identity(cfg: Any) -> dict[str, Any]:
     """What identifies a run: its resolved configuration, flattened, without the output directory."""
     from dwm.config import to_dict
 
-    flat = _flat(to_dict(cfg))
-    flat.pop("out", None)
-    return flat
+    return _normalised(_flat(to_dict(cfg)))
 
 
 def same_run(config_toml: Path, cfg: Any) -> bool:
@@ -215,8 +239,7 @@ def same_run(config_toml: Path, cfg: Any) -> bool:
     equal when `cfg` holds its default: options are added with defaults that keep the earlier behaviour."""
     import tomllib
 
-    old = _flat(tomllib.loads(config_toml.read_text()))
-    old.pop("out", None)
+    old = _normalised(_flat(tomllib.loads(config_toml.read_text())))
     new, default = identity(cfg), identity(type(cfg)())
     return old.keys() <= new.keys() and all(old.get(k, default.get(k)) == v for k, v in new.items())
 
@@ -239,8 +262,7 @@ def domain_share(run: Path, domain: str) -> float | None:
     return shares.get(domain, 0.0) if shares else None
 
 
-def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: int,
-             preset: str = "cpu-small") -> dict:
+def run_cell(cell: Cell, target: Target, out: Path, budget: Budget) -> dict:
     """Train one arm and evaluate it, or reuse a finished run with the same configuration; returns its record.
     A cached run of this cell whose configuration no longer matches (the recipe's defaults changed) is kept aside
     as KEY.stale-TIME, never overwritten."""
@@ -250,7 +272,7 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
 
     torch.set_num_threads(int(os.environ.get("DWM_BENCH_THREADS", "1")))
     run = out / cell.key
-    cfg = cell_config(cell, target, out, steps, batch_tokens, preset)
+    cfg = cell_config(cell, target, out, budget)
     hit = cached_run(cell, cfg, out)
     if hit == run:
         return json.loads((run / "result.json").read_text())
@@ -280,7 +302,7 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
 
     if cell.arm.startswith("static:"):
         data = PreparedData(target.data, "train")
-        n = steps * batch_tokens // data.seq_len
+        n = budget.steps * budget.batch_tokens // data.seq_len
         ids = mixture_ids(data.domain_ids, data.domains, {target.domain: float(cell.arm.split(":")[1])}, n,
                           seed=cell.seed)
         write_manifest(ids, run / "mixture.parquet")
@@ -307,11 +329,11 @@ def run_cell(cell: Cell, target: Target, out: Path, steps: int, batch_tokens: in
     return result
 
 
-def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, steps: int, batch_tokens: int,
-            jobs: int, preset: str = "cpu-small") -> dict[str, dict]:
+def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, budget: Budget,
+            jobs: int) -> dict[str, dict]:
     """Every cell's result: reused where a finished run has its configuration, else trained, `jobs` at a time
     (cells that share a configuration train once)."""
-    cfgs = {c.key: cell_config(c, targets[c.target], out, steps, batch_tokens, preset) for c in cells}
+    cfgs = {c.key: cell_config(c, targets[c.target], out, budget) for c in cells}
     ids = {c.key: json.dumps(identity(cfgs[c.key]), sort_keys=True, default=str) for c in cells}
     seen: set[str] = set()
     todo = [c for c in cells if cached_run(c, cfgs[c.key], out) is None
@@ -322,14 +344,14 @@ def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, steps: int
         import multiprocessing as mp
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, steps, batch_tokens, preset) for c in todo}
+            futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, budget) for c in todo}
             for key, f in futs.items():
                 results[key] = f.result()
                 print(f"[bench] done {key}: heldout {results[key]['heldout_passage_loss']:.4f}, reference "
                       f"{results[key]['reference_passage_loss']:.4f}", file=sys.stderr, flush=True)
     for c in cells:  # the rest: cached, or (jobs = 1) trained here
         if c.key not in results:
-            results[c.key] = run_cell(c, targets[c.target], out, steps, batch_tokens, preset)
+            results[c.key] = run_cell(c, targets[c.target], out, budget)
     return results
 
 
@@ -357,8 +379,8 @@ def best_static(results: dict[str, dict], t: Target, seeds: list[int]) -> str:
                                                     for r in arm_results(results, t.name, a, seeds)))
 
 
-def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: int, batch_tokens: int,
-                  oseeds: list[int], inbatch: tuple[float, ...] = (), preset: str = "cpu-small") -> str:
+def report_target(results: dict[str, dict], t: Target, seeds: list[int], budget: Budget,
+                  oseeds: list[int], inbatch: tuple[float, ...] = ()) -> str:
     uni = arm_results(results, t.name, "uniform", seeds)
     dwm = arm_results(results, t.name, "dwm", seeds)
     oracle_arm = best_static(results, t, oseeds)
@@ -370,7 +392,7 @@ def report_target(results: dict[str, dict], t: Target, seeds: list[int], steps: 
     share = -dm / statistics.fmean(gaps) if statistics.fmean(gaps) > 0 else float("nan")
     cost = [d["train_seconds"] / u["train_seconds"] for d, u in zip(dwm, uni, strict=True)]
     lines = [(f"### target `{t.name}` (oracle grid over `{t.domain}`'s share {list(t.grid)}; best on the reference "
-             f"side of seeds {oseeds}: `{oracle_arm}`), {preset}, {steps} steps x {batch_tokens} tokens, seeds {seeds}"), "",
+             f"side of seeds {oseeds}: `{oracle_arm}`), {budget}, seeds {seeds}"), "",
              "| arm | heldout passage loss | reference passage loss | LAMBADA ppl | val loss (all domains) |",
              "|---|---|---|---|---|"]
     for name, rs in (("uniform", uni), ("DWM (defaults)", dwm), (f"oracle `{oracle_arm}`", orc),
@@ -491,6 +513,7 @@ def main() -> int:
         p.error(f"--inbatch-oracle: weights must be > 0, got {args.inbatch_oracle}")
     if args.oracle_grid and not all(0 < g <= 1 for g in args.oracle_grid):
         p.error(f"--oracle-grid: shares must be in (0, 1], got {args.oracle_grid}")
+    budget = Budget(args.steps, args.batch_tokens, args.preset)
     targets = prepare_targets(args.out)
     if args.oracle_grid:
         for t in targets.values():
@@ -515,9 +538,9 @@ def main() -> int:
     cells = [c for c in cells if not (c.key in seen or seen.add(c.key))]
     if args.arms:
         cells = [c for c in cells if c.arm.split(":")[0] in args.arms]
-        run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs, args.preset)
+        run_all(cells, targets, args.out, budget, args.jobs)
         return 0
-    results = run_all(cells, targets, args.out, args.steps, args.batch_tokens, args.jobs, args.preset)
+    results = run_all(cells, targets, args.out, budget, args.jobs)
     # phase 2: the mixture chosen on the reference side of the oracle seeds, on every seed
     more = []
     for part in parts:
@@ -525,15 +548,14 @@ def main() -> int:
         best = best_static(results, t, oseeds)
         more += [Cell(t.name, best, s) for s in (abl_seeds if part.startswith("ablation") else args.seeds)]
     more = [c for c in more if not (c.key in seen or seen.add(c.key))]
-    results.update(run_all(more, targets, args.out, args.steps, args.batch_tokens, args.jobs, args.preset))
+    results.update(run_all(more, targets, args.out, budget, args.jobs))
     text = []
     for part in parts:
         t = targets["speech" if part == "second" else "novels"]
         if part.startswith("ablation"):
             text.append(report_ablation(results, t, abl_seeds, oseeds, part))
         else:
-            text.append(report_target(results, t, args.seeds, args.steps, args.batch_tokens, oseeds,
-                                      tuple(args.inbatch_oracle), args.preset))
+            text.append(report_target(results, t, args.seeds, budget, oseeds, tuple(args.inbatch_oracle)))
     out = "\n\n".join(text)
     print(out)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -71,3 +71,15 @@ def test_cached_run_prefers_the_cells_own_then_any_finished_run_of_the_target(be
     assert bench.cached_run(cell, cfg, out) == own
     assert bench.cached_run(cell, _cfg(out / cell.key, "weighting.kl=0.25"), out) is None
     assert bench.cached_run(bench.Cell("speech", "dwm", 1), cfg, out) is None  # another target's runs
+
+
+def test_a_relative_input_path_is_the_same_run_as_its_absolute_form(bench, tmp_path):
+    """`--out benchmarks/out/x` writes relative data.dir / reference paths into config.toml; the same cell run
+    with an absolute --out is the same run (paths are relative to the repository, where the benchmark runs)."""
+    rel = ["data.dir=benchmarks/out/x/data", "weighting.reference=data/target/reference.jsonl"]
+    toml = tmp_path / "config.toml"
+    toml.write_text(to_toml(_cfg(tmp_path / "a", *rel)))
+    absolute = [f"data.dir={REPO / 'benchmarks/out/x/data'}", f"weighting.reference={REPO / 'data/target/reference.jsonl'}"]
+    assert bench.same_run(toml, _cfg(tmp_path / "b", *absolute))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b", f"data.dir={REPO / 'benchmarks/out/y/data'}",
+                                         absolute[1]))

@@ -290,12 +290,14 @@ import resource, torch
 from dwm.host import keep_freed_memory
 assert keep_freed_memory() is True
 n = 16 * 2**20  # float32 -> 64 MB
-for _ in range(6):  # warm-up: the first few blocks grow the heap (measured: 4 allocations fault, then none)
+for _ in range(12):  # warm-up: the first blocks grow the heap (measured: faults stop after 2-9 allocations)
     torch.ones(n).sum()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(4):
     torch.ones(n).sum()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip().splitlines()[-1]) < 2000
+    # without the setting each of the 4 blocks faults all its 16,384 pages (65,536 in all); with it none does, and
+    # at most one stray block is tolerated (the heap's growth ends at a varying allocation, once seen at the 9th)
+    assert int(out.stdout.strip().splitlines()[-1]) < 2 * 16384

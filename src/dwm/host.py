@@ -8,7 +8,7 @@ for reuse: 15x fewer faults, 0.04 s of kernel time, a step's CPU time a median 1
 between repeats; `benchmarks/bench_malloc.py`, benchmarks/results/malloc.md). mallopt only reaches glibc; with
 jemalloc or tcmalloc preloaded (PyTorch's CPU performance guide) the allocator already reuses such blocks.
 The reuse starts once the heap has grown: in a fresh process the first few 64 MB blocks after the call still
-fault (4 allocations measured, then none), so a run pays it in its first step only.
+fault (the faults stop after 2 to 9 allocations, varying between runs), so a run pays it in its first steps only.
 """
 
 from __future__ import annotations

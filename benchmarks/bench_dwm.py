@@ -229,7 +229,8 @@ def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def identity(cfg: Any) -> dict[str, Any]:
-    """What identifies a run: its resolved configuration, flattened, without the output directory."""
+    """What identifies a run: its resolved configuration, flattened, without the output directory and with its
+    input paths absolute (`_normalised`)."""
     from dwm.config import to_dict
 
     return _normalised(_flat(to_dict(cfg)))

@@ -3,7 +3,8 @@ not a test)
 
     .venv/bin/python benchmarks/bench_dwm.py [--part main|second|ablation|ablation-weights|all] [--seeds 0 1 2] [--jobs 2]
 
-Every run trains cpu-small on the same budget (default the demo's: 150 steps x 4096 tokens) and is evaluated on
+Every run trains the same model (`--preset`, default cpu-small; cpu-mini is the demo's) on the same budget (default
+the demo's: 150 steps x 4096 tokens) and is evaluated on
 the target's `heldout` passages (what is reported) and on its `reference` passages (what the weighting model
 optimises against, and the only side defaults and oracle mixtures are chosen on). Paired by seed: the same seed
 gives the same model init and data stream to every arm.

@@ -301,6 +301,7 @@ def run_cell(cell: Cell, target: Target, out: Path, budget: Budget) -> dict:
     from dwm.data.mixture import mixture_ids, write_manifest
     from dwm.eval.cli import evaluate_run
     from dwm.eval.lambada import passage_loss
+    from dwm.metrics import read_metrics
     from dwm.run import build_trainer
 
     if cell.arm.startswith("static:"):
@@ -313,7 +314,7 @@ def run_cell(cell: Cell, target: Target, out: Path, budget: Budget) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    recs = list(read_metrics(run / "metrics.jsonl"))
     probe_s = sum(r.get("probe_seconds", 0.0) for r in recs if r.get("event") == "stage")
     model = trainer.model.eval()
     res = evaluate_run(run, target=target.heldout, write=True)

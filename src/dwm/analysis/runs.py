@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from dwm.analysis.measures import bigram_novelty
 from dwm.data.dataset import PreparedData
 from dwm.errors import UserError
+from dwm.metrics import read_metrics
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,17 +110,7 @@ def trained_shares(run_dir: str | Path) -> dict[str, float]:
     resample: its share of the samples trained on), from RUN_DIR/metrics.jsonl; a domain absent from a logged step
     counts 0 there. {} when the run logged no weighted steps (uniform, static, or no metrics.jsonl); a line that
     is not JSON (the torn last line of a killed run) is skipped, as `dwm eval` does."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # blank, or the torn last line of a killed run
-        if isinstance(r, dict) and "loss" in r and "dwm_stage" in r:
-            steps.append(r)
+    steps = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r and "dwm_stage" in r]
     doms = sorted({k.removeprefix("share/") for r in steps for k in r if k.startswith("share/")})
     return {d: sum(r.get(f"share/{d}", 0.0) for r in steps) / len(steps) for d in doms} if steps else {}
 

@@ -21,6 +21,7 @@ from typing import Any
 from dwm.errors import UserError
 from dwm.eval.export import export_run, load_run_model, load_run_tokenizer, resolve_checkpoint
 from dwm.host import keep_freed_memory
+from dwm.metrics import read_metrics
 
 DEFAULT_TARGET = "data/target/heldout.jsonl"
 
@@ -48,21 +49,14 @@ def _step_and_tokens(run_dir: Path, ckpt_name: str, cfg: dict[str, Any]) -> tupl
     step = int(m.group(1)) if m else None
     if step is None:
         return None, None
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        found = None
-        with metrics.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line of a killed run
-                if isinstance(rec, dict) and rec.get("step") == step:
-                    for key in ("tokens_seen", "tokens"):
-                        if isinstance(rec.get(key), int):
-                            found = rec[key]
-        if found is not None:
-            return step, found
+    found = None
+    for rec in read_metrics(run_dir / "metrics.jsonl"):  # skips a torn last line of a killed run
+        if rec.get("step") == step:
+            for key in ("tokens_seen", "tokens"):
+                if isinstance(rec.get(key), int):
+                    found = rec[key]
+    if found is not None:
+        return step, found
     gbt = cfg.get("train", {}).get("global_batch_tokens")
     return step, step * gbt if isinstance(gbt, int) else None
 

@@ -48,6 +48,7 @@ to benchmarks/results/dwm.md.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -367,6 +368,11 @@ def mse(xs: list[float]) -> tuple[float, float]:
     return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
 
 
+def per_seed(xs: list[float]) -> str:
+    """' [x0, x1, ...]' rounded to 3 digits, or nothing for a single seed (its mean is the value)."""
+    return f" {[round(x, 3) for x in xs]}" if len(xs) > 1 else ""
+
+
 def fmt(xs: list[float], digits: int = 4) -> str:
     m, se = mse(xs)
     return f"{m:.{digits}f} ± {se:.{digits}f}"
@@ -454,21 +460,38 @@ def inbatch_line(results: dict[str, dict], t: Target, v: float, uni: list[dict],
             f"the static gap")
 
 
-def ablation_rows(part: str) -> dict[str, list[str]]:
-    """The rows of an ablation table (name -> overrides), its baseline first."""
-    if part == "ablation":
-        return {"**shipped defaults**": [], **ABLATIONS}
-    return {"**in-batch-weights defaults**": WEIGHTS_DEFAULTS, **ABLATIONS_FROM_WEIGHTS}
+def ablation_rows(part: str, only: list[str] | None = None) -> dict[str, list[str]]:
+    """The rows of an ablation table (name -> overrides), its baseline first; `only`: just the rows whose name
+    starts with one of these prefixes (and the baseline). A prefix no row has is a one-line error."""
+    rows = ({"**shipped defaults**": [], **ABLATIONS} if part == "ablation" else
+            {"**in-batch-weights defaults**": WEIGHTS_DEFAULTS, **ABLATIONS_FROM_WEIGHTS})
+    if not only:
+        return rows
+    names = list(rows)
+    for prefix in only:
+        if not any(n.startswith(prefix) for n in names[1:]):
+            close = difflib.get_close_matches(prefix, [n.split(" (")[0] for n in names[1:]], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; rows: {[n.split(' (')[0] for n in names[1:]]}"
+            raise SystemExit(f"bench_dwm.py: --rows {prefix!r} is no row of --part {part}{hint}")
+    return {n: ov for i, (n, ov) in enumerate(rows.items()) if i == 0 or any(n.startswith(p) for p in only)}
 
 
-def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseeds: list[int], part: str) -> str:
+def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseeds: list[int], part: str,
+                    rows: dict[str, list[str]] | None = None, oracle: bool = True) -> str:
+    """The lever table on the reference side; without the oracle (--no-oracle) the share column is left empty."""
+    rows = rows if rows is not None else ablation_rows(part)
     uni = arm_results(results, t.name, "uniform", seeds)
-    oracle_arm = best_static(results, t, oseeds)
-    orc = arm_results(results, t.name, oracle_arm, seeds)
     key = "reference_passage_loss"
-    gap = statistics.fmean(u[key] - o[key] for u, o in zip(uni, orc, strict=True))
-    lines = [(f"### ablation on `{t.name}`, reference side (the signal defaults are picked on), seeds {seeds}; "
-             f"uniform -> oracle (`{oracle_arm}`) gap {gap:.4f}")]
+    gap = math.nan
+    head = f"### ablation on `{t.name}`, reference side (the signal defaults are picked on), seeds {seeds}; "
+    if oracle:
+        oracle_arm = best_static(results, t, oseeds)
+        orc = arm_results(results, t.name, oracle_arm, seeds)
+        gap = statistics.fmean(u[key] - o[key] for u, o in zip(uni, orc, strict=True))
+        head += f"uniform -> oracle (`{oracle_arm}`) gap {gap:.4f}"
+    else:
+        head += "no oracle trained (--no-oracle): shares need a gap measured elsewhere"
+    lines = [head]
     head = ["", ("| lever | reference loss - uniform (paired) | share of gap | heldout loss - uniform | "
                  "cost / uniform |"), "|---|---|---|---|---|"]
 
@@ -477,12 +500,13 @@ def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseed
         d = [r[key] - u[key] for r, u in zip(rs, uni, strict=True)]
         h = [r["heldout_passage_loss"] - u["heldout_passage_loss"] for r, u in zip(rs, uni, strict=True)]
         c = [r["train_seconds"] / u["train_seconds"] for r, u in zip(rs, uni, strict=True)]
-        return (f"| {name} | {fmt(d)} | {100 * -statistics.fmean(d) / gap:.0f}% | {fmt(h)} | "
+        share = f"{100 * -statistics.fmean(d) / gap:.0f}%" if oracle else "—"
+        return (f"| {name} | {fmt(d)}{per_seed(d)} | {share} | {fmt(h)}{per_seed(h)} | "
                 f"{statistics.median(c):.2f} |")
 
     lines += ["", ("One change from the shipped defaults:" if part == "ablation" else
                    "One change from the in-batch-weights defaults (shipped through stop 16):"), *head,
-              *(row(name, f"ablation:{name}") for name in ablation_rows(part))]
+              *(row(name, f"ablation:{name}") for name in rows)]
     return "\n".join(lines)
 
 
@@ -511,6 +535,13 @@ def main() -> int:
     p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                    help="train only these arms now (uniform, dwm, static, ablation) and print nothing: fills the "
                         "cache, e.g. the baselines before the DWM defaults are settled")
+    p.add_argument("--ablation-target", choices=["novels", "speech"], default="novels",
+                   help="the target of --part ablation / ablation-weights (default novels)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="PREFIX",
+                   help="ablation rows to run: those whose name starts with a PREFIX (the defaults' row always)")
+    p.add_argument("--no-oracle", action="store_true",
+                   help="ablation parts only: train no static mixture (the share column stays empty); for levers "
+                        "compared on new seeds against a gap measured before")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not all(v > 0 for v in args.inbatch_oracle):
@@ -523,19 +554,29 @@ def main() -> int:
         for t in targets.values():
             t.grid = tuple(args.oracle_grid)
     parts = ["main", "second", "ablation"] if args.part == "all" else [args.part]
+    if args.no_oracle and not all(part.startswith("ablation") for part in parts):
+        p.error("--no-oracle: only with --part ablation or ablation-weights (main and second report the oracle)")
+
+    def target_of(part: str) -> Target:
+        if part.startswith("ablation"):
+            return targets[args.ablation_target]
+        return targets["speech" if part == "second" else "novels"]
+
+    rows = {part: ablation_rows(part, args.rows) for part in parts if part.startswith("ablation")}
     abl_seeds = args.ablation_seeds or args.seeds
     oseeds = args.oracle_seeds or args.seeds
     # phase 1: the oracle grid on its seeds (first, so it is ready early) and every other arm
     cells: list[Cell] = []
     for part in parts:
-        t = targets["speech" if part == "second" else "novels"]
-        cells += [Cell(t.name, f"static:{g}", s) for s in oseeds for g in t.grid]
+        if not args.no_oracle:
+            t = target_of(part)
+            cells += [Cell(t.name, f"static:{g}", s) for s in oseeds for g in t.grid]
     for part in parts:
-        t = targets["speech" if part == "second" else "novels"]
+        t = target_of(part)
         for s in abl_seeds if part.startswith("ablation") else args.seeds:
             cells += [Cell(t.name, "uniform", s), Cell(t.name, "dwm", s)]
             if part.startswith("ablation"):
-                cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in ablation_rows(part).items()]
+                cells += [Cell(t.name, f"ablation:{n}", s, ov) for n, ov in rows[part].items()]
             else:
                 cells += [Cell(t.name, f"inbatch:{v:g}", s) for v in args.inbatch_oracle]
     seen: set[str] = set()
@@ -548,16 +589,18 @@ def main() -> int:
     # phase 2: the mixture chosen on the reference side of the oracle seeds, on every seed
     more = []
     for part in parts:
-        t = targets["speech" if part == "second" else "novels"]
+        if args.no_oracle:
+            continue
+        t = target_of(part)
         best = best_static(results, t, oseeds)
         more += [Cell(t.name, best, s) for s in (abl_seeds if part.startswith("ablation") else args.seeds)]
     more = [c for c in more if not (c.key in seen or seen.add(c.key))]
     results.update(run_all(more, targets, args.out, budget, args.jobs))
     text = []
     for part in parts:
-        t = targets["speech" if part == "second" else "novels"]
+        t = target_of(part)
         if part.startswith("ablation"):
-            text.append(report_ablation(results, t, abl_seeds, oseeds, part))
+            text.append(report_ablation(results, t, abl_seeds, oseeds, part, rows[part], not args.no_oracle))
         else:
             text.append(report_target(results, t, args.seeds, budget, oseeds, tuple(args.inbatch_oracle)))
     out = "\n\n".join(text)

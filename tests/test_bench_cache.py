@@ -1,6 +1,7 @@
 """benchmarks/bench_dwm.py identifies a cached run by its resolved configuration: the same configuration reuses
 the run (its own cell's or another's), an option an older run's config.toml lacks counts as equal only at its
-default, and any changed value (a moved recipe default) does not match."""
+default, and any changed value (a moved recipe default) does not match. Also the ablation table's row selection
+(--rows) and its form without an oracle (--no-oracle)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,29 @@ def test_a_relative_input_path_is_the_same_run_as_its_absolute_form(bench, tmp_p
     assert bench.same_run(toml, _cfg(tmp_path / "b", *absolute))
     assert not bench.same_run(toml, _cfg(tmp_path / "b", f"data.dir={REPO / 'benchmarks/out/y/data'}",
                                          absolute[1]))
+
+
+def test_rows_select_by_prefix_keep_the_baseline_and_refuse_an_unknown_row(bench):
+    rows = bench.ablation_rows("ablation", ["kl=0.25"])
+    assert list(rows) == ["**shipped defaults**", "kl=0.25 (weaker still)"]
+    assert rows["kl=0.25 (weaker still)"] == ["weighting.kl=0.25"]
+    assert bench.ablation_rows("ablation") == {"**shipped defaults**": [], **bench.ABLATIONS}
+    assert len(bench.ablation_rows("ablation", ["kl=0.3"])) == 2  # a prefix: kl=0.35
+    with pytest.raises(SystemExit, match=r"--rows 'kl=0.4' is no row of --part ablation; did you mean 'kl=0.35'"):
+        bench.ablation_rows("ablation", ["kl=0.4"])
+
+
+def test_ablation_table_without_an_oracle_has_paired_differences_and_no_share(bench):
+    t = bench.Target("speech", Path("d"), Path("r"), Path("h"), "speech")
+    results = {}
+    for s, (u, a, b) in enumerate([(6.6, 6.5, 6.45), (6.7, 6.5, 6.6)]):
+        for arm, ref in (("uniform", u), ("ablation:**shipped defaults**", a), ("ablation:kl=0.25 (weaker still)", b)):
+            results[bench.Cell("speech", arm, s).key] = {"reference_passage_loss": ref,
+                                                         "heldout_passage_loss": ref + 0.01, "train_seconds": 100.0}
+    rows = bench.ablation_rows("ablation", ["kl=0.25"])
+    text = bench.report_ablation(results, t, [0, 1], [0], "ablation", rows, oracle=False)
+    assert "no oracle trained" in text
+    lines = [x for x in text.splitlines() if x.startswith("| kl=0.25")]
+    # reference - uniform: -0.15 and -0.10 -> mean -0.125, s.e. 0.025; the share column empty
+    assert lines == ["| kl=0.25 (weaker still) | -0.1250 ± 0.0250 [-0.15, -0.1] | — | -0.1250 ± 0.0250 [-0.15, -0.1]"
+                     " | 1.00 |"]

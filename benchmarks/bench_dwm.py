@@ -71,6 +71,7 @@ ABLATIONS: dict[str, list[str]] = {
     "candidates=3 (a smaller pool: cheaper scoring)": ["weighting.candidates=3"],
     "net.width=64 (phi a third of the scoring cost)": ["weighting.net.width=64"],
     "probe_len=128 (the bi-level update's LM forwards half as long)": ["weighting.probe_len=128"],
+    "batch_size=128 (twice the probed samples per update: phi's evidence, at more cost)": ["weighting.batch_size=128"],
 }
 # ... and from the defaults of stop 17 (kl 1.0), where these levers were measured (their rows stay reproducible)
 STOP17 = ["weighting.kl=1.0"]

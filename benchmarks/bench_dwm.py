@@ -18,8 +18,10 @@ gives the same model init and data stream to every arm.
   Same arms, the oracle grid over speech's share.
 - ablation: one DWM lever changed at a time from the defaults, or from stop 17's defaults (kl 1.0, one row) where
   most levers were measured (a second table: from the in-batch-weights defaults shipped through stop 16), on the
-  main target: the change of *reference*
-  passage loss against uniform (paired), its share of the reference-side headroom, and the cost.
+  main target (`--ablation-target speech`: the second): the change of *reference* passage loss against uniform
+  (paired, per seed and mean), its share of the reference-side headroom, and the cost. `--rows PREFIX ...` runs only
+  those rows (and the defaults'); `--no-oracle` trains no static mixture, for a lever checked on fresh seeds against
+  a gap measured before (the share column is then empty).
 
 `--inbatch-oracle V [V ...]` adds the in-batch oracle to main/second: the target's domain weighted by V within
 every batch (`weighting.mode = domains`, hand-set, on the uniform stream), i.e. what in-batch weights toward the
@@ -484,15 +486,15 @@ def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseed
     uni = arm_results(results, t.name, "uniform", seeds)
     key = "reference_passage_loss"
     gap = math.nan
-    head = f"### ablation on `{t.name}`, reference side (the signal defaults are picked on), seeds {seeds}; "
+    title = f"### ablation on `{t.name}`, reference side (the signal defaults are picked on), seeds {seeds}; "
     if oracle:
         oracle_arm = best_static(results, t, oseeds)
         orc = arm_results(results, t.name, oracle_arm, seeds)
         gap = statistics.fmean(u[key] - o[key] for u, o in zip(uni, orc, strict=True))
-        head += f"uniform -> oracle (`{oracle_arm}`) gap {gap:.4f}"
+        title += f"uniform -> oracle (`{oracle_arm}`) gap {gap:.4f}"
     else:
-        head += "no oracle trained (--no-oracle): shares need a gap measured elsewhere"
-    lines = [head]
+        title += "no oracle trained (--no-oracle): shares need a gap measured elsewhere"
+    lines = [title]
     head = ["", ("| lever | reference loss - uniform (paired) | share of gap | heldout loss - uniform | "
                  "cost / uniform |"), "|---|---|---|---|---|"]
 

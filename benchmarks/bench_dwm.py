@@ -551,21 +551,22 @@ def main() -> int:
         p.error(f"--inbatch-oracle: weights must be > 0, got {args.inbatch_oracle}")
     if args.oracle_grid and not all(0 < g <= 1 for g in args.oracle_grid):
         p.error(f"--oracle-grid: shares must be in (0, 1], got {args.oracle_grid}")
+    parts = ["main", "second", "ablation"] if args.part == "all" else [args.part]
+    if args.no_oracle and not all(part.startswith("ablation") for part in parts):
+        p.error("--no-oracle: only with --part ablation or ablation-weights (main and second report the oracle)")
+    # bad options are refused before the data is prepared (minutes on a fresh cache)
+    rows = {part: ablation_rows(part, args.rows) for part in parts if part.startswith("ablation")}
     budget = Budget(args.steps, args.batch_tokens, args.preset)
     targets = prepare_targets(args.out)
     if args.oracle_grid:
         for t in targets.values():
             t.grid = tuple(args.oracle_grid)
-    parts = ["main", "second", "ablation"] if args.part == "all" else [args.part]
-    if args.no_oracle and not all(part.startswith("ablation") for part in parts):
-        p.error("--no-oracle: only with --part ablation or ablation-weights (main and second report the oracle)")
 
     def target_of(part: str) -> Target:
         if part.startswith("ablation"):
             return targets[args.ablation_target]
         return targets["speech" if part == "second" else "novels"]
 
-    rows = {part: ablation_rows(part, args.rows) for part in parts if part.startswith("ablation")}
     abl_seeds = args.ablation_seeds or args.seeds
     oseeds = args.oracle_seeds or args.seeds
     # phase 1: the oracle grid on its seeds (first, so it is ready early) and every other arm

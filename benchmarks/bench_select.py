@@ -219,6 +219,8 @@ def tiny_run(data: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------ 4. influence
 def bench_influence(data: Path, target: Path, tmp: Path, steps: int, lines: list[str],
                     batch_tokens: int = 4096) -> None:
+    from dwm.metrics import read_metrics
+
     base = [PY, "-m", "dwm.cli", "train", "--config", "cpu-small-uniform", "--data", str(data), "--out", "{out}",
             f"train.max_steps={steps}", f"train.global_batch_tokens={batch_tokens}", "log.progress=false",
             "train.device=cpu", "checkpoint.every=0", "log.every=1"]
@@ -230,7 +232,7 @@ def bench_influence(data: Path, target: Path, tmp: Path, steps: int, lines: list
         wall, cpu, rss, rc = child([str(out) if a == "{out}" else a for a in base] + extra, env)
         if rc != 0:
             raise SystemExit(f"{name} run failed")
-        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        recs = list(read_metrics(out / "metrics.jsonl"))
         res[name] = (wall, cpu, rss, recs)
     (uw, uc, ur, _), (iw, ic, ir, recs) = res["uniform"], res["influence"]
     infl = [r for r in recs if r.get("event") == "influence"]

@@ -89,9 +89,10 @@ ABLATIONS.update({f"kl=1.0, {name}": STOP17 + ov for name, ov in {
 }.items()})
 
 # the defaults before resampling was adopted (stop 17): the paper's in-batch weights, no domain input, one stage's
-# buffer. The first ablation table's levers are one change from these (its rows are kept reproducible).
-WEIGHTS_DEFAULTS = ["weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1",
-                    "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"]
+# buffer, KL 1 (the recipe's kl until stop 18). The first ablation table's levers are one change from these (its
+# rows are kept reproducible).
+WEIGHTS_DEFAULTS = ["weighting.kl=1.0", "weighting.apply=weights", "weighting.candidates=2",
+                    "weighting.temperature=1", "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"]
 ABLATIONS_FROM_WEIGHTS: dict[str, list[str]] = {name: WEIGHTS_DEFAULTS + ov for name, ov in {
     "paper-like: 1 update of one batch (G samples) per stage, 1 phi step of lr 1e-2, no KL, raw dL/dw": [
         "weighting.batch_size=0", "weighting.phi_steps=1", "weighting.lr=1e-2", "weighting.kl=0",

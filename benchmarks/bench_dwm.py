@@ -16,8 +16,9 @@ gives the same model init and data stream to every arm.
 - second: a target cut from documents held out of the speech domain (State of the Union addresses; held out of
   training too, `dwm target build --from ... --train ...` refuses any overlap), on the corpus without them.
   Same arms, the oracle grid over speech's share.
-- ablation: one DWM lever changed at a time from the defaults, or from stop 17's defaults (kl 1.0, one row) where
-  most levers were measured (a second table: from the in-batch-weights defaults shipped through stop 16), on the
+- ablation: one DWM lever changed at a time from the defaults, or from the defaults of stops 18-20 (batch_size 64)
+  or of stop 17 (kl 1.0 too), where most levers were measured (a second table: from the in-batch-weights defaults
+  shipped through stop 16), on the
   main target (`--ablation-target speech`: the second): the change of *reference* passage loss against uniform
   (paired, per seed and mean), its share of the reference-side headroom, and the cost. `--rows PREFIX ...` runs only
   those rows (and the defaults'); `--no-oracle` trains no static mixture, for a lever checked on fresh seeds against
@@ -67,16 +68,20 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 
 # one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
+    "batch_size=64 (half the probed samples per update: the defaults of stops 18-20)": ["weighting.batch_size=64"],
+}
+# ... and from the defaults of stops 18-20 (batch_size 64), where these levers were measured (rows reproducible)
+STOP20 = ["weighting.batch_size=64"]
+ABLATIONS.update({f"batch_size=64, {name}": STOP20 + ov for name, ov in {
     "kl=1.0 (a stronger pull toward uniform: the defaults of stop 17)": ["weighting.kl=1.0"],
     "kl=0.35": ["weighting.kl=0.35"],
     "kl=0.25 (weaker still)": ["weighting.kl=0.25"],
     "candidates=3 (a smaller pool: cheaper scoring)": ["weighting.candidates=3"],
     "net.width=64 (phi a third of the scoring cost)": ["weighting.net.width=64"],
     "probe_len=128 (the bi-level update's LM forwards half as long)": ["weighting.probe_len=128"],
-    "batch_size=128 (twice the probed samples per update: phi's evidence, at more cost)": ["weighting.batch_size=128"],
-}
-# ... and from the defaults of stop 17 (kl 1.0), where these levers were measured (their rows stay reproducible)
-STOP17 = ["weighting.kl=1.0"]
+}.items()})
+# ... and from the defaults of stop 17 (kl 1.0, batch_size 64), where these levers were measured
+STOP17 = STOP20 + ["weighting.kl=1.0"]
 ABLATIONS.update({f"kl=1.0, {name}": STOP17 + ov for name, ov in {
     "apply=weights (the paper's in-batch weights, tau 1; domain input and 5-stage buffer kept)": [
         "weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1"],
@@ -89,10 +94,10 @@ ABLATIONS.update({f"kl=1.0, {name}": STOP17 + ov for name, ov in {
 }.items()})
 
 # the defaults before resampling was adopted (stop 17): the paper's in-batch weights, no domain input, one stage's
-# buffer, KL 1 (the recipe's kl until stop 18). The first ablation table's levers are one change from these (its
-# rows are kept reproducible).
-WEIGHTS_DEFAULTS = ["weighting.kl=1.0", "weighting.apply=weights", "weighting.candidates=2",
-                    "weighting.temperature=1", "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"]
+# buffer, with stop 17's KL 1 and 64 probed samples. The first ablation table's levers are one change from these
+# (its rows are kept reproducible).
+WEIGHTS_DEFAULTS = [*STOP17, "weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1",
+                    "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"]
 ABLATIONS_FROM_WEIGHTS: dict[str, list[str]] = {name: WEIGHTS_DEFAULTS + ov for name, ov in {
     "paper-like: 1 update of one batch (G samples) per stage, 1 phi step of lr 1e-2, no KL, raw dL/dw": [
         "weighting.batch_size=0", "weighting.phi_steps=1", "weighting.lr=1e-2", "weighting.kl=0",

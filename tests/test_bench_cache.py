@@ -87,26 +87,48 @@ def test_a_relative_input_path_is_the_same_run_as_its_absolute_form(bench, tmp_p
 
 
 def test_rows_select_by_prefix_keep_the_baseline_and_refuse_an_unknown_row(bench):
-    rows = bench.ablation_rows("ablation", ["kl=0.25"])
-    assert list(rows) == ["**shipped defaults**", "kl=0.25 (weaker still)"]
-    assert rows["kl=0.25 (weaker still)"] == ["weighting.kl=0.25"]
+    kl = "batch_size=64, kl=0.25 (weaker still)"
+    rows = bench.ablation_rows("ablation", ["batch_size=64, kl=0.25"])
+    assert list(rows) == ["**shipped defaults**", kl]
+    assert rows[kl] == ["weighting.batch_size=64", "weighting.kl=0.25"]  # measured from the stop-20 defaults
     assert bench.ablation_rows("ablation") == {"**shipped defaults**": [], **bench.ABLATIONS}
-    assert len(bench.ablation_rows("ablation", ["kl=0.3"])) == 2  # a prefix: kl=0.35
-    with pytest.raises(SystemExit, match=r"--rows 'kl=0.4' is no row of --part ablation; did you mean 'kl=0.35'"):
-        bench.ablation_rows("ablation", ["kl=0.4"])
+    assert len(bench.ablation_rows("ablation", ["batch_size=64, kl=0.3"])) == 2  # a prefix: kl=0.35
+    assert len(bench.ablation_rows("ablation", ["batch_size=64"])) == 1 + 7  # the old default and its six levers
+    with pytest.raises(SystemExit, match=r"--rows 'batch_size=64, kl=0.4' is no row of --part ablation; did you "
+                                         r"mean 'batch_size=64, kl=0.35'"):
+        bench.ablation_rows("ablation", ["batch_size=64, kl=0.4"])
+
+
+def test_rows_keep_their_measured_configuration_and_distinct_run_keys(bench):
+    """A row's overrides reproduce the defaults it was measured from, whatever the recipe says now, and no two rows
+    share a cache directory (keys are cut to 60 characters)."""
+    from dwm.run import load_config, recipe_path
+
+    for name, ov in bench.ABLATIONS.items():
+        cfg = load_config(recipe_path("cpu-small-dwm"), ov).weighting
+        if name.startswith(("batch_size=64", "kl=1.0")):
+            assert cfg.batch_size == 64, name
+        if name.startswith("kl=1.0"):
+            assert cfg.kl == 1.0, name
+    weights = load_config(recipe_path("cpu-small-dwm"), bench.WEIGHTS_DEFAULTS).weighting
+    assert (weights.apply, weights.kl, weights.batch_size, weights.buffer_stages) == ("weights", 1.0, 64, 1)
+    for part in ("ablation", "ablation-weights"):
+        keys = [bench.Cell("novels", f"ablation:{n}", 0).key for n in bench.ablation_rows(part)]
+        assert len(set(keys)) == len(keys), part
 
 
 def test_ablation_table_without_an_oracle_has_paired_differences_and_no_share(bench):
     t = bench.Target("speech", Path("d"), Path("r"), Path("h"), "speech")
     results = {}
     for s, (u, a, b) in enumerate([(6.6, 6.5, 6.45), (6.7, 6.5, 6.6)]):
-        for arm, ref in (("uniform", u), ("ablation:**shipped defaults**", a), ("ablation:kl=0.25 (weaker still)", b)):
+        for arm, ref in (("uniform", u), ("ablation:**shipped defaults**", a),
+                         ("ablation:batch_size=64, kl=0.25 (weaker still)", b)):
             results[bench.Cell("speech", arm, s).key] = {"reference_passage_loss": ref,
                                                          "heldout_passage_loss": ref + 0.01, "train_seconds": 100.0}
-    rows = bench.ablation_rows("ablation", ["kl=0.25"])
+    rows = bench.ablation_rows("ablation", ["batch_size=64, kl=0.25"])
     text = bench.report_ablation(results, t, [0, 1], [0], "ablation", rows, oracle=False)
     assert "no oracle trained" in text
-    lines = [x for x in text.splitlines() if x.startswith("| kl=0.25")]
+    lines = [x for x in text.splitlines() if x.startswith("| batch_size=64, kl=0.25")]
     # reference - uniform: -0.15 and -0.10 -> mean -0.125, s.e. 0.025; the share column empty
-    want = "| kl=0.25 (weaker still) | -0.1250 ± 0.0250 [-0.15, -0.1] | — | -0.1250 ± 0.0250 [-0.15, -0.1] | 1.00 |"
+    want = "| batch_size=64, kl=0.25 (weaker still) | -0.1250 ± 0.0250 [-0.15, -0.1] | — | -0.1250 ± 0.0250 [-0.15, -0.1] | 1.00 |"
     assert lines == [want]

@@ -69,6 +69,7 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 # one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
     "batch_size=64 (half the probed samples per update: the defaults of stops 18-20)": ["weighting.batch_size=64"],
+    "kl=0.25 (a weaker pull toward uniform: phi's preference sharper)": ["weighting.kl=0.25"],
 }
 # ... and from the defaults of stops 18-20 (batch_size 64), where these levers were measured (rows reproducible)
 STOP20 = ["weighting.batch_size=64"]

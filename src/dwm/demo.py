@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=150, help="LM optimizer steps per run")
     p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens")
     p.add_argument("--preset", default="cpu-mini",
-                   help="model preset (cpu-mini fits the demo in ~9 minutes on 2 cores from a fresh clone; cpu-small, "
+                   help="model preset (cpu-mini fits the demo in 5-9 minutes on 2 cores from a fresh clone; cpu-small, "
                         "the benchmark's model, takes ~20)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of the prepared corpus")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample")

@@ -67,11 +67,15 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 
 # one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
-    "batch_size=64 (half the probed samples per update: the defaults of stops 18-20)": ["weighting.batch_size=64"],
-    "kl=0.25 (a weaker pull toward uniform: phi's preference sharper)": ["weighting.kl=0.25"],
+    "kl=0.5 (a stronger pull toward uniform: the defaults of stop 21)": ["weighting.kl=0.5"],
 }
-# ... and from the defaults of stops 18-20 (batch_size 64), where these levers were measured (rows reproducible)
-STOP20 = ["weighting.batch_size=64"]
+# ... and from the defaults of stop 21 (kl 0.5), where these levers were measured (rows reproducible)
+STOP21 = ["weighting.kl=0.5"]
+ABLATIONS.update({f"kl=0.5, {name}": STOP21 + ov for name, ov in {
+    "batch_size=64 (half the probed samples per update: the defaults of stops 18-20)": ["weighting.batch_size=64"],
+}.items()})
+# ... and from the defaults of stops 18-20 (kl 0.5, batch_size 64), where these levers were measured
+STOP20 = STOP21 + ["weighting.batch_size=64"]
 ABLATIONS.update({f"batch_size=64, {name}": STOP20 + ov for name, ov in {
     "kl=1.0 (a stronger pull toward uniform: the defaults of stop 17)": ["weighting.kl=1.0"],
     "kl=0.35": ["weighting.kl=0.35"],

@@ -70,7 +70,7 @@ def test_cached_run_prefers_the_cells_own_then_any_finished_run_of_the_target(be
     assert bench.cached_run(cell, cfg, out) == other
     own = _finished(out / cell.key, cfg)
     assert bench.cached_run(cell, cfg, out) == own
-    assert bench.cached_run(cell, _cfg(out / cell.key, "weighting.kl=0.25"), out) is None
+    assert bench.cached_run(cell, _cfg(out / cell.key, "weighting.kl=0.35"), out) is None
     assert bench.cached_run(bench.Cell("speech", "dwm", 1), cfg, out) is None  # another target's runs
 
 
@@ -90,10 +90,12 @@ def test_rows_select_by_prefix_keep_the_baseline_and_refuse_an_unknown_row(bench
     kl = "batch_size=64, kl=0.25 (weaker still)"
     rows = bench.ablation_rows("ablation", ["batch_size=64, kl=0.25"])
     assert list(rows) == ["**shipped defaults**", kl]
-    assert rows[kl] == ["weighting.batch_size=64", "weighting.kl=0.25"]  # measured from the stop-20 defaults
+    # measured from the stop-20 defaults (kl 0.5, batch_size 64), the lever last
+    assert rows[kl] == ["weighting.kl=0.5", "weighting.batch_size=64", "weighting.kl=0.25"]
     assert bench.ablation_rows("ablation") == {"**shipped defaults**": [], **bench.ABLATIONS}
     assert len(bench.ablation_rows("ablation", ["batch_size=64, kl=0.3"])) == 2  # a prefix: kl=0.35
-    assert len(bench.ablation_rows("ablation", ["batch_size=64"])) == 1 + 7  # the old default and its six levers
+    assert len(bench.ablation_rows("ablation", ["batch_size=64"])) == 1 + 6  # the six levers of the stop-20 defaults
+    assert len(bench.ablation_rows("ablation", ["kl=0.5"])) == 1 + 2  # the stop-21 defaults and their batch_size=64
     with pytest.raises(SystemExit, match=r"--rows 'batch_size=64, kl=0.4' is no row of --part ablation; did you "
                                          r"mean 'batch_size=64, kl=0.35'"):
         bench.ablation_rows("ablation", ["batch_size=64, kl=0.4"])
@@ -106,10 +108,13 @@ def test_rows_keep_their_measured_configuration_and_distinct_run_keys(bench):
 
     for name, ov in bench.ABLATIONS.items():
         cfg = load_config(recipe_path("cpu-small-dwm"), ov).weighting
-        if name.startswith(("batch_size=64", "kl=1.0")):
+        lever = name.split(" (")[0].split(", ")[-1]
+        if name.startswith(("batch_size=64", "kl=1.0", "kl=0.5, batch_size=64")):
             assert cfg.batch_size == 64, name
-        if name.startswith("kl=1.0"):
-            assert cfg.kl == 1.0, name
+        elif not lever.startswith("batch_size="):
+            assert cfg.batch_size == 128, name
+        if not lever.startswith("kl="):  # the kl of the defaults the row was measured from
+            assert cfg.kl == (1.0 if name.startswith("kl=1.0") else 0.5), name
     weights = load_config(recipe_path("cpu-small-dwm"), bench.WEIGHTS_DEFAULTS).weighting
     assert (weights.apply, weights.kl, weights.batch_size, weights.buffer_stages) == ("weights", 1.0, 64, 1)
     for part in ("ablation", "ablation-weights"):

@@ -68,6 +68,7 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 # one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
     "kl=0.5 (a stronger pull toward uniform: the defaults of stop 21)": ["weighting.kl=0.5"],
+    "probe_len=128 (the bi-level update's LM forwards half as long: a cost lever)": ["weighting.probe_len=128"],
 }
 # ... and from the defaults of stop 21 (kl 0.5), where these levers were measured (rows reproducible)
 STOP21 = ["weighting.kl=0.5"]

@@ -114,7 +114,8 @@ def test_rows_keep_their_measured_configuration_and_distinct_run_keys(bench):
         elif not lever.startswith("batch_size="):
             assert cfg.batch_size == 128, name
         if not lever.startswith("kl="):  # the kl of the defaults the row was measured from
-            assert cfg.kl == (1.0 if name.startswith("kl=1.0") else 0.5), name
+            base = 1.0 if name.startswith("kl=1.0") else 0.5 if name.startswith(("kl=0.5", "batch_size=64")) else 0.25
+            assert cfg.kl == base, name
     weights = load_config(recipe_path("cpu-small-dwm"), bench.WEIGHTS_DEFAULTS).weighting
     assert (weights.apply, weights.kl, weights.batch_size, weights.buffer_stages) == ("weights", 1.0, 64, 1)
     for part in ("ablation", "ablation-weights"):

@@ -16,8 +16,8 @@ gives the same model init and data stream to every arm.
 - second: a target cut from documents held out of the speech domain (State of the Union addresses; held out of
   training too, `dwm target build --from ... --train ...` refuses any overlap), on the corpus without them.
   Same arms, the oracle grid over speech's share.
-- ablation: one DWM lever changed at a time from the defaults, or from the defaults of stops 18-20 (batch_size 64)
-  or of stop 17 (kl 1.0 too), where most levers were measured (a second table: from the in-batch-weights defaults
+- ablation: one DWM lever changed at a time from the defaults, or from the defaults of stop 21 (kl 0.5), of stops
+  18-20 (kl 0.5, batch_size 64) or of stop 17 (kl 1.0, batch_size 64), where most levers were measured (a second table: from the in-batch-weights defaults
   shipped through stop 16), on the main target (`--ablation-target speech`: the second): the change of *reference*
   passage loss against uniform (paired, per seed and mean), its share of the reference-side headroom, and the cost.
   `--rows PREFIX ...` runs only those rows (and the defaults'); `--no-oracle` trains no static mixture, for a lever

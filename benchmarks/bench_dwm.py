@@ -17,9 +17,10 @@ gives the same model init and data stream to every arm.
   training too, `dwm target build --from ... --train ...` refuses any overlap), on the corpus without them.
   Same arms, the oracle grid over speech's share.
 - ablation: one DWM lever changed at a time from the defaults, or from the defaults of stop 21 (kl 0.5), of stops
-  18-20 (kl 0.5, batch_size 64) or of stop 17 (kl 1.0, batch_size 64), where most levers were measured (a second table: from the in-batch-weights defaults
-  shipped through stop 16), on the main target (`--ablation-target speech`: the second): the change of *reference*
-  passage loss against uniform (paired, per seed and mean), its share of the reference-side headroom, and the cost.
+  18-20 (kl 0.5, batch_size 64) or of stop 17 (kl 1.0, batch_size 64), where most levers were measured (a second
+  table: from the in-batch-weights defaults shipped through stop 16), on the main target (`--ablation-target
+  speech`: the second): the change of *reference* passage loss against uniform (paired, per seed and mean), its
+  share of the reference-side headroom, and the cost.
   `--rows PREFIX ...` runs only those rows (and the defaults'); `--no-oracle` trains no static mixture, for a lever
   checked on fresh seeds against a gap measured before (the share column is then empty).
 

@@ -83,6 +83,8 @@ def test_toml_types_checked(tmp_path):
     ("weighting.temperature=0", "weighting.temperature"),
     ("weighting.floor=2", "weighting.floor"),
     ("weighting.stages=0", "weighting.stages"),
+    ("weighting.uniform_stages=5", "weighting.uniform_stages: must be below weighting.stages"),
+    ("weighting.uniform_stages=-1", "weighting.uniform_stages"),
     ("weighting.net.heads=3", "divisible"),
     ("weighting.keep_learning=true", "keep_learning"),
 ])

@@ -106,6 +106,29 @@ def test_dwm_run_stages_probes_and_metrics(data, tmp_path):
     assert steps[-1]["w_max"] > steps[-1]["w_min"]
 
 
+def test_uniform_stages_train_uniformly_then_learn(data, tmp_path):
+    """uniform_stages = 2: no bi-level update in stages 0-1 and the LM trains there exactly as uniform training
+    does (phi's initial scores are all 0); the updates start at stage 2's first step."""
+    uni, dwm = tmp_path / "uni", tmp_path / "dwm"
+    keep = ("checkpoint.every=4", "checkpoint.keep_every=8")
+    train(data, uni, *keep)
+    train(data, dwm, "weighting.mode=dwm", "weighting.updates_per_stage=2", "weighting.uniform_stages=2",
+          "weighting.batch_size=16", *keep)
+    bilevel = events(dwm, "bilevel")
+    assert [e["step"] for e in bilevel] == [8, 8, 12, 12, 16, 16] and all(e["ok"] for e in bilevel)
+    assert [e["stage"] for e in bilevel] == [2, 2, 3, 3, 4, 4]
+    s0 = load_file(str(dwm / "weighting" / "stage_0.safetensors"))
+    s1 = load_file(str(dwm / "weighting" / "stage_1.safetensors"))
+    s2 = load_file(str(dwm / "weighting" / "stage_2.safetensors"))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0) and any(not torch.equal(s0[k], s2[k]) for k in s0)
+    steps = [r for r in (json.loads(x) for x in (dwm / "metrics.jsonl").read_text().splitlines()) if "w_ess" in r]
+    assert all(r["w_min"] == r["w_max"] == 1.0 for r in steps if r["step"] < 8)
+    assert steps[-1]["w_max"] > steps[-1]["w_min"]
+    # the LM after the two uniform stages (step 8) is uniform training's step 8, bit for bit
+    a, b = (load_file(str(r / "checkpoints" / "step_00000008" / "model" / "model.safetensors")) for r in (uni, dwm))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_floor_one_is_exactly_uniform_training(data, tmp_path):
     """w = (1-1)*w + 1 == 1: the bi-level updates still run, and must leave the LM bit-identical to uniform."""
     uni = tmp_path / "uni"

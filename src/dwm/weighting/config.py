@@ -120,6 +120,9 @@ class WeightingConfig:
     """'staged': K stages, M updates at each stage start then frozen; 'interleaved': one update every `interval` steps"""
     stages: int = 5
     """K, number of stages (the paper's 5)"""
+    uniform_stages: int = 0
+    """the first this many stages take no bi-level update and train with phi's initial scores (all 0: exactly
+    uniform); the hypergradient of a freshly initialised LM is the noisiest of a run (METHOD.md section 8)"""
     updates_per_stage: int = 0
     """M; 0 = auto: max(1, round(update_fraction * steps per stage))"""
     update_fraction: float = 0.04
@@ -164,6 +167,10 @@ class WeightingConfig:
         check_positive(f"{prefix}buffer_stages", self.buffer_stages)
         check_positive(f"{prefix}probe_len", self.probe_len, allow_zero=True)
         check_positive(f"{prefix}diagnostics_size", self.diagnostics_size)
+        check_positive(f"{prefix}uniform_stages", self.uniform_stages, allow_zero=True)
+        if self.uniform_stages >= self.stages:
+            raise UserError(f"config key {prefix}uniform_stages: must be below {prefix}stages ({self.stages}), "
+                            f"got {self.uniform_stages}: phi would never learn")
 
     def check_paths(self, prefix: str = "weighting.") -> None:
         """The files a learning run reads (called with the data-dependent checks, not on every load)."""

@@ -253,7 +253,8 @@ class DWMWeighter(Weighter):
         k = self.stage_of(step)
         if k != self.stage:
             self._enter_stage(ctx, k, step)
-        elif self.learn and self.cfg.schedule == "interleaved" and step % self.cfg.interval == 0:
+        elif (self.learn and self.cfg.schedule == "interleaved" and step % self.cfg.interval == 0
+              and k >= self.cfg.uniform_stages):
             self._update(ctx)
 
     def _enter_stage(self, ctx: TrainContext, k: int, step: int) -> None:
@@ -261,7 +262,7 @@ class DWMWeighter(Weighter):
             self.net.load_state_dict(self._load_stage_net(k).state_dict())
             if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
                 self.optimizer.state.clear()
-        if self.learn:
+        if self.learn and k >= self.cfg.uniform_stages:
             # phi learns from the hypergradients of the last `buffer_stages` stages' LMs (the signal moves)
             self.buffer = [b for b in self.buffer if b[2] > k - self.cfg.buffer_stages]
             if self.cfg.schedule == "staged":

@@ -7,7 +7,7 @@ One process, one torch thread, the benchmark's target and batch (novels, 4096 to
 overrides) in 2 stages, so 2 bi-level updates. Each DWM component is timed by wrapping its method (wall and process
 CPU time; on a shared machine CPU time is the load-robust figure): phi scoring the candidates of every step, the
 bi-level update and, inside it, the LM side (`hypergradient`: the weighted lookahead, the reference gradient, the
-two perturbed forwards) and phi's steps (forward; their backward is the remainder), and the probe pass at each
+two perturbed forwards, also timed alone: the fd hypergradient's cost per probed sample) and phi's steps (forward; their backward is the remainder), and the probe pass at each
 stage (excluded from the cost, as in bench_dwm.py). The per-step and per-update figures are then extrapolated to
 the benchmark's run (150 steps, 5 stages): predicted DWM / uniform = 1 + (5 x update + 150 x (scoring + other per
 step)) / (150 x uniform step). bench_dwm.py's side-by-side whole-run ratio is the measurement; this says which
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from dwm.weighting import bilevel
     from dwm.weighting import dwm_weighter as dw
 
     torch.set_num_threads(args.threads)
@@ -83,6 +85,7 @@ def main() -> int:
     wraps = {"score candidates (every step)": (dw.DWMSelector, "score"),
              "bi-level update": (dw.DWMWeighter, "_update"),
              "  LM side (hypergradient)": (dw, "hypergradient"),
+             "    its perturbed forwards (2 per update)": (bilevel, "_per_sample_losses"),
              "  phi's steps (forward)": (dw.DWMWeighter, "_phi_loss"),
              "probe pass (excluded)": (dw.DWMWeighter, "_save_stage")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +95,8 @@ def main() -> int:
         u_wall, u_cpu, _, _ = timed_train(bench_dwm.cell_config(cell, target, Path(tmp), budget), {})
         cell = bench_dwm.Cell("novels", "ablation:cost", 0, ["weighting.stages=2", *args.overrides])
         d_wall, d_cpu, spent, calls = timed_train(bench_dwm.cell_config(cell, target, Path(tmp), budget), wraps)
+        log = (Path(tmp) / cell.key / "metrics.jsonl").read_text().splitlines()
+        probed = max(json.loads(x).get("probed", 0) for x in log)  # samples probed by one update
     n = args.steps
     step = (u_wall / n, u_cpu / n)
     print(f"{args.preset}, {n} steps x 4096 tokens, {args.threads} thread(s); DWM overrides: {args.overrides or 'none'}")
@@ -112,6 +117,10 @@ def main() -> int:
     score = spent["score candidates (every step)"][1] / max(1, calls["score candidates (every step)"])
     extra = RUN_STAGES * upd + RUN_STEPS * (score + other[1])
     base = RUN_STEPS * step[1]
+    fwd = spent["    its perturbed forwards (2 per update)"][1] / max(1, calls["bi-level update"])
+    print(f"\nthe perturbed forwards: {fwd / step[1]:.2f} uniform steps an update, "
+          f"{fwd / step[1] / probed:.4f} a probed sample ({probed} an update; the fd hypergradient's floor: "
+          f"two no-grad forwards of each probed sample)")
     print(f"\npredicted whole run ({RUN_STEPS} steps, {RUN_STAGES} stages; CPU time): DWM / uniform = "
           f"{1 + extra / base:.3f}; of the overhead {RUN_STAGES * upd / extra:.0%} bi-level updates, "
           f"{RUN_STEPS * score / extra:.0%} scoring candidates, {RUN_STEPS * other[1] / extra:.0%} other")

@@ -7,11 +7,11 @@ One process, one torch thread, the benchmark's target and batch (novels, 4096 to
 overrides) in 2 stages, so 2 bi-level updates. Each DWM component is timed by wrapping its method (wall and process
 CPU time; on a shared machine CPU time is the load-robust figure): phi scoring the candidates of every step, the
 bi-level update and, inside it, the LM side (`hypergradient`: the weighted lookahead, the reference gradient, the
-two perturbed forwards, also timed alone: the fd hypergradient's cost per probed sample) and phi's steps (forward; their backward is the remainder), and the probe pass at each
-stage (excluded from the cost, as in bench_dwm.py). The per-step and per-update figures are then extrapolated to
-the benchmark's run (150 steps, 5 stages): predicted DWM / uniform = 1 + (5 x update + 150 x (scoring + other per
-step)) / (150 x uniform step). bench_dwm.py's side-by-side whole-run ratio is the measurement; this says which
-part to cut.
+two perturbed forwards, also timed alone: the fd hypergradient's cost per probed sample) and phi's steps (forward;
+their backward is the remainder), and the probe pass at each stage (excluded from the cost, as in bench_dwm.py). The
+per-step and per-update figures are then extrapolated to the benchmark's run (150 steps, 5 stages): predicted DWM /
+uniform = 1 + (5 x update + 150 x (scoring + other per step)) / (150 x uniform step). bench_dwm.py's side-by-side
+whole-run ratio is the measurement; this says which part to cut.
 """
 
 from __future__ import annotations

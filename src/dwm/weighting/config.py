@@ -122,7 +122,7 @@ class WeightingConfig:
     """K, number of stages (the paper's 5)"""
     uniform_stages: int = 0
     """the first this many stages take no bi-level update and train with phi's initial scores (all 0: exactly
-    uniform); the hypergradient of a freshly initialised LM is the noisiest of a run (METHOD.md section 8)"""
+    uniform): one update fewer per stage, a cost lever; 1 lost a fifth of speech's gain (METHOD.md section 8)"""
     updates_per_stage: int = 0
     """M; 0 = auto: max(1, round(update_fraction * steps per stage))"""
     update_fraction: float = 0.04

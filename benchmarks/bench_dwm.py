@@ -71,6 +71,8 @@ ABLATIONS: dict[str, list[str]] = {
     "kl=0.5 (a stronger pull toward uniform: the defaults of stop 21)": ["weighting.kl=0.5"],
     "probe_len=128 (the bi-level update's LM forwards half as long: a cost lever)": ["weighting.probe_len=128"],
     "uniform_stages=1 (no update at step 0: stage 0 trains uniformly; a cost lever)": ["weighting.uniform_stages=1"],
+    "frozen_stages=2 (updates at stages 0-2 only, phi kept after: 3 of 5 updates; a cost lever)": [
+        "weighting.frozen_stages=2"],
 }
 # ... and from the defaults of stop 21 (kl 0.5), where these levers were measured (rows reproducible)
 STOP21 = ["weighting.kl=0.5"]

@@ -129,6 +129,17 @@ def test_uniform_stages_train_uniformly_then_learn(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_frozen_stages_keep_phi(data, tmp_path):
+    """frozen_stages = 2: updates in stages 0-2 only; the last two stages keep stage 2's phi."""
+    run = tmp_path / "frozen"
+    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=2", "weighting.frozen_stages=2",
+          "weighting.batch_size=16")
+    assert [e["step"] for e in events(run, "bilevel")] == [0, 0, 4, 4, 8, 8]
+    s = [load_file(str(run / "weighting" / f"stage_{k}.safetensors")) for k in range(5)]
+    assert all(torch.equal(s[2][k], s[j][k]) for j in (3, 4) for k in s[2])
+    assert any(not torch.equal(s[1][k], s[2][k]) for k in s[1])
+
+
 def test_floor_one_is_exactly_uniform_training(data, tmp_path):
     """w = (1-1)*w + 1 == 1: the bi-level updates still run, and must leave the LM bit-identical to uniform."""
     uni = tmp_path / "uni"

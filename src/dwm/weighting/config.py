@@ -123,6 +123,9 @@ class WeightingConfig:
     uniform_stages: int = 0
     """the first this many stages take no bi-level update and train with phi's initial scores (all 0: exactly
     uniform): one update fewer per stage, a cost lever; 1 lost a fifth of speech's gain (METHOD.md section 8)"""
+    frozen_stages: int = 0
+    """the last this many stages take no bi-level update and keep phi as the stage before left it: fewer updates,
+    a cost lever (METHOD.md section 8)"""
     updates_per_stage: int = 0
     """M; 0 = auto: max(1, round(update_fraction * steps per stage))"""
     update_fraction: float = 0.04
@@ -168,9 +171,11 @@ class WeightingConfig:
         check_positive(f"{prefix}probe_len", self.probe_len, allow_zero=True)
         check_positive(f"{prefix}diagnostics_size", self.diagnostics_size)
         check_positive(f"{prefix}uniform_stages", self.uniform_stages, allow_zero=True)
-        if self.uniform_stages >= self.stages:
-            raise UserError(f"config key {prefix}uniform_stages: must be below {prefix}stages ({self.stages}), "
-                            f"got {self.uniform_stages}: phi would never learn")
+        check_positive(f"{prefix}frozen_stages", self.frozen_stages, allow_zero=True)
+        if self.uniform_stages + self.frozen_stages >= self.stages:
+            raise UserError(f"config keys {prefix}uniform_stages + {prefix}frozen_stages: must be below "
+                            f"{prefix}stages ({self.stages}), got {self.uniform_stages} + {self.frozen_stages}: "
+                            "phi would never learn")
 
     def check_paths(self, prefix: str = "weighting.") -> None:
         """The files a learning run reads (called with the data-dependent checks, not on every load)."""

@@ -253,16 +253,19 @@ class DWMWeighter(Weighter):
         k = self.stage_of(step)
         if k != self.stage:
             self._enter_stage(ctx, k, step)
-        elif (self.learn and self.cfg.schedule == "interleaved" and step % self.cfg.interval == 0
-              and k >= self.cfg.uniform_stages):
+        elif self.learn and self.cfg.schedule == "interleaved" and step % self.cfg.interval == 0 and self._learns(k):
             self._update(ctx)
+
+    def _learns(self, k: int) -> bool:
+        """Whether stage k takes bi-level updates (not one of the uniform first or frozen last stages)."""
+        return self.cfg.uniform_stages <= k < self.n_stages - self.cfg.frozen_stages
 
     def _enter_stage(self, ctx: TrainContext, k: int, step: int) -> None:
         if self.source is not None and self.source.n_stages > 1 and k > 0:
             self.net.load_state_dict(self._load_stage_net(k).state_dict())
             if self.optimizer is not None:  # a fresh start from the replayed model: drop stale moments
                 self.optimizer.state.clear()
-        if self.learn and k >= self.cfg.uniform_stages:
+        if self.learn and self._learns(k):
             # phi learns from the hypergradients of the last `buffer_stages` stages' LMs (the signal moves)
             self.buffer = [b for b in self.buffer if b[2] > k - self.cfg.buffer_stages]
             if self.cfg.schedule == "staged":

@@ -140,6 +140,15 @@ def test_frozen_stages_keep_phi(data, tmp_path):
     assert any(not torch.equal(s[1][k], s[2][k]) for k in s[1])
 
 
+def test_interleaved_schedule_skips_uniform_and_frozen_stages(data, tmp_path):
+    """The interleaved schedule obeys both: with 4-step stages and an update every 2 steps, stage 0 (uniform) and
+    stage 4 (frozen) take none."""
+    run = tmp_path / "inter"
+    train(data, run, "weighting.mode=dwm", "weighting.schedule=interleaved", "weighting.interval=2",
+          "weighting.uniform_stages=1", "weighting.frozen_stages=1", "weighting.batch_size=16")
+    assert [e["step"] for e in events(run, "bilevel")] == [4, 6, 8, 10, 12, 14]
+
+
 def test_floor_one_is_exactly_uniform_training(data, tmp_path):
     """w = (1-1)*w + 1 == 1: the bi-level updates still run, and must leave the LM bit-identical to uniform."""
     uni = tmp_path / "uni"

@@ -143,7 +143,8 @@ def test_one_run_report(runs, capsys):
     out = run / "analysis"
     summary = check_report(out)
     assert {p.name for p in out.glob("*.png")} == {"domain_weights.png", "correlations.png",
-                                                      "weight_distribution.png", "weight_vs_loss.png"}
+                                                      "weight_distribution.png", "weight_vs_loss.png",
+                                                      "signal_by_domain.png"}
     (r,) = summary["runs"]
     assert r["lm_loss"] and r["probe_size"] == 30 and [s["stage"] for s in r["stages"]] == [0, 1, 2, 3, 4]
     html = (out / "report.html").read_text(encoding="utf-8")
@@ -159,7 +160,22 @@ def test_one_run_report(runs, capsys):
         for ex in st["top"] + st["bottom"]:
             assert ex["text"].strip() and len(ex["text"]) <= 301
             assert ex["text"][:40].replace("&", "&amp;").replace("<", "&lt;") in html
+        # what the hypergradient said: the stage's probed samples' signal per domain, by hand
+        sig = pq.read_table(run / "signal" / f"stage_{k}.parquet").to_pydict()
+        v, d = np.array(sig["signal"]), np.array(sig["domain"])
+        assert len(v) == 2 * 8  # two updates in every stage, each probing one 8-sample batch
+        want = {g: (v[d == g].mean(), v[d == g].std(ddof=1) / np.sqrt((d == g).sum()), (d == g).sum())
+                for g in np.unique(d)}
+        got = st["signal_by_domain"]
+        assert set(got) == set(want)
+        for g, (m, se, n) in want.items():
+            assert got[g]["mean"] == pytest.approx(m) and got[g]["n"] == n
+            assert got[g]["se"] == pytest.approx(se) if n > 1 else np.isnan(got[g]["se"])
+        ds = sorted(want)
+        assert st["weight_follows_signal"] == pytest.approx(
+            spearman([w[dom == g].mean() for g in ds], [want[g][0] for g in ds])[0], nan_ok=True)
     assert "stage 4 (step 8)" in html and "bigram novelty" in html and "correlation ratio" in html
+    assert "What the hypergradient said" in html and "Spearman: weight vs signal" in html
 
 
 def test_two_runs_side_by_side(runs, tmp_path):
@@ -191,6 +207,13 @@ def test_run_without_lm_loss_is_analyzed_without_that_correlation(runs, tmp_path
     assert all(st["spearman"]["length (tokens)"] is not None for st in r["stages"])
     assert not (old / "analysis" / "weight_vs_loss.png").exists()
     assert "LM-loss correlation is skipped" in (old / "analysis" / "report.html").read_text(encoding="utf-8")
+    # a run from before signal/ was written: no signal section, plot or numbers
+    shutil.rmtree(old / "signal")
+    assert main(["analyze", str(old), "--out", str(tmp_path / "no_signal")]) == 0
+    summary = check_report(tmp_path / "no_signal")
+    assert all(st["signal_by_domain"] is None for st in summary["runs"][0]["stages"])
+    assert not (tmp_path / "no_signal" / "signal_by_domain.png").exists()
+    assert "What the hypergradient said" not in (tmp_path / "no_signal" / "report.html").read_text(encoding="utf-8")
 
 
 def _one_line_error(capsys, args: list[str], *needles: str) -> None:
@@ -228,6 +251,9 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
                     "--data given 3 times")
     assert main(["analyze", str(moved), "--data", str(runs["data"]), "--out", str(tmp_path / "fixed")]) == 0
     check_report(tmp_path / "fixed")
+    capsys.readouterr()
+    (moved / "signal" / "stage_2.parquet").write_bytes(b"not parquet")
+    _one_line_error(capsys, [str(moved), "--data", str(runs["data"])], "cannot read", "signal/stage_2.parquet")
 
 
 def test_trained_shares_reads_the_weighted_steps_of_metrics_jsonl(tmp_path):

@@ -193,6 +193,10 @@ def test_dwm_kill_and_resume_is_exact(data, tmp_path):
         sa = load_file(str(full / "weighting" / f"stage_{k}.safetensors"))
         sb = load_file(str(killed / "weighting" / f"stage_{k}.safetensors"))
         assert all(torch.allclose(sa[n], sb[n], atol=1e-6, rtol=0) for n in sa)
+        # the stage's probed samples come back too (signal/ is rewritten from the checkpointed state)
+        ta, tb = (pq.read_table(r / "signal" / f"stage_{k}.parquet").to_pydict() for r in (full, killed))
+        assert ta["sample_id"] == tb["sample_id"] and ta["step"] == tb["step"] and len(ta["step"]) >= 12
+        assert np.allclose(ta["signal"], tb["signal"], rtol=1e-4, atol=1e-6)
 
 
 def test_replay_matches_stages_by_fraction_without_updates(data, tmp_path):
@@ -392,6 +396,18 @@ def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
     ev = events(run, "bilevel")
     assert [e["probed"] for e in ev] == [24] * 15
     assert [e["buffer"] for e in ev] == [24, 48, 72] * 5  # reset at every stage start
+    from dwm.data.dataset import PreparedData
+
+    dom = PreparedData(data["data"], "train").domain_ids
+    for k in range(5):  # signal/stage_k: the stage's three probed batches, each as its update saw it
+        t = pq.read_table(run / "signal" / f"stage_{k}.parquet").to_pydict()
+        assert len(t["sample_id"]) == 72 and set(t["stage"]) == {k} and set(t["step"]) == {k * STEPS // 5}
+        assert t["domain"] == [("a", "b", "c")[dom[i]] for i in t["sample_id"]]
+        for j, e in enumerate(ev[3 * k: 3 * k + 3]):
+            raw, sig = np.array(t["dL_dw"][24 * j: 24 * j + 24]), np.array(t["signal"][24 * j: 24 * j + 24])
+            assert np.linalg.norm(raw) == pytest.approx(e["hypergrad_norm"], rel=1e-9)
+            assert np.allclose(sig, -raw / e["hypergrad_std"], rtol=1e-12, atol=0)
+            assert raw.std(ddof=1) == pytest.approx(e["hypergrad_std"], rel=1e-9)  # torch.std: unbiased
     run2 = tmp_path / "buf2"  # the last two stages' probes, and hypergradients of the first 16 tokens only
     import dwm.weighting.dwm_weighter as W
 

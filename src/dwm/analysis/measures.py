@@ -6,6 +6,7 @@ All rank-based, so they do not depend on the scale of the weights (w = B softmax
 - `correlation_ratio(groups, y)`: eta of y's ranks by group, sqrt(between-group / total variance of the ranks):
   0 = the group says nothing about y's order, 1 = the group fixes it. Unsigned; eta^2 * (n - 1) is the
   Kruskal-Wallis H statistic. `one_vs_rest` gives the signed view: Spearman of y with [group == g] per group.
+- `group_means(groups, y)`: mean, standard error and count of y per group (the hypergradient signal per domain).
 - `bigram_novelty(rows, n_tokens)`: the diversity of each sample within its set: the share of the sample's
   distinct token bigrams that occur in no other sample of the set (1 = nothing of it seen elsewhere, 0 = every
   bigram of it also appears elsewhere). A bag-of-tokens centroid distance was the alternative; novelty is
@@ -98,3 +99,14 @@ def weight_summary(w: np.ndarray) -> dict[str, float]:
             "p75": float(q[4]), "p90": float(q[5]), "max": float(q[6]),
             "ess_fraction": float(w.sum() ** 2 / (n * (w * w).sum())) if n and (w * w).sum() > 0 else math.nan,
             "entropy": ent}
+
+
+def group_means(groups: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per group: mean of y, its standard error (NaN for a single sample) and the count."""
+    groups, y = np.asarray(groups), np.asarray(y, np.float64)
+    out = {}
+    for g in np.unique(groups):
+        v = y[groups == g]
+        se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+        out[str(g)] = {"mean": float(v.mean()), "se": se, "n": len(v)}
+    return out

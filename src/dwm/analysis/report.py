@@ -9,7 +9,11 @@ Per stage, over the run's probe set (a fixed, domain-stratified sample of its tr
   them); the domain as the correlation ratio eta of the weight ranks by domain (unsigned) and per domain as the
   one-vs-rest Spearman (signed); definitions in dwm/analysis/measures.py;
 - the weight distribution (quantiles, effective sample size, entropy);
-- the highest- and lowest-weighted samples with the start of their decoded text.
+- the highest- and lowest-weighted samples with the start of their decoded text;
+- where the run wrote signal/stage_k.parquet (DWM runs that learn), what the hypergradient said in that stage: the
+  mean signal -dL_ref/dw (on phi's std-normalised scale; positive = weighting the sample up lowers the reference
+  loss) per domain with its standard error and count, and the Spearman correlation over domains of the mean weight
+  with the mean signal: how closely the weighting model's domain preference follows the stage's evidence.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dwm.analysis.measures import correlation_ratio, one_vs_rest, spearman, weight_summary
+from dwm.analysis.measures import correlation_ratio, group_means, one_vs_rest, spearman, weight_summary
 from dwm.analysis.runs import RunData, Stage
 
 PLOTS = {
@@ -32,6 +36,8 @@ PLOTS = {
     "weight_distribution.png": "Weight distribution of the probe set at each stage (box: quartiles, whiskers: "
                                "5th-95th percentile).",
     "weight_vs_loss.png": "Weight against the LM's loss on each probe sample, per stage, coloured by domain.",
+    "signal_by_domain.png": "Mean hypergradient signal -dL/dw per domain of the samples each stage's updates "
+                            "probed (std-normalised; bars: one standard error).",
 }
 MAX_SCATTER_STAGES = 8
 
@@ -61,6 +67,11 @@ def stage_summary(run: RunData, st: Stage, n_examples: int, chars: int) -> dict[
                 "text": run.text(int(ids[i]), chars)}
 
     n_ex = min(n_examples, len(w))
+    signal = group_means(*st.signal) if st.signal is not None else None
+    follows = None
+    if signal is not None:
+        ds = [d for d in signal if (dom == d).any()]
+        follows = spearman(np.array([w[dom == d].mean() for d in ds]), np.array([signal[d]["mean"] for d in ds]))[0]
     return {
         "stage": st.k, "step": st.step, "total_steps": st.total_steps, "updates": st.updates, "skipped": st.skipped,
         "mean_weight_by_domain": {d: float(w[dom == d].mean()) for d in run.domains if (dom == d).any()},
@@ -70,6 +81,8 @@ def stage_summary(run: RunData, st: Stage, n_examples: int, chars: int) -> dict[
         "domain_eta": correlation_ratio(dom, w),
         "domain_vs_rest": one_vs_rest(dom, w),
         "weights": weight_summary(w),
+        "signal_by_domain": signal,
+        "weight_follows_signal": follows,
         "top": [example(i) for i in order[:n_ex]],
         "bottom": [example(i) for i in order[::-1][:n_ex]],
     }
@@ -216,6 +229,27 @@ def plot_weight_vs_loss(runs: list[RunData], summaries: list[dict[str, Any]], pa
 # ---------------------------------------------------------------- HTML
 
 
+def plot_signal(summaries: list[dict[str, Any]], path: Path) -> None:
+    domains = sorted({d for s in summaries for d in s["domains"]})
+    col = _colours(domains)
+    fig, axes = _figure(1, len(summaries))
+    for ax, s in zip(axes[0], summaries):
+        stages = [st for st in s["stages"] if st["signal_by_domain"]]
+        for d in s["domains"]:
+            pts = [(st["stage"], st["signal_by_domain"][d]) for st in stages if d in st["signal_by_domain"]]
+            if pts:
+                ax.errorbar([x for x, _ in pts], [v["mean"] for _, v in pts],
+                            yerr=[0.0 if math.isnan(v["se"]) else v["se"] for _, v in pts], marker="o",
+                            capsize=2, color=col[d], label=d)
+        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+        _stage_ticks(ax, s["stages"])
+        ax.set_ylabel("mean signal -dL/dw (std units)")
+        ax.set_title(s["label"], fontsize=10)
+        if stages:
+            ax.legend(fontsize=7, ncols=2 if len(s["domains"]) > 5 else 1)
+    fig.savefig(path, dpi=90)
+
+
 def _f(x: Any, nd: int = 3) -> str:
     if x is None:
         return "–"
@@ -249,6 +283,16 @@ def _domain_block(s: dict[str, Any]) -> str:
             [[html.escape(d), *[_f(st["mean_lm_loss_by_domain"].get(d)) for st in s["stages"]]]
              for d in s["domains"]])
     return out
+
+
+def _signal_block(s: dict[str, Any]) -> str:
+    def cell(v: dict[str, float] | None) -> str:
+        return "–" if v is None else f"{v['mean']:+.2f} ± {_f(v['se'], 2)} ({v['n']})"
+
+    rows = [[html.escape(d), *[cell((st["signal_by_domain"] or {}).get(d)) for st in s["stages"]]]
+            for d in s["domains"]]
+    rows.append(["Spearman: weight vs signal", *[_f(st["weight_follows_signal"]) for st in s["stages"]]])
+    return f"<h4>{html.escape(s['label'])}</h4>" + _table(["domain: signal ± s.e. (n)", *_stage_header(s)], rows)
 
 
 def _corr_block(s: dict[str, Any]) -> str:
@@ -322,8 +366,16 @@ def render_html(summaries: list[dict[str, Any]], plots: list[str]) -> str:
         parts.append(f"<figure><img src=\"{html.escape(p)}\" alt=\"{html.escape(p)}\">"
                      f"<figcaption>{html.escape(PLOTS[p])}</figcaption></figure>")
     parts += ["<h2>Mean weight per domain</h2>", _cols([_domain_block(s) for s in summaries]),
-              "<h2>Correlations</h2>", _cols([_corr_block(s) for s in summaries]),
-              "<h2>Weight distribution</h2>", _cols([_dist_block(s) for s in summaries]),
+              "<h2>Correlations</h2>", _cols([_corr_block(s) for s in summaries])]
+    if any(st["signal_by_domain"] for s in summaries for st in s["stages"]):
+        parts += ["<h2>What the hypergradient said</h2>",
+                  ("<p>Per stage, the samples that stage's bi-level updates probed: the mean of their signal "
+                   "-dL<sub>ref</sub>/dw per domain (std-normalised per update, the scale the weighting model fits; "
+                   "positive = weighting the sample up lowers the reference loss), &plusmn; one standard error, "
+                   "(count); and the Spearman &rho; over domains of the stage's mean weight with the mean signal. "
+                   "Domains with few probed samples have wide errors.</p>"),
+                  _cols([_signal_block(s) for s in summaries])]
+    parts += ["<h2>Weight distribution</h2>", _cols([_dist_block(s) for s in summaries]),
               "<h2>Highest- and lowest-weighted samples</h2>"]
     n_stages = max(len(s["stages"]) for s in summaries)
     for i in range(n_stages):
@@ -352,6 +404,9 @@ def analyze(runs: list[RunData], out_dir: str | Path, n_examples: int = 3, chars
     plot_domain_weights(summaries, out / plots[0])
     plot_correlations(summaries, out / plots[1])
     plot_weight_distribution(runs, summaries, out / plots[2])
+    if any(st.signal is not None for r in runs for st in r.stages):
+        plots.append("signal_by_domain.png")
+        plot_signal(summaries, out / plots[-1])
     if any(r.has_lm_loss or any(s.lm_loss is not None for s in r.stages) for r in runs):
         plots.append("weight_vs_loss.png")
         plot_weight_vs_loss(runs, summaries, out / plots[-1])

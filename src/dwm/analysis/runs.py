@@ -1,5 +1,6 @@
-"""Read a DWM run directory for analysis: its config.toml, weighting/stage_k.json, probes/stage_k.parquet, its
-tokenizer.json, and the prepared data it trained on (config data.dir, or --data).
+"""Read a DWM run directory for analysis: its config.toml, weighting/stage_k.json, probes/stage_k.parquet,
+signal/stage_k.parquet (where the run wrote them), its tokenizer.json, and the prepared data it trained on (config
+data.dir, or --data).
 
 Everything a bad input can be (not a run, a uniform run, no probes yet, a data directory that is gone or is not the
 one the run trained on) is a one-line UserError.
@@ -39,6 +40,9 @@ class Stage:
     weight: np.ndarray
     score: np.ndarray
     lm_loss: np.ndarray | None  # None: the run's probes predate the lm_loss column
+    # the hypergradient signal of the samples this stage's bi-level updates probed (signal/stage_k.parquet):
+    # (domain name per sample, -dL/dw on phi's scale); None: no update in this stage, or a run from before the file
+    signal: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -186,6 +190,15 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, label: str
             skipped=int(meta.get("skipped", 0)), weight=aligned("weight"),
             score=aligned("score") if "score" in t.column_names else np.full(len(ids), np.nan),
             lm_loss=aligned("lm_loss") if "lm_loss" in t.column_names else None))
+    for st in stages:
+        path = run / "signal" / f"stage_{st.k}.parquet"
+        if path.is_file():
+            try:
+                t = pq.read_table(path, columns=["domain", "signal"])
+            except Exception as e:
+                raise UserError(f"cannot read {path}: {e}") from e
+            st.signal = (np.asarray(t.column("domain").to_pylist(), dtype=object),
+                         t.column("signal").to_numpy().astype(np.float64))
     if not all(s.lm_loss is not None for s in stages):
         notes.append("its probes have no lm_loss column (trained with weighting.probe_lm_loss = false, or from "
                      "before probes recorded the LM's per-sample loss): the weight-vs-LM-loss correlation is skipped")

@@ -209,6 +209,8 @@ class DWMWeighter(Weighter):
         self.G = ctx.plan.global_batch_size
         self.pool = ctx.pool
         self.buffer: list[tuple[np.ndarray, np.ndarray, int]] = []  # (sample ids, normalised dL/dw, stage)
+        # this stage's probed samples, for signal/stage_k.parquet: (ids, dL/dw, spread, step, stage)
+        self.signal: list[tuple[np.ndarray, np.ndarray, float, int, int]] = []
         self.diag_ids: np.ndarray | None = None
         self._diag_signal: tuple[np.ndarray, np.ndarray] | None = None
         self.update_pool = self.pool
@@ -436,6 +438,7 @@ class DWMWeighter(Weighter):
                 self.optimizer.step()
         if ok:
             self.n_updates += 1
+            self._save_signal(ctx, ids, dL_dw.numpy(), scale)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped += 1
@@ -448,6 +451,32 @@ class DWMWeighter(Weighter):
                "updates": self.n_updates, "skipped": self.n_skipped}
         ctx.log(rec)
         self._update_log = {"ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after}
+
+    def _save_signal(self, ctx: TrainContext, ids: np.ndarray, dL_dw: np.ndarray, scale: float) -> None:
+        """signal/stage_k.parquet (rank 0): every sample probed by this stage's updates so far, with its raw
+        dL_ref(theta')/dw and its signal -dL/dw / (the update's spread): positive = weighting it up lowers the
+        reference loss, on the scale phi fits. What the hypergradient said, next to what phi learned (probes/);
+        `dwm analyze` compares the two per domain. Rewritten after every update from the state, so a resumed run
+        writes the same file."""
+        k = self.stage_of(ctx.step)
+        self.signal = [r for r in self.signal if r[4] == k] + [(ids, dL_dw, scale, ctx.step, k)]
+        if ctx.rank != 0:
+            return
+        sid = np.concatenate([r[0] for r in self.signal])
+        raw = np.concatenate([r[1] for r in self.signal])
+        table = pa.table({
+            "sample_id": pa.array(sid, pa.int64()),
+            "domain": pa.array([self.domains[i] for i in ctx.data.domain_ids[sid]]),
+            "dL_dw": pa.array(raw, pa.float64()),
+            "signal": pa.array(np.concatenate([-r[1] / r[2] for r in self.signal]), pa.float64()),
+            "stage": pa.array(np.full(len(sid), k), pa.int32()),
+            "step": pa.array(np.concatenate([np.full(len(r[0]), r[3]) for r in self.signal]), pa.int64()),
+        })
+        out = ctx.run_dir / "signal" / f"stage_{k}.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(out)
 
     def _diagnose(self, ctx: TrainContext, when: str) -> None:
         """How much of the hypergradient phi captures, and how noisy the hypergradient is (weighting.diagnostics):
@@ -537,6 +566,7 @@ class DWMWeighter(Weighter):
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "stage": self.stage, "rng": self.rng.bit_generator.state, "n_updates": self.n_updates,
                 "buffer": [(i.copy(), t.copy(), k) for i, t, k in self.buffer],
+                "signal": [(i.copy(), t.copy(), c, st, k) for i, t, c, st, k in self.signal],
                 "n_skipped": self.n_skipped, "n_ess_warnings": self.n_ess_warnings}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -550,3 +580,5 @@ class DWMWeighter(Weighter):
         self.n_updates, self.n_skipped = int(state["n_updates"]), int(state["n_skipped"])
         self.n_ess_warnings = int(state.get("n_ess_warnings", 0))
         self.buffer = [(np.asarray(i), np.asarray(t), int(k)) for i, t, k in state.get("buffer", [])]
+        self.signal = [(np.asarray(i), np.asarray(t), float(c), int(st), int(k))
+                       for i, t, c, st, k in state.get("signal", [])]

@@ -37,6 +37,20 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     weights = results["stage_weights"]
     assert len(weights) == 5 and set(weights[0]) == {"books", "code"}
     assert f"{weights[4]['books']:.2f}" in text.split("stage by stage")[1]
+    # what it learned from: the stage's probed samples' mean signal per domain, from signal/stage_k.parquet
+    import pyarrow.parquet as pq
+
+    said = text.split("What it learned from")[1]
+    assert sorted(results["stage_signal"]) == ["0", "1", "2", "3", "4"]
+    for k in range(5):
+        t = pq.read_table(out / "dwm" / "signal" / f"stage_{k}.parquet").to_pydict()
+        for d in {"books", "code"} & set(t["domain"]):
+            v = [x for x, dd in zip(t["signal"], t["domain"]) if dd == d]
+            assert abs(results["stage_signal"][str(k)][d] - sum(v) / len(v)) < 1e-12
+        row = said.splitlines()[3 + k].split()
+        assert row[0] == str(k) and row[1:] == [f"{results['stage_signal'][str(k)][d]:+.2f}"
+                                                if d in results["stage_signal"][str(k)] else "-"
+                                                for d in ("books", "code")]
     loss = {a: results[a]["lambada"]["passage_loss"] for a in ("uniform", "dwm", "oracle")}
     assert f"by {abs(loss['dwm'] - loss['uniform']):.3f} nats against uniform" in text
     assert text.strip().splitlines()[-1].startswith("DWM learned to favour")
@@ -47,8 +61,6 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     assert abs(shares["books"] - sum(r.get("share/books", 0.0) for r in steps) / len(steps)) < 1e-12
     assert f"{shares['books']:.3f}" in text.split("trained share")[1].splitlines()[1]
     # the oracle trained on its manifest: books only
-    import pyarrow.parquet as pq
-
     from dwm.data.dataset import PreparedData
 
     ids = pq.read_table(out / "oracle_mixture.parquet").column("sample_id").to_numpy()

@@ -111,6 +111,30 @@ def stage_weights(run: Path) -> list[dict[str, float]]:
     return out
 
 
+def stage_signal(run: Path) -> dict[int, dict[str, float]]:
+    """Mean hypergradient signal (-dL/dw on phi's scale) per domain of the samples each stage's bi-level updates
+    probed, from the run's signal/stage_k.parquet: what the weighting model learned from (stages without an update
+    have no file)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for f in sorted((run / "signal").glob("stage_*.parquet"), key=lambda q: int(q.stem.split("_")[1])):
+        t = pq.read_table(f, columns=["domain", "signal"]).to_pydict()
+        sums: dict[str, list[float]] = {}
+        for d, v in zip(t["domain"], t["signal"], strict=True):
+            sums.setdefault(d, []).append(v)
+        out[int(f.stem.split("_")[1])] = {d: sum(v) / len(v) for d, v in sorted(sums.items())}
+    return out
+
+
+def signal_table(signal: dict[int, dict[str, float]], domains: list[str]) -> str:
+    width = max(8, *(len(d) for d in domains))
+    lines = ["stage  " + "".join(d.rjust(width + 1) for d in domains)]
+    for k, m in signal.items():
+        lines.append(f"{k:>5}  " + "".join((f"{m[d]:+.2f}" if d in m else "-").rjust(width + 1) for d in domains))
+    return "\n".join(lines)
+
+
 def stage_table(weights: list[dict[str, float]], shares: dict[str, float] | None = None,
                 corpus: dict[str, float] | None = None) -> str:
     doms = sorted(weights[0])
@@ -202,11 +226,17 @@ def run(args: argparse.Namespace) -> int:
     corpus_share = {d: float((data.domain_ids == i).mean()) for i, d in enumerate(data.domains)}
     names = {"uniform": "uniform", "dwm": "dwm", "oracle": f"oracle ({args.oracle})"}
     table = format_table({names[a]: results[a] for a in arms})
+    signal = stage_signal(out / "dwm")
+    said = (f"\n\nWhat it learned from: the mean hypergradient signal -dL/dw of each domain's probed samples, stage "
+            f"by stage\n(std units; the higher, the more weighting the domain up lowers the reference loss)\n"
+            f"{signal_table(signal, sorted(weights[0]))}" if signal and weights else "")
     text = (f"{table}\n\nDWM: mean weight of each domain's probe samples, stage by stage (1 = uniform)\n"
-            f"{stage_table(weights, shares, corpus_share)}\n\n{in_words(results, weights, shares, corpus_share)}")
+            f"{stage_table(weights, shares, corpus_share)}{said}\n\n"
+            f"{in_words(results, weights, shares, corpus_share)}")
     (out / "results.md").write_text(f"# dwm demo ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens)"
                                     f"\n\n```\n{text}\n```\n")
-    (out / "results.json").write_text(json.dumps({**results, "stage_weights": weights, "trained_share": shares,
+    (out / "results.json").write_text(json.dumps({**results, "stage_weights": weights, "stage_signal": signal,
+                                                  "trained_share": shares,
                                                   "corpus_share": corpus_share}, indent=2, default=str))
     print(text)
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s; results in {out / 'results.md'}", file=sys.stderr)

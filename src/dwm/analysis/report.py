@@ -226,9 +226,6 @@ def plot_weight_vs_loss(runs: list[RunData], summaries: list[dict[str, Any]], pa
     fig.savefig(path, dpi=80)
 
 
-# ---------------------------------------------------------------- HTML
-
-
 def plot_signal(summaries: list[dict[str, Any]], path: Path) -> None:
     domains = sorted({d for s in summaries for d in s["domains"]})
     col = _colours(domains)
@@ -248,6 +245,9 @@ def plot_signal(summaries: list[dict[str, Any]], path: Path) -> None:
         if stages:
             ax.legend(fontsize=7, ncols=2 if len(s["domains"]) > 5 else 1)
     fig.savefig(path, dpi=90)
+
+
+# ---------------------------------------------------------------- HTML
 
 
 def _f(x: Any, nd: int = 3) -> str:

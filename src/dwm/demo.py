@@ -117,13 +117,12 @@ def stage_signal(run: Path) -> dict[int, dict[str, float]]:
     have no file)."""
     import pyarrow.parquet as pq
 
+    from dwm.analysis.measures import group_means
+
     out = {}
     for f in sorted((run / "signal").glob("stage_*.parquet"), key=lambda q: int(q.stem.split("_")[1])):
         t = pq.read_table(f, columns=["domain", "signal"]).to_pydict()
-        sums: dict[str, list[float]] = {}
-        for d, v in zip(t["domain"], t["signal"], strict=True):
-            sums.setdefault(d, []).append(v)
-        out[int(f.stem.split("_")[1])] = {d: sum(v) / len(v) for d, v in sorted(sums.items())}
+        out[int(f.stem.split("_")[1])] = {d: g["mean"] for d, g in group_means(t["domain"], t["signal"]).items()}
     return out
 
 

@@ -67,14 +67,15 @@ def stage_summary(run: RunData, st: Stage, n_examples: int, chars: int) -> dict[
                 "text": run.text(int(ids[i]), chars)}
 
     n_ex = min(n_examples, len(w))
+    mean_w = {d: float(w[dom == d].mean()) for d in run.domains if (dom == d).any()}
     signal = group_means(*st.signal) if st.signal is not None else None
     follows = None
     if signal is not None:
-        ds = [d for d in signal if (dom == d).any()]
-        follows = spearman(np.array([w[dom == d].mean() for d in ds]), np.array([signal[d]["mean"] for d in ds]))[0]
+        ds = [d for d in signal if d in mean_w]
+        follows = spearman([mean_w[d] for d in ds], [signal[d]["mean"] for d in ds])[0]
     return {
         "stage": st.k, "step": st.step, "total_steps": st.total_steps, "updates": st.updates, "skipped": st.skipped,
-        "mean_weight_by_domain": {d: float(w[dom == d].mean()) for d in run.domains if (dom == d).any()},
+        "mean_weight_by_domain": mean_w,
         "mean_lm_loss_by_domain": ({d: float(np.nanmean(loss[dom == d])) for d in run.domains if (dom == d).any()}
                                    if loss is not None else None),
         "spearman": corr,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dwm.run import build_trainer, load_config
 from dwm.testing import make_synthetic_prepared
 from dwm.train.trainer import Trainer
-from dwm.weighting.dwm_weighter import probe_ids, weight_stats
+from dwm.weighting.dwm_weighter import probe_ids, probed_records, weight_stats
 
 STEPS = 20
 
@@ -421,6 +421,27 @@ def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
         W.hypergradient = orig
     assert [e["buffer"] for e in events(run2, "bilevel")] == [24, 48, 72] + [96, 120, 144] * 4
     assert widths == [16] * 15
+    for k in range(5):  # the buffer spans two stages; a stage's signal file holds its own updates' samples only
+        t = pq.read_table(run2 / "signal" / f"stage_{k}.parquet").to_pydict()
+        assert len(t["sample_id"]) == 72 and set(t["stage"]) == {k}
+
+
+def test_probed_records_read_checkpoints_of_the_earlier_format():
+    """Before phi's buffer and the signal records were one list, a checkpoint held (ids, dL/dw / spread, stage)
+    triples and the current stage's (ids, dL/dw, spread, step, stage) records apart."""
+    ids = [np.array([1, 2]), np.array([3]), np.array([4, 5])]
+    old = {"buffer": [(ids[0], np.array([0.5, -1.0]), 0), (ids[1], np.array([2.0]), 1),
+                      (ids[2], np.array([1.5, 3.0]), 1)],
+           "signal": [(ids[2], np.array([0.3, 0.6]), 0.2, 12, 1)]}
+    rec = probed_records(old)
+    assert [(list(r[0]), list(r[1]), r[2], r[3], r[4]) for r in rec] == [([1, 2], [0.5, -1.0], 1.0, -1, 0),
+                                                                         ([3], [2.0], 1.0, -1, 1),
+                                                                         ([4, 5], [0.3, 0.6], 0.2, 12, 1)]
+    rec = probed_records({"buffer": old["buffer"]})  # before signal/ existed: every stage at spread 1
+    assert [(list(r[0]), r[2], r[3], r[4]) for r in rec] == [([1, 2], 1.0, -1, 0), ([3], 1.0, -1, 1),
+                                                             ([4, 5], 1.0, -1, 1)]
+    new = {"probed": [(ids[0], np.array([0.1, 0.2]), 0.5, 0, 0)]}
+    assert probed_records(new) == new["probed"]
 
 
 def test_resample_draws_batches_by_the_scores(data, tmp_path):

@@ -23,7 +23,7 @@ import torch
 
 from dwm.data.dataset import PreparedData
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import probe_ids
+from dwm.weighting.dwm_weighter import probe_ids, probed_records
 from dwm.weighting.net import load_weighting_net, weights_from_scores
 
 
@@ -43,9 +43,10 @@ def main() -> None:
     data = PreparedData(cfg.data.dir, "train")
     names = np.array(data.domains)
     latest = (a.run / "checkpoints" / "LATEST").read_text().strip()
-    buf = torch.load(a.run / "checkpoints" / latest / "trainer_state.pt", weights_only=False)["weighter"]["buffer"]
+    buf = probed_records(torch.load(a.run / "checkpoints" / latest / "trainer_state.pt",
+                                    weights_only=False)["weighter"])
     ids = np.concatenate([b[0] for b in buf])
-    t = np.concatenate([b[1] for b in buf])
+    t = np.concatenate([b[1] / b[2] for b in buf])
     stems = sorted((a.run / "weighting").glob("stage_*.json"), key=lambda q: int(q.stem.split("_")[1]))
     probes = probe_ids(data.domain_ids, a.probe_size)
     pb = data.batch(probes)

@@ -21,6 +21,7 @@ import torch
 
 from dwm.data.dataset import PreparedData
 from dwm.run import load_config
+from dwm.weighting.dwm_weighter import probed_records
 
 
 def stage_signal(run: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -33,14 +34,14 @@ def stage_signal(run: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
             out[int(f.stem.split("_")[1])] = (np.array(t["domain"]), np.array(t["signal"]))
         return out
     latest = (run / "checkpoints" / "LATEST").read_text().strip()
-    buf = torch.load(run / "checkpoints" / latest / "trainer_state.pt", weights_only=False)["weighter"]["buffer"]
+    state = torch.load(run / "checkpoints" / latest / "trainer_state.pt", weights_only=False)["weighter"]
     data = PreparedData(load_config(str(run / "config.toml"), []).data.dir, "train")
     names = np.array(data.domains)
     out: dict[int, tuple[list, list]] = {}
-    for ids, t, k in buf:
+    for ids, raw, spread, _, k in probed_records(state):
         d, s = out.setdefault(int(k), ([], []))
         d.extend(names[data.domain_ids[ids]])
-        s.extend(-np.asarray(t))
+        s.extend(-np.asarray(raw) / spread)
     return {k: (np.array(d), np.array(s)) for k, (d, s) in out.items()}
 
 

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -160,6 +160,20 @@ class DWMSelector(OnlineSelector):
             self.rng.bit_generator.state = state["rng"]
 
 
+class Probed(NamedTuple):
+    """The samples one bi-level update probed: phi's evidence and what signal/stage_k.parquet holds."""
+    ids: np.ndarray
+    dL_dw: np.ndarray  # raw dL_ref(theta')/dw, float64
+    spread: float  # the update's normalisation (std of dL/dw across its samples with normalize="std", else 1)
+    step: int
+    stage: int
+
+    @property
+    def target(self) -> np.ndarray:
+        """What phi fits: dL/dw on the update's own scale."""
+        return self.dL_dw / self.spread
+
+
 class DWMWeighter(Weighter):
     name = "dwm"
 
@@ -208,9 +222,7 @@ class DWMWeighter(Weighter):
         self.micro = ctx.plan.micro_batch_size
         self.G = ctx.plan.global_batch_size
         self.pool = ctx.pool
-        self.buffer: list[tuple[np.ndarray, np.ndarray, int]] = []  # (sample ids, normalised dL/dw, stage)
-        # this stage's probed samples, for signal/stage_k.parquet: (ids, dL/dw, spread, step, stage)
-        self.signal: list[tuple[np.ndarray, np.ndarray, float, int, int]] = []
+        self.buffer: list[Probed] = []  # phi's evidence: the last `buffer_stages` stages' probed samples
         self.diag_ids: np.ndarray | None = None
         self._diag_signal: tuple[np.ndarray, np.ndarray] | None = None
         self.update_pool = self.pool
@@ -269,7 +281,7 @@ class DWMWeighter(Weighter):
                 self.optimizer.state.clear()
         if self.learn and self._learns(k):
             # phi learns from the hypergradients of the last `buffer_stages` stages' LMs (the signal moves)
-            self.buffer = [b for b in self.buffer if b[2] > k - self.cfg.buffer_stages]
+            self.buffer = [b for b in self.buffer if b.stage > k - self.cfg.buffer_stages]
             if self.cfg.schedule == "staged":
                 n = self.updates_per_stage
             else:  # interleaved: the boundary step is an ordinary step of the every-`interval` rhythm
@@ -420,9 +432,10 @@ class DWMWeighter(Weighter):
             ok, reason = False, f"hypergradient spread {scale} across the probed samples"
         grad_norm = math.nan
         if ok:
-            self.buffer.append((ids, (dL_dw / scale).numpy(), self.stage_of(ctx.step)))
-            all_ids = np.concatenate([b[0] for b in self.buffer])
-            all_t = np.concatenate([b[1] for b in self.buffer])
+            self.buffer.append(Probed(ids, dL_dw.numpy(), scale, ctx.step, self.stage_of(ctx.step)))
+            self._save_signal(ctx)
+            all_ids = np.concatenate([b.ids for b in self.buffer])
+            all_t = np.concatenate([b.target for b in self.buffer])
             self.net.train()
             for _ in range(cfg.phi_steps):
                 pick = self.rng.choice(len(all_ids), size=min(self.G, len(all_ids)), replace=False)
@@ -438,7 +451,6 @@ class DWMWeighter(Weighter):
                 self.optimizer.step()
         if ok:
             self.n_updates += 1
-            self._save_signal(ctx, ids, dL_dw.numpy(), scale)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped += 1
@@ -447,30 +459,29 @@ class DWMWeighter(Weighter):
                "ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after,
                "hypergrad_norm": float(dL_dw.norm()) if res.ok else math.nan, "hypergrad_std": scale,
                "phi_grad_norm": grad_norm, "lookahead_lr": self._lookahead_lr(ctx), "fd_eps": res.eps_used,
-               "v_norm": res.v_norm, "probed": len(ids), "buffer": sum(len(b[0]) for b in self.buffer),
+               "v_norm": res.v_norm, "probed": len(ids), "buffer": sum(len(b.ids) for b in self.buffer),
                "updates": self.n_updates, "skipped": self.n_skipped}
         ctx.log(rec)
         self._update_log = {"ref_loss_before": res.ref_loss_before, "ref_loss_after": res.ref_loss_after}
 
-    def _save_signal(self, ctx: TrainContext, ids: np.ndarray, dL_dw: np.ndarray, scale: float) -> None:
-        """signal/stage_k.parquet (rank 0): every sample probed by this stage's updates so far, with its raw
-        dL_ref(theta')/dw and its signal -dL/dw / (the update's spread): positive = weighting it up lowers the
-        reference loss, on the scale phi fits. What the hypergradient said, next to what phi learned (probes/);
-        `dwm analyze` compares the two per domain. Rewritten after every update from the state, so a resumed run
-        writes the same file."""
+    def _save_signal(self, ctx: TrainContext) -> None:
+        """signal/stage_k.parquet (rank 0): every sample this stage's updates probed so far (the stage's part of
+        phi's buffer), with its raw dL_ref(theta')/dw and its signal -dL/dw / (the update's spread): positive =
+        weighting it up lowers the reference loss, on the scale phi fits. What the hypergradient said, next to what
+        phi learned (probes/); `dwm analyze` compares the two per domain. Rewritten after every update from the
+        state, so a resumed run writes the same file."""
         k = self.stage_of(ctx.step)
-        self.signal = [r for r in self.signal if r[4] == k] + [(ids, dL_dw, scale, ctx.step, k)]
         if ctx.rank != 0:
             return
-        sid = np.concatenate([r[0] for r in self.signal])
-        raw = np.concatenate([r[1] for r in self.signal])
+        mine = [b for b in self.buffer if b.stage == k]
+        sid = np.concatenate([b.ids for b in mine])
         table = pa.table({
             "sample_id": pa.array(sid, pa.int64()),
             "domain": pa.array([self.domains[i] for i in ctx.data.domain_ids[sid]]),
-            "dL_dw": pa.array(raw, pa.float64()),
-            "signal": pa.array(np.concatenate([-r[1] / r[2] for r in self.signal]), pa.float64()),
+            "dL_dw": pa.array(np.concatenate([b.dL_dw for b in mine]), pa.float64()),
+            "signal": pa.array(np.concatenate([-b.target for b in mine]), pa.float64()),
             "stage": pa.array(np.full(len(sid), k), pa.int32()),
-            "step": pa.array(np.concatenate([np.full(len(r[0]), r[3]) for r in self.signal]), pa.int64()),
+            "step": pa.array(np.concatenate([np.full(len(b.ids), b.step) for b in mine]), pa.int64()),
         })
         out = ctx.run_dir / "signal" / f"stage_{k}.parquet"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -565,8 +576,7 @@ class DWMWeighter(Weighter):
         return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "stage": self.stage, "rng": self.rng.bit_generator.state, "n_updates": self.n_updates,
-                "buffer": [(i.copy(), t.copy(), k) for i, t, k in self.buffer],
-                "signal": [(i.copy(), t.copy(), c, st, k) for i, t, c, st, k in self.signal],
+                "probed": [(b.ids.copy(), b.dL_dw.copy(), b.spread, b.step, b.stage) for b in self.buffer],
                 "n_skipped": self.n_skipped, "n_ess_warnings": self.n_ess_warnings}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -579,6 +589,15 @@ class DWMWeighter(Weighter):
         self.rng.bit_generator.state = state["rng"]
         self.n_updates, self.n_skipped = int(state["n_updates"]), int(state["n_skipped"])
         self.n_ess_warnings = int(state.get("n_ess_warnings", 0))
-        self.buffer = [(np.asarray(i), np.asarray(t), int(k)) for i, t, k in state.get("buffer", [])]
-        self.signal = [(np.asarray(i), np.asarray(t), float(c), int(st), int(k))
-                       for i, t, c, st, k in state.get("signal", [])]
+        self.buffer = [Probed(np.asarray(i), np.asarray(t), float(c), int(st), int(k))
+                       for i, t, c, st, k in probed_records(state)]
+
+
+def probed_records(state: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray, float, int, int]]:
+    """A weighter state's buffer as (ids, dL/dw, spread, step, stage) records. Checkpoints written before the two
+    were one list kept phi's buffer as (ids, dL/dw / spread, stage) and the current stage's records apart; an
+    entry without its record comes back with spread 1 and step -1 (phi's targets unchanged)."""
+    if "probed" in state:
+        return list(state["probed"])
+    records = {(int(r[4]), np.asarray(r[0]).tobytes()): tuple(r) for r in state.get("signal", [])}
+    return [records.get((int(k), np.asarray(i).tobytes()), (i, t, 1.0, -1, k)) for i, t, k in state.get("buffer", [])]

@@ -73,6 +73,8 @@ ABLATIONS: dict[str, list[str]] = {
     "uniform_stages=1 (no update at step 0: stage 0 trains uniformly; a cost lever)": ["weighting.uniform_stages=1"],
     "frozen_stages=2 (updates at stages 0-2 only, phi kept after: 3 of 5 updates; a cost lever)": [
         "weighting.frozen_stages=2"],
+    "candidates=8 (a domain can reach 8x its corpus share, not 4x: speech's cap 66%, not 33%)": [
+        "weighting.candidates=8"],
 }
 # ... and from the defaults of stop 21 (kl 0.5), where these levers were measured (rows reproducible)
 STOP21 = ["weighting.kl=0.5"]

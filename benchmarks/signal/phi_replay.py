@@ -68,8 +68,9 @@ def replay(run: Path, variant: str) -> tuple[dict[str, float], dict[str, float]]
         net = WeightingNet(wc.net, tok.get_vocab_size(), len(names))
     kind, _, arg = variant.partition(":")
     lr = wc.lr * (float(arg) if kind == "lr" else 1.0)
+    domain = list(net.domain.parameters()) if net.domain is not None else []
     groups = [{"params": [p for n, p in net.named_parameters() if not n.startswith("domain.")]},
-              {"params": list(net.domain.parameters()), "lr": lr * (float(arg) if kind == "domain-lr" else 1.0)}]
+              {"params": domain, "lr": lr * (float(arg) if kind == "domain-lr" else 1.0)}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wc.weight_decay)
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(float(arg))) if kind == "ema" else None

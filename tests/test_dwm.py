@@ -440,8 +440,10 @@ def test_probed_records_read_checkpoints_of_the_earlier_format():
     rec = probed_records({"buffer": old["buffer"]})  # before signal/ existed: every stage at spread 1
     assert [(list(r[0]), r[2], r[3], r[4]) for r in rec] == [([1, 2], 1.0, -1, 0), ([3], 1.0, -1, 1),
                                                              ([4, 5], 1.0, -1, 1)]
-    new = {"probed": [(ids[0], np.array([0.1, 0.2]), 0.5, 0, 0)]}
-    assert probed_records(new) == new["probed"]
+    new = {"probed": [(ids[0], np.array([0.1, 0.2]), 0.5, 0, 0)]}  # the current format, as state_dict() writes it
+    rec = probed_records(new)
+    assert [(list(r.ids), list(r.dL_dw), r.spread, r.step, r.stage) for r in rec] == [([1, 2], [0.1, 0.2], 0.5, 0, 0)]
+    assert list(rec[0].target) == [0.2, 0.4]
 
 
 def test_resample_draws_batches_by_the_scores(data, tmp_path):

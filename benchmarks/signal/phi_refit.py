@@ -23,7 +23,7 @@ import torch
 
 from dwm.data.dataset import PreparedData
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import probe_ids, probed_records
+from dwm.weighting.dwm_weighter import phi_objective, probe_ids, probed_records
 from dwm.weighting.net import load_weighting_net, weights_from_scores
 
 
@@ -45,8 +45,8 @@ def main() -> None:
     latest = (a.run / "checkpoints" / "LATEST").read_text().strip()
     buf = probed_records(torch.load(a.run / "checkpoints" / latest / "trainer_state.pt",
                                     weights_only=False)["weighter"])
-    ids = np.concatenate([b[0] for b in buf])
-    t = np.concatenate([b[1] / b[2] for b in buf])
+    ids = np.concatenate([b.ids for b in buf])
+    t = np.concatenate([b.target for b in buf])
     stems = sorted((a.run / "weighting").glob("stage_*.json"), key=lambda q: int(q.stem.split("_")[1]))
     probes = probe_ids(data.domain_ids, a.probe_size)
     pb = data.batch(probes)
@@ -81,16 +81,12 @@ def main() -> None:
                 for j in range(0, group, G):
                     W = weights_from_scores(net(b.input_ids[j:j + G], b.n_tokens[j:j + G], b.domain_ids[j:j + G]),
                                             wc.temperature, wc.floor)
-                    p = W / W.numel()
-                    loss = loss + (W * torch.from_numpy(t[pick[j:j + G]]).float()).sum() / W.numel()
-                    if not a.anchor_kl:
-                        loss = loss + wc.kl * (p * torch.log(p.clamp_min(1e-30) * W.numel())).sum()
+                    loss = loss + phi_objective(W, torch.from_numpy(t[pick[j:j + G]]), 0.0 if a.anchor_kl else wc.kl)
                 loss = loss / (group // G)
                 if a.anchor_kl:
                     ab = data.batch(anchor[rng.choice(len(anchor), a.anchor_kl, replace=False)])
                     Wa = weights_from_scores(net(ab.input_ids, ab.n_tokens, ab.domain_ids), wc.temperature, wc.floor)
-                    pa = Wa / Wa.numel()
-                    loss = loss + wc.kl * (pa * torch.log(pa.clamp_min(1e-30) * Wa.numel())).sum()
+                    loss = loss + phi_objective(Wa, torch.zeros_like(Wa), wc.kl)  # the KL term alone
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), wc.grad_clip)

@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 from dwm.data.dataset import PreparedData
 from dwm.data.passages import PassageSet
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import probe_ids, probed_records
+from dwm.weighting.dwm_weighter import phi_objective, probe_ids, probed_records
 from dwm.weighting.net import WeightingNet, load_weighting_net, weights_from_scores
 
 
@@ -57,7 +57,7 @@ def replay(run: Path, variant: str) -> tuple[dict[str, float], dict[str, float]]
     latest = (run / "checkpoints" / "LATEST").read_text().strip()
     recs = probed_records(torch.load(run / "checkpoints" / latest / "trainer_state.pt",
                                      weights_only=False)["weighter"])
-    if sorted({int(r[4]) for r in recs}) != list(range(wc.stages)):
+    if sorted({r.stage for r in recs}) != list(range(wc.stages)):
         raise SystemExit(f"{run}: the last buffer does not hold every stage (buffer_stages < stages?)")
     rng = np.random.default_rng([cfg.train.seed, 0xD3])  # the weighter's generator: ids, reference batch, groups
     tok = Tokenizer.from_file(str(run / "tokenizer.json"))
@@ -76,12 +76,12 @@ def replay(run: Path, variant: str) -> tuple[dict[str, float], dict[str, float]]
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(float(arg))) if kind == "ema" else None
     buf: list[tuple[np.ndarray, np.ndarray]] = []
     pool = np.arange(len(data))
-    for ids, raw, spread, _, k in recs:
-        drawn = rng.choice(pool, size=len(ids), replace=False)
-        if not np.array_equal(drawn, ids):
-            raise SystemExit(f"{run}: the replayed draw differs from the run's at stage {k} (another pool?)")
+    for r in recs:
+        drawn = rng.choice(pool, size=len(r.ids), replace=False)
+        if not np.array_equal(drawn, r.ids):
+            raise SystemExit(f"{run}: the replayed draw differs from the run's at stage {r.stage} (another pool?)")
         rng.choice(n_ref, size=min(wc.ref_batch_size, n_ref), replace=False)
-        buf.append((np.asarray(ids), np.asarray(raw) / spread))
+        buf.append((r.ids, r.target))
         all_ids = np.concatenate([b[0] for b in buf])
         all_t = np.concatenate([b[1] for b in buf])
         if kind == "shrink":
@@ -91,10 +91,7 @@ def replay(run: Path, variant: str) -> tuple[dict[str, float], dict[str, float]]
             pick = rng.choice(len(all_ids), size=min(G, len(all_ids)), replace=False)
             b = data.batch(all_ids[pick])
             W = weights_from_scores(net(b.input_ids, b.n_tokens, b.domain_ids), wc.temperature, wc.floor)
-            n = W.numel()
-            loss = (W * torch.from_numpy(all_t[pick]).to(W.dtype)).sum() / n
-            p = W / n
-            loss = loss + wc.kl * (p * torch.log(p.clamp_min(1e-30) * n)).sum()
+            loss = phi_objective(W, torch.from_numpy(all_t[pick]), wc.kl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), wc.grad_clip)

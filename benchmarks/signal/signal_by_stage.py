@@ -38,10 +38,10 @@ def stage_signal(run: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     data = PreparedData(load_config(str(run / "config.toml"), []).data.dir, "train")
     names = np.array(data.domains)
     out: dict[int, tuple[list, list]] = {}
-    for ids, raw, spread, _, k in probed_records(state):
-        d, s = out.setdefault(int(k), ([], []))
-        d.extend(names[data.domain_ids[ids]])
-        s.extend(-np.asarray(raw) / spread)
+    for b in probed_records(state):
+        d, s = out.setdefault(b.stage, ([], []))
+        d.extend(names[data.domain_ids[b.ids]])
+        s.extend(-b.target)
     return {k: (np.array(d), np.array(s)) for k, (d, s) in out.items()}
 
 

@@ -76,6 +76,19 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return (np.cumsum(cnt) - (cnt + 1) / 2)[inv]
 
 
+def phi_objective(W: torch.Tensor, target: torch.Tensor, kl: float) -> torch.Tensor:
+    """phi's outer objective on one group of n samples with weights W (sum n): sum_i W_i t_i / n, the first-order
+    change of L_ref if the LM stepped on the group with weights W (t = dL/dw, normalised), plus kl * KL(W/n ||
+    uniform). Without the KL term the objective is linear in W and its optimum puts all weight on one sample; with
+    it the optimum is W ~ exp(-t / kl)."""
+    n = W.numel()
+    loss = (W * target.to(W.dtype).to(W.device)).sum() / n
+    if kl > 0:
+        p = W / n
+        loss = loss + kl * (p * torch.log(p.clamp_min(1e-30) * n)).sum()
+    return loss
+
+
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
         return math.nan
@@ -399,19 +412,11 @@ class DWMWeighter(Weighter):
         return self._gather(res.dL_dw.to(S.dtype)).double().cpu(), res
 
     def _phi_loss(self, ctx: TrainContext, ids: np.ndarray, target: torch.Tensor) -> torch.Tensor:
-        """phi's outer objective on one group of samples (a batch as the LM sees it): sum_i w_i t_i / n, the
-        first-order change of L_ref if the LM stepped on this group with weights w (t = dL/dw, normalised), plus
-        kl * KL(w/n || uniform). Without the KL term the objective is linear in w and its optimum puts all weight
-        on one sample; with it the optimum is w ~ exp(-t / kl)."""
+        """phi_objective on one group of samples (a batch as the LM sees it), phi's weights gathered over ranks."""
         batch = ctx.data.batch(self._local(ids)).to(self.device)
         s = self._scores(batch, self._lm_losses(ctx, batch))
         W = weights_from_scores(self._gather(s, keep_grad=True), self.temperature, self.floor)
-        n = W.numel()
-        loss = (W * target.to(W.dtype).to(W.device)).sum() / n
-        if self.cfg.kl > 0:
-            p = W / n
-            loss = loss + self.cfg.kl * (p * torch.log(p.clamp_min(1e-30) * n)).sum()
-        return loss
+        return phi_objective(W, target, self.cfg.kl)
 
     def _update(self, ctx: TrainContext) -> None:
         """One bi-level update: probe `batch_size` new training samples (their dL_ref(theta')/dw), add them to this
@@ -589,15 +594,17 @@ class DWMWeighter(Weighter):
         self.rng.bit_generator.state = state["rng"]
         self.n_updates, self.n_skipped = int(state["n_updates"]), int(state["n_skipped"])
         self.n_ess_warnings = int(state.get("n_ess_warnings", 0))
-        self.buffer = [Probed(np.asarray(i), np.asarray(t), float(c), int(st), int(k))
-                       for i, t, c, st, k in probed_records(state)]
+        self.buffer = probed_records(state)
 
 
-def probed_records(state: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray, float, int, int]]:
-    """A weighter state's buffer as (ids, dL/dw, spread, step, stage) records. Checkpoints written before the two
-    were one list kept phi's buffer as (ids, dL/dw / spread, stage) and the current stage's records apart; an
-    entry without its record comes back with spread 1 and step -1 (phi's targets unchanged)."""
+def probed_records(state: dict[str, Any]) -> list[Probed]:
+    """A weighter state's buffer (DWMWeighter.state_dict()). Checkpoints written before the buffer and the signal
+    records were one list kept phi's buffer as (ids, dL/dw / spread, stage) and the current stage's records apart;
+    an entry without its record comes back with spread 1 and step -1 (phi's targets unchanged)."""
     if "probed" in state:
-        return list(state["probed"])
-    records = {(int(r[4]), np.asarray(r[0]).tobytes()): tuple(r) for r in state.get("signal", [])}
-    return [records.get((int(k), np.asarray(i).tobytes()), (i, t, 1.0, -1, k)) for i, t, k in state.get("buffer", [])]
+        rows = state["probed"]
+    else:
+        records = {(int(r[4]), np.asarray(r[0]).tobytes()): tuple(r) for r in state.get("signal", [])}
+        rows = [records.get((int(k), np.asarray(i).tobytes()), (i, t, 1.0, -1, k))
+                for i, t, k in state.get("buffer", [])]
+    return [Probed(np.asarray(i), np.asarray(t), float(c), int(st), int(k)) for i, t, c, st, k in rows]

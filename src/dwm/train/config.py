@@ -109,6 +109,13 @@ class TrainConfig:
     """'auto' = bf16 autocast on CUDA, fp32 on CPU; 'fp64' = float64 weights (numerical checks)"""
     compile: bool = False
     """torch.compile the model's forward/backward"""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward instead of keeping them (less memory, about one
+    more forward of compute); the bi-level update uses the same setting"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """multi-process training: 'ddp' (each rank holds the whole model, optimizer state and gradients) or 'fsdp'
+    (FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over the ranks); `dwm plan` says which
+    fits"""
     keep_freed_memory: bool = True
     """on CPU (Linux, glibc): keep freed blocks in the process heap instead of returning the large ones (a
     micro-batch's logits) to the kernel and faulting them in again at every step (dwm.host: a cpu-small step's

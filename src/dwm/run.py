@@ -20,6 +20,7 @@ arguments override anything (see `--help-config`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from dwm import config as C
 from dwm.errors import UserError
 from dwm.selection.config import InfluenceConfig
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
+from dwm.train.memory import check_memory
 from dwm.train.selector import SELECTORS, Selector, SelectorConfig
 from dwm.train.weighter import WEIGHTERS, Weighter
 from dwm.weighting.config import WeightingConfig
@@ -105,6 +107,13 @@ def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector
     return cls(cfg.selector, getattr(cfg, section)) if section else cls(cfg.selector)
 
 
+def bilevel_param_copies(cfg: RunConfig) -> int:
+    """Parameter-sized fp32 tensors a bi-level update holds beyond the training state (the saved parameters, the
+    preconditioner P, one gradient buffer g then v), 0 for a run without updates (dwm.weighting.bilevel)."""
+    w = cfg.weighting
+    return 3 if (w.mode == "dwm" or w.keep_learning) else 0
+
+
 def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
     """Validate the whole config, then the Trainer with the configured weighter, selector and experiment tracker
     (`log.tracker`, after the given callbacks)."""
@@ -112,6 +121,8 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
     from dwm.train.trainer import Trainer
 
     validate(cfg, check_paths=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_memory(cfg, plan_for_data(cfg, world), world, bilevel_param_copies(cfg))  # before anything is written
     tracker = make_tracker(cfg.log, config=C.to_dict(cfg))
     weighter = build_weighter(cfg)
     return Trainer(cfg, resume=resume, weighter=weighter, selector=build_selector(cfg, weighter),

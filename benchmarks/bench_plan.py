@@ -83,7 +83,10 @@ def measure(spec: str, micro: int, accum: int, steps: int, threads: int) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default=",".join(GEOMETRY))
+    ap.add_argument("--held-out", default="cpu-small:16,cpu-base:8",
+                    help="preset:micro_batch rows the CPU heap factor was not fitted on ('' = none)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="measuring processes per row (peak RSS varies)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child")
     ap.add_argument("--micro", type=int, default=8)
@@ -93,27 +96,33 @@ def main() -> None:
     if args.child:
         child(args.child, args.micro, args.accum, args.steps)
         return
-    from dwm.train.memory import trace_step_memory
+    from dwm.train.memory import CPU_HEAP_OVERHEAD, plan_memory
 
+    todo = [(s, GEOMETRY[s], "recipe") for s in args.presets.split(",")]
+    todo += [(h.split(":")[0], int(h.split(":")[1]), "held out") for h in args.held_out.split(",") if h]
     rows = []
-    for spec in args.presets.split(","):
-        micro, accum = GEOMETRY[spec], ACCUM
+    for spec, micro, kind in todo:
         t0 = time.perf_counter()
-        pred = trace_step_memory(spec, VOCAB, SEQ, micro, accum=accum)
+        pred = plan_memory(spec, VOCAB, SEQ, micro, accum=ACCUM, precision="fp32", device_type="cpu")
         t_pred = time.perf_counter() - t0
-        m = measure(spec, micro, accum, args.steps, args.threads)
-        meas = m["rss_peak"] - m["rss_base"]
-        rows.append((spec, micro, accum, m["params"], pred, meas, t_pred))
-    print(f"bench_plan: seq {SEQ}, vocab {VOCAB}, fp32 on CPU, {args.steps} steps, torch {torch.__version__}, "
-          f"{platform.machine()}, {args.threads} thread(s)\n")
-    print("| preset | micro x accum | params | predicted peak (simulated) | weights / grads / optimizer / "
-          "activations (simulated) | measured peak (RSS over pre-model RSS) | predicted / measured | trace s |")
-    print("|---|---|---|---|---|---|---|---|")
+        ms = [measure(spec, micro, ACCUM, args.steps, args.threads) for _ in range(args.repeats)]
+        meas = [m["rss_peak"] - m["rss_base"] for m in ms]
+        rows.append((spec, micro, kind, ms[0]["params"], pred, meas, t_pred))
+    print(f"bench_plan: seq {SEQ}, vocab {VOCAB}, fp32 on CPU, {ACCUM} micro-batches a step, {args.steps} steps, "
+          f"{args.repeats} measuring processes per row, torch {torch.__version__}, {platform.machine()}, "
+          f"{args.threads} thread(s); CPU heap factor {CPU_HEAP_OVERHEAD} x activations\n")
+    print("| preset | micro-batch | row | params | simulated tensor peak: weights / grads / optimizer / activations "
+          "| + CPU heap (calibrated) | predicted peak | measured peak (each process) | predicted / measured (mean) "
+          "| plan s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     mib = 1024 ** 2
-    for spec, micro, accum, n, pred, meas, t in rows:
-        parts = " / ".join(f"{v / mib:,.0f}" for v in (pred.weights, pred.grads, pred.optimizer, pred.activations))
-        print(f"| {spec} | {micro} x {accum} | {n / 1e6:.2f}M | {pred.total / mib:,.0f} MiB | {parts} MiB | "
-              f"{meas / mib:,.0f} MiB | {pred.total / meas:.3f} | {t:.1f} |")
+    for spec, micro, kind, n, pred, meas, t in rows:
+        s = pred.step
+        parts = " / ".join(f"{v / mib:,.0f}" for v in (s.weights, s.grads, s.optimizer, s.activations))
+        mean = sum(meas) / len(meas)
+        print(f"| {spec} | {micro} | {kind} | {n / 1e6:.2f}M | {s.total / mib:,.0f} MiB ({parts}) | "
+              f"{pred.heap / mib:,.0f} MiB | {pred.step_peak / mib:,.0f} MiB | "
+              f"{', '.join(f'{m / mib:,.0f}' for m in meas)} MiB | {pred.step_peak / mean:.3f} | {t:.1f} |")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,15 @@ from dwm import config as C
 from dwm.errors import UserError
 from dwm.run import RunConfig, bilevel_param_copies, load_config, resolve_config_path
 from dwm.train.config import Plan, make_plan
-from dwm.train.memory import (GIB, DeviceMemory, flops_per_token, fmt_gib, forward_flops_per_token,
-                              model_shape, plan_memory)
+from dwm.train.memory import (
+    GIB,
+    DeviceMemory,
+    flops_per_token,
+    fmt_gib,
+    forward_flops_per_token,
+    model_shape,
+    plan_memory,
+)
 
 PAPER_SEQ, PAPER_VOCAB = 2048, 32000
 
@@ -149,9 +156,9 @@ def suggest(cfg: RunConfig, plan: Plan, shape, mem: DeviceMemory, limit: float, 
     out = []
 
     def peak(**kw) -> float:
-        args = dict(accum=plan.grad_accum, precision=t.precision, device_type="cuda",
-                    activation_checkpointing=t.activation_checkpointing, gpus=gpus, parallel=t.parallel,
-                    attn_implementation=cfg.model.attn_implementation, update_param_copies=copies, shape=shape)
+        args = {"accum": plan.grad_accum, "precision": t.precision, "device_type": "cuda",
+                    "activation_checkpointing": t.activation_checkpointing, "gpus": gpus, "parallel": t.parallel,
+                    "attn_implementation": cfg.model.attn_implementation, "update_param_copies": copies, "shape": shape}
         mb = kw.pop("micro_batch", plan.micro_batch_size)
         if mb != plan.micro_batch_size:
             args["accum"] = plan.local_batch_size // mb
@@ -173,8 +180,8 @@ def suggest(cfg: RunConfig, plan: Plan, shape, mem: DeviceMemory, limit: float, 
         p = peak(parallel="fsdp")
         if p <= limit:
             out.append(f"train.parallel=fsdp (peak {fmt_gib(p)})")
-    return out or ["nothing tried fits: fewer samples per micro-batch with activation checkpointing and fsdp, "
-                   "or more GPUs"]
+    return out or [("nothing tried fits: fewer samples per micro-batch with activation checkpointing and fsdp, "
+                   "or more GPUs")]
 
 
 def format_report(rep: dict) -> str:
@@ -183,15 +190,15 @@ def format_report(rep: dict) -> str:
     where = (f"{rep['gpus']} GPU(s) of {rep['gpu_memory'] / GIB:g} GiB, {t.parallel}" if rep["gpu"]
              else "CPU (train.device = cpu)")
     prec = t.precision if t.precision != "auto" else ("auto: bf16 autocast" if rep["gpu"] else "auto: fp32")
-    L = [f"model {cfg.model.spec}: {shape.n_params:,} parameters ({shape.n_matmul:,} in matmuls), "
-         f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab_size}",
+    L = [(f"model {cfg.model.spec}: {shape.n_params:,} parameters ({shape.n_matmul:,} in matmuls), "
+         f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab_size}"),
          f"data: seq_len {plan.seq_len}, vocab {plan.vocab_size} ({rep['seq_source']})",
          f"devices: {where}; precision {prec}; activation checkpointing {str(t.activation_checkpointing).lower()}",
          "",
          "per optimizer step:",
          f"  tokens {rep['tokens_per_step']:,} ({plan.global_batch_size} samples x {plan.seq_len})",
-         f"  per GPU: {plan.local_batch_size} samples = micro-batch {plan.micro_batch_size} x "
-         f"{plan.grad_accum} accumulation steps",
+         (f"  per GPU: {plan.local_batch_size} samples = micro-batch {plan.micro_batch_size} x "
+         f"{plan.grad_accum} accumulation steps"),
          f"  FLOPs {rep['model_flops_step']:.3e} (6*N_mm + 12*L*d*T per token)"
          + (f"; {rep['hw_flops_step']:.3e} with the recomputed forward" if t.activation_checkpointing else ""),
          f"  time {rep['step_s']:.3g} s at MFU {rep['mfu']:g} of {rep['peak_tflops']:g} TFLOP/s per GPU",
@@ -201,11 +208,11 @@ def format_report(rep: dict) -> str:
     if rep["updates"]:
         n = w.batch_size or plan.global_batch_size
         L += ["",
-              f"per bi-level update ({w.backend}; {n} probed samples, {min(n, plan.global_batch_size)} weighted, "
-              f"{w.ref_batch_size} reference passages):",
+              (f"per bi-level update ({w.backend}; {n} probed samples, {min(n, plan.global_batch_size)} weighted, "
+              f"{w.ref_batch_size} reference passages):"),
               f"  FLOPs {rep['update_flops']:.3e}, time {rep['update_s']:.3g} s",
-              f"  peak memory per device (simulated) {fmt_gib(mem.update_peak)}: the training state + "
-              f"{fmt_gib(mem.update_extra)} of 3 fp32 parameter copies + one micro-batch's activations",
+              (f"  peak memory per device (simulated) {fmt_gib(mem.update_peak)}: the training state + "
+              f"{fmt_gib(mem.update_extra)} of 3 fp32 parameter copies + one micro-batch's activations"),
               f"  updates: {rep['updates']} ({rep['updates_per_stage']} per learning stage, {w.schedule})"]
     else:
         L += ["", f"no bi-level updates (weighting.mode = {w.mode})"]

@@ -133,9 +133,9 @@ def _trace(cfg, layers: int, micro_batch: int, seq_len: int, accum: int, dtype: 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    from dwm.train.config import OptimConfig
     from dwm.train.losses import per_sample_nll
     from dwm.train.trainer import make_optimizer
-    from dwm.train.config import OptimConfig
 
     with FakeTensorMode(allow_non_fake_inputs=False):
         prev = torch.get_default_dtype()
@@ -146,7 +146,7 @@ def _trace(cfg, layers: int, micro_batch: int, seq_len: int, accum: int, dtype: 
             torch.set_default_dtype(prev)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         opt = make_optimizer(model, OptimConfig())
         ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
         n_tok = torch.full((micro_batch,), seq_len, dtype=torch.long)

@@ -157,8 +157,9 @@ def suggest(cfg: RunConfig, plan: Plan, shape, mem: DeviceMemory, limit: float, 
 
     def peak(**kw) -> float:
         args = {"accum": plan.grad_accum, "precision": t.precision, "device_type": "cuda",
-                    "activation_checkpointing": t.activation_checkpointing, "gpus": gpus, "parallel": t.parallel,
-                    "attn_implementation": cfg.model.attn_implementation, "update_param_copies": copies, "shape": shape}
+                "activation_checkpointing": t.activation_checkpointing, "gpus": gpus, "parallel": t.parallel,
+                "attn_implementation": cfg.model.attn_implementation, "update_param_copies": copies,
+                "shape": shape}
         mb = kw.pop("micro_batch", plan.micro_batch_size)
         if mb != plan.micro_batch_size:
             args["accum"] = plan.local_batch_size // mb

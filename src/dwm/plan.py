@@ -49,7 +49,8 @@ PAPER_SEQ, PAPER_VOCAB = 2048, 32000
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a shipped recipe name (e.g. paper-370m-dwm) or a TOML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for `dwm train`")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, as for `dwm train` (right after RECIPE, before the options)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (data-parallel ranks)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the time")

@@ -48,7 +48,8 @@ def _reset_hwm() -> bool:
 
 def overrides(args: argparse.Namespace) -> list[str]:
     return [f"data.dir={args.data}", f"out={args.out}", f"model.spec={args.model}",
-            f"train.global_batch_tokens={2 * args.seq}", "train.micro_batch_size=1", f"train.max_steps={args.steps}",
+            f"train.global_batch_tokens={2 * args.seq}", "train.micro_batch_size=1", "train.max_tokens=0",
+            f"train.max_steps={args.steps}",
             "train.precision=fp32", "train.device=cpu", "train.compile=false", "optim.warmup_steps=1",
             "checkpoint.every=0", "log.every=1", "log.progress=false",
             "weighting.mode=dwm", "weighting.schedule=staged", "weighting.stages=1", "weighting.updates_per_stage=1",
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--ref", type=int, default=2, help="reference passages of the bi-level update")
     ap.add_argument("--reference", default="data/target/reference.jsonl")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plan-only", action="store_true", help="print dwm plan's prediction only, do not train")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,6 +80,8 @@ def main() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "src/dwm/recipes/paper-370m-dwm.toml", overrides(args))
     rep = make_report(cfg, gpus=1, gpu_memory_gib=1e9, mfu=0.4, peak_tflops=989)
     print(format_report(rep), flush=True)
+    if args.plan_only:
+        return
 
     marks: dict[str, float] = {}
 

@@ -103,3 +103,13 @@ def build_model(spec: str, vocab_size: int, *, attn_implementation: str = "sdpa"
 def count_params(model: torch.nn.Module) -> int:
     """Distinct parameters (a tied embedding is counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant checkpoints: they work with autograd.grad,
+    backward(inputs=...) and double backward, which the bi-level update uses)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

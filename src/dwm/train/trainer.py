@@ -41,7 +41,7 @@ from dwm.train.checkpoint import load_latest, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
-from dwm.train.model import build_model
+from dwm.train.model import build_model, enable_activation_checkpointing
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
 
@@ -140,6 +140,8 @@ class Trainer:
         self.model = build_model(cfg.model.spec, self.plan.vocab_size, attn_implementation=cfg.model.attn_implementation,
                                  seed=t.seed, max_seq_len=self.plan.seq_len,
                                  dtype=torch.float64 if t.precision == "fp64" else torch.float32).to(self.device)
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.ddp_model: torch.nn.Module = (DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
@@ -305,6 +307,7 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients between steps (a weighter's update runs there)
         self.scheduler.step()
         return loss_w, loss_sum / B, grad_norm
 

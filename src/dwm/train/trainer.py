@@ -41,7 +41,7 @@ from dwm.train.checkpoint import load_latest, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
-from dwm.train.model import build_model
+from dwm.train.model import build_model, saved_state_dict, tied_parameter_names
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
 
@@ -138,7 +138,7 @@ class Trainer:
             raise UserError(f"{cfg.data.dir}: missing tokenizer.json")
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.model = build_model(cfg.model.spec, self.plan.vocab_size, attn_implementation=cfg.model.attn_implementation,
-                                 seed=t.seed, max_seq_len=self.plan.seq_len,
+                                 seed=t.seed, max_seq_len=self.plan.seq_len, init=cfg.model.init,
                                  dtype=torch.float64 if t.precision == "fp64" else torch.float32).to(self.device)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -200,8 +200,12 @@ class Trainer:
             raise UserError(f"--resume: checkpoint {path.name} was trained with global batch "
                             f"{state.get('global_batch_size')} x seq_len {state.get('seq_len')}, this config has "
                             f"{self.plan.global_batch_size} x {self.plan.seq_len}")
+        if set(model_sd) - set(self.model.state_dict()):  # names save_pretrained renamed (GPT-NeoX's lm_head)
+            model_sd = saved_state_dict(self.model, path / "model")
         missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
-        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        # save_pretrained writes one name of each tied group (LLaMA: model.embed_tokens.weight, GPT-2:
+        # transformer.wte.weight); the others may be missing when one of their group was loaded
+        tied = set().union(*(g for g in tied_parameter_names(self.model) if g - set(missing)))
         if unexpected or set(missing) - tied:
             raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
                             f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")

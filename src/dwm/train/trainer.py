@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dwm.config import to_dict, to_toml, validate
 from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData, data_fingerprint
+from dwm.data.tokenizer import load_prepared_tokenizer
 from dwm.errors import UserError
 from dwm.host import keep_freed_memory
 from dwm.train import distributed as dist_utils
@@ -131,12 +132,11 @@ class Trainer:
                           if cfg.data.selection else None)
         self.pool = (self.selection if self.selection is not None
                      else np.arange(len(self.train_data), dtype=np.int64))
-        from tokenizers import Tokenizer
-
         tok_path = self.train_data.tokenizer_path
         if not tok_path.is_file():
             raise UserError(f"{cfg.data.dir}: missing tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        # encodes text as the prepared rows hold it (meta.json's BOS policy; dwm.data.tokenizer)
+        self.tokenizer, self._tokenizer_changed = load_prepared_tokenizer(tok_path, self.train_data.meta)
         self.model = build_model(cfg.model.spec, self.plan.vocab_size, attn_implementation=cfg.model.attn_implementation,
                                  seed=t.seed, max_seq_len=self.plan.seq_len, init=cfg.model.init,
                                  dtype=torch.float64 if t.precision == "fp64" else torch.float32).to(self.device)
@@ -192,7 +192,10 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
-        shutil.copyfile(self.train_data.tokenizer_path, self.run_dir / "tokenizer.json")
+        if self._tokenizer_changed:  # a tokenizer.json whose post-processor disagreed with meta.json's BOS policy
+            self.tokenizer.save(str(self.run_dir / "tokenizer.json"))
+        else:
+            shutil.copyfile(self.train_data.tokenizer_path, self.run_dir / "tokenizer.json")
 
     def _resume(self) -> dict[str, Any]:
         path, model_sd, state = load_latest(self.ckpt_root)

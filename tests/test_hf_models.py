@@ -397,3 +397,23 @@ def test_export_scores_passages_as_dwm_eval(policy, corpus, tmp_path):
     ckpt, _ = resolve_checkpoint(run)
     ours = passage_loss(load_run_model(ckpt), load_run_tokenizer(run), corpus["ref"])
     assert abs(ours - sum(nlls) / len(nlls)) < 1e-5
+
+
+def test_tokenizer_without_pad_pads_with_eos_and_missing_bos_is_an_error(corpus, capsys):
+    from dwm.data.prepare import PrepareOptions, prepare
+
+    d = bos_tokenizer_dir(corpus["root"] / "nopad", True, corpus["texts"])
+    tcfg = json.loads((d / "tokenizer_config.json").read_text())
+    del tcfg["pad_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    out = prep(corpus, "prep-nopad", d)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["pad_id"] == meta["eos_id"] and meta["add_bos"] is True
+    (d / "tokenizer_config.json").write_text(json.dumps({**tcfg, "bos_token": "<bos>"}))  # not in the vocab
+    with pytest.raises(UserError, match="'<bos>' is not in the vocabulary"):
+        prepare([corpus["src"]], corpus["root"] / "prep-badbos", PrepareOptions(tokenizer=str(d), seq_len=SEQ))
+    capsys.readouterr()
+    assert main(["prepare", str(corpus["src"]), "--out", str(corpus["root"] / "prep-badbos"),
+                 "--tokenizer", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "not in the vocabulary" in err and len(err.strip().splitlines()) == 1, err

@@ -165,14 +165,16 @@ def test_fd_and_exact_hypergradients_agree(arch, tmp_path):
     mask[1, 8:] = False
     before = {k: v.clone() for k, v in m.state_dict().items()}
     attn = m.config._attn_implementation
-    fd = hypergradient(m, ids, n, w, ref, mask, lr=0.5, backend="fd")
+    # float64 and a step 3e-3 (default 1e-2): the central difference's O(eps^2) error stays well under the
+    # tolerance for every architecture (measured rel 1e-5..7e-5; GPT-NeoX has 8e-4 at the default step)
+    fd = hypergradient(m, ids, n, w, ref, mask, lr=0.5, backend="fd", fd_eps=3e-3)
     ex = hypergradient(m, ids, n, w, ref, mask, lr=0.5, backend="exact")
     assert fd.ok and ex.ok
     assert m.config._attn_implementation == attn  # eager only during the exact call
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     cos = float(torch.nn.functional.cosine_similarity(fd.dL_dw, ex.dL_dw, dim=0))
     rel = float((fd.dL_dw - ex.dL_dw).norm() / ex.dL_dw.norm())
-    assert cos >= 0.999 and rel < 1e-3, (cos, rel)
+    assert cos >= 0.99999 and rel < 3e-4, (cos, rel)
     assert float(ex.dL_dw.abs().max()) > 0
 
 

@@ -78,6 +78,10 @@ class PreparedData:
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.pad_id: int = int(self.meta["pad_id"])
         self.eos_id: int = int(self.meta["eos_id"])
+        # BOS policy (dwm.data.tokenizer): absent in directories written before it, which read as "no BOS"
+        bos = self.meta.get("bos_id")
+        self.bos_id: int | None = None if bos is None else int(bos)
+        self.add_bos: bool = bool(self.meta.get("add_bos", False))
         self.domains: list[str] = list(self.meta["domains"])
         self.score_columns: list[str] = list(self.meta.get("score_columns", []))
         n = int(self.meta["splits"][split]["n_samples"])

@@ -136,8 +136,9 @@ class SplitWriter:
     """Cuts one split's token stream into rows, appends them to {split}.bin and their metadata to parquet."""
 
     def __init__(self, d: Path, name: str, seq_len: int, dtype: np.dtype, eos_id: int, pad_id: int,
-                 packing: str, score_columns: tuple[str, ...]):
+                 packing: str, score_columns: tuple[str, ...], bos_id: int | None = None):
         self.seq_len, self.dtype, self.eos_id, self.pad_id, self.packing = seq_len, dtype, eos_id, pad_id, packing
+        self.bos_id = bos_id  # prepended to every document when the tokenizer's BOS policy says so
         self.score_columns = score_columns
         self.bin = open(d / f"{name}.bin", "wb")  # noqa: SIM115 - closed in close()
         fields = [("sample_id", pa.int64()), ("doc_id", pa.string()), ("domain", pa.string()),
@@ -153,8 +154,11 @@ class SplitWriter:
         self._docs: list[tuple] = []
 
     def add(self, doc: Document, ids: list[int]) -> None:
-        arr = np.empty(len(ids) + 1, dtype=self.dtype)
-        arr[:-1] = ids
+        lead = 0 if self.bos_id is None else 1
+        arr = np.empty(lead + len(ids) + 1, dtype=self.dtype)
+        if lead:
+            arr[0] = self.bos_id
+        arr[lead:-1] = ids
         arr[-1] = self.eos_id
         self.n_docs += 1
         info = (doc.doc_id, doc.domain, doc.source, doc.scores)
@@ -363,18 +367,22 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
 
     if opts.tokenizer:
         tok, eos_id, pad_id = tkz.load_tokenizer(opts.tokenizer)
+        bos_id, add_bos = tkz.bos_policy(tok, opts.tokenizer)
         tok_info = {"trained": False, "from": str(Path(opts.tokenizer).resolve())}
     else:
         tok = tkz.train_bpe(_tokenizer_sample(sources, opts), opts.vocab_size)
         eos_id, pad_id = tok.token_to_id(tkz.EOS), tok.token_to_id(tkz.PAD)
+        bos_id, add_bos = None, False  # the trained BPE has no BOS (the shipped data's tokens are unchanged)
         tok_info = {"trained": True, "vocab_size_requested": opts.vocab_size,
                     "sample_mb": opts.tokenizer_sample_mb}
+    tkz.set_bos_policy(tok, bos_id, add_bos)  # the saved tokenizer encodes text as the prepared rows hold it
     tok.save(str(tmp / "tokenizer.json"))
     n_vocab = tkz.vocab_size(tok)
     dtype = tkz.choose_dtype(n_vocab)
 
     scols = tuple(opts.score_fields)
-    writers = {s: SplitWriter(tmp, s, opts.seq_len, dtype, eos_id, pad_id, opts.packing, scols) for s in SPLITS}
+    writers = {s: SplitWriter(tmp, s, opts.seq_len, dtype, eos_id, pad_id, opts.packing, scols,
+                               bos_id if add_bos else None) for s in SPLITS}
     counter = SkipCounter()
     per_domain: dict[str, Counter] = defaultdict(Counter)
     docs_written = 0
@@ -398,9 +406,9 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
                 writers[split].add(doc, ids)
                 st = per_domain[doc.domain]
                 st["docs"] += 1
-                st["tokens"] += len(ids) + 1
+                st["tokens"] += len(ids) + 1 + add_bos
                 st["bytes"] += doc.n_bytes
-                n_tokens_total += len(ids) + 1
+                n_tokens_total += len(ids) + 1 + add_bos
                 docs_written += 1
             bar.update(len(docs))
             bar.set_postfix(tokens=f"{n_tokens_total:,}", skipped=counter.docs_skipped, refresh=False)
@@ -439,6 +447,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         "dtype": dtype.name,
         "pad_id": int(pad_id),
         "eos_id": int(eos_id),
+        "bos_id": None if bos_id is None else int(bos_id),
+        "add_bos": bool(add_bos),
         "packing": opts.packing,
         "domains": sorted(per_domain),
         "sources": sorted({s.source for s in sources}),

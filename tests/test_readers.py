@@ -198,8 +198,7 @@ def test_domain_field_missing_everywhere_stops_with_the_fields_found(tmp_path):
     counter, seen = SkipCounter(), []
     with pytest.raises(UserError, match=f"big.jsonl:{DOMAIN_PROBE}: --domain-field 'sett' is missing in the first "
                                         f"{DOMAIN_PROBE} records .* \\(did you mean set\\?\\)"):
-        for d in iter_documents(expand_inputs([big])[0][0], ReadOptions(domain_field="sett"), counter):
-            seen.append(d)
+        seen.extend(iter_documents(expand_inputs([big])[0][0], ReadOptions(domain_field="sett"), counter))
     assert seen == [] and counter.docs_in == DOMAIN_PROBE
     # once found, a later record without it is only a counted skip; --on-error fail stops at the first
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "set": "x"}, {"text": "b"}])
@@ -217,7 +216,7 @@ def test_directories_walk_recursively_and_same_named_files_get_distinct_sources(
         for k in range(2):
             write_jsonl(tmp_path / "train" / chunk / f"example_train_{k}.jsonl.zst", [{"text": f"{chunk} {k}"}])
     write_jsonl(tmp_path / "train" / "web__cc.jsonl", [{"text": "w"}])
-    docs, c, sources, _ = read_all([tmp_path / "train"])
+    docs, _, sources, _ = read_all([tmp_path / "train"])
     assert [s.source for s in sources] == ["chunk1/example_train_0", "chunk1/example_train_1",
                                            "chunk2/example_train_0", "chunk2/example_train_1", "cc"]
     assert [d.doc_id for d in docs][:2] == ["chunk1/example_train_0:1", "chunk1/example_train_1:1"]

@@ -226,6 +226,13 @@ def test_dwm_train_and_select_read_a_pool(pool_dir, tmp_path):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in recs if "loss" in r]) == 3
     assert (run / "tokenizer.json").read_bytes() == data.tokenizer_path.read_bytes()
+    # dwm target build --train POOL: the overlap check reads the shards' document ids (the last is shard 1's)
+    from dwm.data.readers import Document
+    from dwm.data.target import training_overlap
+
+    docs = [Document("x", data.doc_ids[-1], "d", "s"), Document("y", "not-in-the-pool", "d", "s")]
+    assert training_overlap(docs, [pool_dir]) == [data.doc_ids[-1]]
+    assert data.doc_ids[-1].startswith("chunk")
     # dwm select: the pool's documents (rows of both shards), a manifest that dwm train accepts
     from dwm.selection.pool import Pool, shard_texts
 

@@ -249,3 +249,17 @@ def test_dwm_train_and_select_read_a_pool(pool_dir, tmp_path):
                "model.spec=tiny", "train.global_batch_tokens=128", "train.micro_batch_size=4", "train.max_steps=1",
                "log.progress=false", "checkpoint.every=0", "train.device=cpu"])
     assert rc == 0
+
+
+def test_a_row_domain_missing_from_meta_is_one_line(tmp_path):
+    from dwm.testing import make_synthetic_prepared
+
+    d = make_synthetic_prepared(tmp_path / "data", n_train=8, n_val=2, seq_len=16)
+    data = PreparedData(d)
+    assert [data.domains[i] for i in data.domain_ids] == data.table["domain"].to_pylist()
+    assert data.doc_ids == data.table["doc_id"].to_pylist()
+    meta = json.loads((d / "meta.json").read_text())
+    dropped = meta["domains"].pop()
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=f"train.parquet: domain '{dropped}' not listed in meta.json domains"):
+        PreparedData(d)

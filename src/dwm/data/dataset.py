@@ -302,12 +302,23 @@ class PreparedData:
             if col not in self.table.column_names:
                 raise UserError(f"{pq_path}: missing column {col!r}")
         self.n_tokens = self.table.column("n_tokens").to_numpy().astype(np.int64)
-        self.doc_ids = self.table.column("doc_id").to_pylist()
-        index = {d: i for i, d in enumerate(self.domains)}
-        try:
-            self.domain_ids = np.array([index[d] for d in self.table.column("domain").to_pylist()], dtype=np.int64)
-        except KeyError as e:
-            raise UserError(f"{pq_path}: domain {e.args[0]!r} not listed in meta.json domains") from e
+        self._doc_ids: list[str] | None = None
+        # ids into self.domains (a pool's sorted union), vectorised: no Python object per row
+        import pyarrow.compute as pc
+
+        dom = self.table.column("domain")
+        ids = pc.index_in(dom, value_set=pa.array(self.domains, pa.string()))
+        if ids.null_count:
+            bad = dom.filter(pc.is_null(ids))[0].as_py()
+            raise UserError(f"{pq_path}: domain {bad!r} not listed in meta.json domains")
+        self.domain_ids = ids.to_numpy().astype(np.int64)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        """doc_id of every row (made on first use: a Python string per row)."""
+        if self._doc_ids is None:
+            self._doc_ids = self.table.column("doc_id").to_pylist()
+        return self._doc_ids
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -10,7 +10,10 @@ Output format: docs/ARCHITECTURE.md ("Prepared data directory"). Design points:
     leaves no meta.json, and its re-run starts clean and produces the same bytes as an uninterrupted run;
   * a finished DIR whose fingerprint (input paths, sizes, mtimes and the options) matches is not redone;
   * `--engine ray` reads and tokenizes as Ray Data tasks, one per input source (dwm/data/rayjobs.py), on a local
-    Ray instance or a cluster; the driver writes in source order, so the directory is byte-identical.
+    Ray instance or a cluster; the driver writes in source order, so the directory is byte-identical;
+  * `--shard I/N` prepares the I-th of N round-robin parts of the sorted input files into its own directory
+    (shards after 0 need --tokenizer), and `--pool` makes a directory that reads a list of shards as one data
+    set (dwm/data/dataset.py): SlimPajama-sized inputs on several machines, nothing copied.
 """
 
 from __future__ import annotations

@@ -204,6 +204,23 @@ def read_rows(data_dir: str | Path, split: str, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+def _domain_ids(col: pa.ChunkedArray, value_set: pa.Array, path: Path) -> np.ndarray:
+    """int64 index of each row's domain in value_set; a dictionary column is mapped through its dictionary."""
+    import pyarrow.compute as pc
+
+    out = []
+    for chunk in col.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            ids = pc.index_in(chunk.dictionary, value_set=value_set).take(chunk.indices)
+        else:
+            ids = pc.index_in(chunk, value_set=value_set)
+        if ids.null_count:
+            bad = chunk.filter(pc.is_null(ids))[0].as_py()
+            raise UserError(f"{path}: domain {bad!r} not listed in meta.json domains")
+        out.append(ids.to_numpy(zero_copy_only=False).astype(np.int64))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 class ConcatRows:
     """Row-concatenation of memmaps [n_k, L] that indexes like one [sum n_k, L] array (an int, a slice, an index
     array or mask, optionally with a column index: `rows[ids]`, `rows[i, :n]`); only the rows asked for are read."""
@@ -294,24 +311,38 @@ class PreparedData:
             maps.append(np.memmap(bin_path, dtype=dtype, mode="r", shape=(k, self.seq_len)) if k
                         else np.zeros((0, self.seq_len), dtype=dtype))
         self.tokens: np.ndarray | ConcatRows = maps[0] if len(maps) == 1 else ConcatRows(maps)
-        pq_path = self.dir / f"{split}.parquet" if len(self.parts) == 1 else self.dir / "meta.json"
-        self.table: pa.Table = read_split_table(self.dir, split)
-        if self.table.num_rows != n:
-            raise UserError(f"{pq_path}: {self.table.num_rows} rows but meta.json says {n} samples")
-        for col in ("sample_id", "doc_id", "domain", "n_tokens"):
-            if col not in self.table.column_names:
-                raise UserError(f"{pq_path}: missing column {col!r}")
-        self.n_tokens = self.table.column("n_tokens").to_numpy().astype(np.int64)
+        # what every batch needs, 16 bytes a row: n_tokens and domain ids into self.domains (a pool's sorted union),
+        # read as two columns (the domain dictionary-encoded); the rest of the metadata (`.table`) on first use
+        value_set = pa.array(self.domains, pa.string())
+        n_tok, dom_ids = [], []
+        for sd, k in self.parts:
+            pq_path = sd / f"{split}.parquet"
+            try:
+                pf = pq.ParquetFile(pq_path, read_dictionary=["domain"])
+                names = pf.schema_arrow.names
+                for col in ("sample_id", "doc_id", "domain", "n_tokens"):
+                    if col not in names:
+                        raise UserError(f"{pq_path}: missing column {col!r}")
+                t = pf.read(columns=["n_tokens", "domain"], use_threads=False)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"cannot read {pq_path}: {e}") from e
+            if t.num_rows != k:
+                raise UserError(f"{pq_path}: {t.num_rows} rows but meta.json says {k} samples")
+            n_tok.append(t.column("n_tokens").to_numpy().astype(np.int64))
+            dom_ids.append(_domain_ids(t.column("domain"), value_set, pq_path))
+        self.n_tokens = np.concatenate(n_tok)
+        self.domain_ids = np.concatenate(dom_ids)
+        self._table: pa.Table | None = None
         self._doc_ids: list[str] | None = None
-        # ids into self.domains (a pool's sorted union), vectorised: no Python object per row
-        import pyarrow.compute as pc
 
-        dom = self.table.column("domain")
-        ids = pc.index_in(dom, value_set=pa.array(self.domains, pa.string()))
-        if ids.null_count:
-            bad = dom.filter(pc.is_null(ids))[0].as_py()
-            raise UserError(f"{pq_path}: domain {bad!r} not listed in meta.json domains")
-        self.domain_ids = ids.to_numpy().astype(np.int64)
+    @property
+    def table(self) -> pa.Table:
+        """All the parquet metadata (a pool's shards concatenated, sample_id counting on), read on first use."""
+        if self._table is None:
+            self._table = read_split_table(self.dir, self.split)
+        return self._table
 
     @property
     def doc_ids(self) -> list[str]:

@@ -221,3 +221,11 @@ def test_directories_walk_recursively_and_same_named_files_get_distinct_sources(
                                            "chunk2/example_train_0", "chunk2/example_train_1", "cc"]
     assert [d.doc_id for d in docs][:2] == ["chunk1/example_train_0:1", "chunk1/example_train_1:1"]
     assert len({d.doc_id for d in docs}) == 5 and sources[0].domain == "example_train_0"
+    # a prepared directory (another shard's output) inside an input directory is never read as input
+    out = tmp_path / "train" / "shard0"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"format": "dwm-prepared/1"}))
+    pq.write_table(pa.table({"text": ["x"]}), out / "train.parquet")
+    assert [s.source for s in read_all([tmp_path / "train"])[2]] == [s.source for s in sources]
+    (out / "meta.json").write_text(json.dumps({"format": "something else"}))
+    assert len(read_all([tmp_path / "train"])[2]) == len(sources) + 1

@@ -197,6 +197,8 @@ def test_shard_and_pool_refusals(slimpajama, tok_path, tmp_path, capsys):
     assert "listed twice" in err("prepare", "--pool", "--out", tmp_path / "p4", tmp_path / "s0", tmp_path / "s0")
     assert "is itself a pool" in err("prepare", "--pool", "--out", tmp_path / "p5", tmp_path / "pool")
     assert "not a pool" in err("prepare", "--pool", "--out", tmp_path / "s1", tmp_path / "s0")
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in err("prepare", "--pool", "--out", tmp_path / "file", tmp_path / "s0")
     # a shard prepared again after pooling: the pool refuses to read it
     assert main([*map(str, base), "--shard", "1/2", "--tokenizer", str(tmp_path / "s0" / "tokenizer.json"),
                  "--val-fraction", "0.5", "--out", str(tmp_path / "s1")]) == 0

@@ -543,6 +543,8 @@ def make_pool(shard_dirs: list[str | Path], out: str | Path) -> dict:
     out = Path(out)
     if not shard_dirs:
         raise UserError("--pool needs the prepared shard directories as inputs")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path exists and is not a directory: {out}")
     shards: list[tuple[Path, dict]] = []
     seen: dict[Path, str] = {}
     for raw in shard_dirs:

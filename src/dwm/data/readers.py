@@ -182,6 +182,13 @@ def _file_kind(p: Path) -> str | None:
     return None
 
 
+def _is_prepared(meta_json: Path) -> bool:
+    try:
+        return json.loads(meta_json.read_text()).get("format") in ("dwm-prepared/1", "dwm-pool/1")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def expand_inputs(paths: list[str | Path]) -> tuple[list[InputSource], list[Path]]:
     """Resolve CLI input arguments into ordered sources. Returns (sources, ignored files in directories)."""
     sources: list[InputSource] = []
@@ -203,6 +210,10 @@ def expand_inputs(paths: list[str | Path]) -> tuple[list[InputSource], list[Path
         # hidden files and folders (e.g. a prepare's .tmp-prepare) are never inputs
         files = sorted(f for f in p.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        # nor is a prepared directory or pool found inside (another shard's output next to the inputs)
+        prepared = [f.parent for f in files if f.name == "meta.json" and _is_prepared(f)]
+        if prepared:
+            files = [f for f in files if not any(f.is_relative_to(d) for d in prepared)]
         txt = tuple(f for f in files if _file_kind(f) == "txt")
         n_before = len(sources)
         for f in files:

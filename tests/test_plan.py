@@ -61,7 +61,7 @@ def test_bilevel_update_cost_and_resample_stream(prepared_dir):
     assert rep["update_flops"] == pytest.approx(F * T * (3 * G + 4 * R + 2 * n), rel=1e-12)
     assert rep["stream_tokens"] == 4 * 4 * 256  # candidates x the token budget
     m = rep["mem"]
-    state = m.step.weights + m.step.grads + m.step.optimizer
+    state = m.step.weights + m.step.optimizer  # the trainer frees the gradients between steps
     assert m.update_extra == 3 * 4 * rep["shape"].n_params
     assert m.update_peak == pytest.approx(state + m.update_extra + m.step.activations + m.heap)
     assert "per bi-level update" in __import__("dwm.plan", fromlist=["x"]).format_report(rep)
@@ -96,6 +96,10 @@ def test_fsdp_divides_the_state_and_ddp_keeps_it():
     assert fsdp.step.optimizer == pytest.approx(one.step.optimizer / 4)
     assert fsdp.step.activations == one.step.activations
     assert fsdp.update_extra == pytest.approx(one.update_extra / 4)
+    act = one.step.activations
+    assert one.update_peak == pytest.approx(one.step.weights + one.step.optimizer + one.update_extra + act)
+    assert ddp.update_peak == pytest.approx(one.update_peak + one.step.grads)  # DDP's buckets stay allocated
+    assert fsdp.update_peak == pytest.approx(fsdp.step.weights + fsdp.step.optimizer + fsdp.update_extra + act)
 
 
 def test_train_refuses_before_step_0_with_one_line(prepared_dir, tmp_path, capsys):

@@ -20,8 +20,9 @@ The weighting network's own forwards (scoring, phi's steps) are small against th
 Memory (simulated: the real step traced under FakeTensorMode, dwm.train.memory; bf16 autocast on GPU when
 train.precision is auto/bf16): weights, grads, optimizer (AdamW: 2 fp32 states), activations at
 train.micro_batch_size; 'ddp' keeps a second copy of the gradients in its buckets, 'fsdp' divides weights, grads
-and optimizer by the GPU count plus one all-gathered unit. A bi-level update holds the training state + 3 fp32
-parameter-sized copies (saved parameters, preconditioner, g then v) + one micro-batch's activations.
+and optimizer by the GPU count plus one all-gathered unit. A bi-level update runs between steps (the gradients are
+freed then) and holds the weights, the optimizer state (and DDP's buckets) + 3 fp32 parameter-sized copies (saved
+parameters, preconditioner, one gradient buffer) + one micro-batch's activations.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def format_report(rep: dict) -> str:
               (f"per bi-level update ({w.backend}; {n} probed samples, {min(n, plan.global_batch_size)} weighted, "
               f"{w.ref_batch_size} reference passages):"),
               f"  FLOPs {rep['update_flops']:.3e}, time {rep['update_s']:.3g} s",
-              (f"  peak memory per device (simulated) {fmt_gib(mem.update_peak)}: the training state + "
+              (f"  peak memory per device (simulated) {fmt_gib(mem.update_peak)}: weights and optimizer state + "
               f"{fmt_gib(mem.update_extra)} of 3 fp32 parameter copies + one micro-batch's activations"),
               f"  updates: {rep['updates']} ({rep['updates_per_stage']} per learning stage, {w.schedule})"]
     else:

@@ -26,6 +26,7 @@ checkpointing recomputes the forward: the hardware does 8 * N_mm + 16 * L * d * 
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,34 +75,36 @@ class StepMemory:
 
 
 def llama_config_for(spec: str, vocab_size: int, seq_len: int, attn_implementation: str = "sdpa"):
-    """The HF LlamaConfig of a preset or of a local checkpoint directory (config.json only, no weights)."""
-    from transformers import LlamaConfig
-
-    from dwm.train.model import PRESETS, llama_config
+    """The HF config of a preset (LLaMA) or of a local model directory (its config.json only, no weights), as
+    dwm.train.model builds it."""
+    from dwm.train.model import PRESETS, hf_config, llama_config
 
     if spec in PRESETS:
         cfg = llama_config(PRESETS[spec], vocab_size, max_seq_len=seq_len)
     else:
-        path = Path(spec)
-        if not (path / "config.json").is_file():
-            raise UserError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) "
-                            "nor a local Hugging Face directory with config.json")
-        cfg = LlamaConfig.from_pretrained(path)
-        cfg.use_cache = False
+        cfg = hf_config(Path(spec), vocab_size, seq_len)
     cfg._attn_implementation = attn_implementation
     return cfg
 
 
 def _fake_model(cfg, layers: int | None = None):
-    """The real HF model class with fake (data-less) tensors; the caller holds the FakeTensorMode."""
-    from transformers import LlamaForCausalLM
+    """The real HF model class with fake (data-less) tensors; the caller holds the FakeTensorMode (or device)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if layers is not None:
-        cfg = type(cfg).from_dict({**cfg.to_dict(), "num_hidden_layers": layers})
-        cfg._attn_implementation = cfg._attn_implementation
+        attn = cfg._attn_implementation
+        cfg = copy.deepcopy(cfg)
+        cfg.num_hidden_layers = layers
+        cfg._attn_implementation = attn
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LlamaForCausalLM(cfg)
+        if isinstance(cfg, LlamaConfig):
+            return LlamaForCausalLM(cfg)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=cfg._attn_implementation)
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
 
 
 def model_shape(spec: str, vocab_size: int, seq_len: int) -> ModelShape:
@@ -111,7 +114,7 @@ def model_shape(spec: str, vocab_size: int, seq_len: int) -> ModelShape:
         model = _fake_model(cfg)
     n = sum(p.numel() for p in model.parameters())
     n_mm = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    layer = sum(p.numel() for p in _decoder_layers(model)[0].parameters())
     return ModelShape(n_params=n, n_matmul=n_mm, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
                       vocab_size=cfg.vocab_size, layer_params=layer, outer_params=n - layer * cfg.num_hidden_layers)
 
@@ -135,6 +138,7 @@ def _trace(cfg, layers: int, micro_batch: int, seq_len: int, accum: int, dtype: 
 
     from dwm.train.config import OptimConfig
     from dwm.train.losses import per_sample_nll
+    from dwm.train.model import enable_activation_checkpointing
     from dwm.train.trainer import make_optimizer
 
     with FakeTensorMode(allow_non_fake_inputs=False):
@@ -146,7 +150,7 @@ def _trace(cfg, layers: int, micro_batch: int, seq_len: int, accum: int, dtype: 
             torch.set_default_dtype(prev)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         opt = make_optimizer(model, OptimConfig())
         ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
         n_tok = torch.full((micro_batch,), seq_len, dtype=torch.long)
@@ -239,7 +243,8 @@ CPU_HEAP_OVERHEAD = 0.65
 @dataclass
 class DeviceMemory:
     """The peak of one device: the training step's (`step`, the four parts plus `heap`, the CPU allocator's
-    calibrated overhead) and, when a bi-level update runs, the update's (`update_peak`: the training state + the
+    calibrated overhead) and, when a bi-level update runs, the update's (`update_peak`: the training state between
+    steps (weights, optimizer state, DDP's gradient buckets; the trainer frees the gradients after each step) + the
     update's `update_extra` parameter-sized copies + one micro-batch's activations)."""
 
     step: StepMemory
@@ -275,7 +280,8 @@ def plan_memory(spec: str, vocab_size: int, seq_len: int, micro_batch: int, *, a
     if update_param_copies:
         local = shape.n_params * dtype.itemsize / (gpus if parallel == "fsdp" else 1)
         out.update_extra = update_param_copies * local
-        state = dev.weights + dev.grads + dev.optimizer
+        buckets = dev.grads - step.grads if parallel == "ddp" else 0.0  # DDP's persistent buckets (gpus > 1)
+        state = dev.weights + dev.optimizer + buckets
         out.update_peak = state + out.update_extra + dev.activations + heap
     return out
 

@@ -1,0 +1,133 @@
+"""`train.parallel = "fsdp"`: the LM sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`) over all ranks.
+
+What is sharded: every decoder layer is its own FSDP unit (its parameters all-gathered for its forward and backward,
+then freed), and the root unit holds the rest (embeddings, the final norm, the LM head; a tied head is one
+parameter). Each parameter is a DTensor sharded on dim 0 over a 1-D device mesh of all ranks; its gradient comes
+back reduce-scattered (the mean over ranks, in float32) and the AdamW state lives next to the local shard only.
+
+Precision: on CUDA with train.precision auto/bf16 the all-gathered parameters are cast to bf16 for compute and the
+gradients reduced in float32 (`MixedPrecisionPolicy`); the sharded master weights and the optimizer state stay
+float32. Elsewhere (CPU, fp32, fp64) parameters are gathered in their own dtype.
+
+Checkpoints are the same files as without FSDP: `model/` holds the full (unsharded) weights as a plain Hugging Face
+directory (rank 0 writes it; `dwm eval` / `dwm export` load it without FSDP), and `trainer_state.pt` the full
+optimizer state keyed by parameter name (torch.distributed.checkpoint's get/set_optimizer_state_dict with
+full_state_dict), which every rank re-shards on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, *, bf16: bool) -> torch.nn.Module:
+    """fully_shard each decoder layer, then the root, over a 1-D mesh of `world_size` ranks (in place; returns
+    `model`, now an FSDPModule whose parameters are DTensors)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face causal LM (LLaMA: model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when `model` (or a submodule) was passed to fully_shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype FSDP casts the gathered parameters to for compute (None: no cast, or not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            return m._get_fsdp_state()._mp_policy.param_dtype
+    return None
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit back in its sharded state (the root unit stays gathered after a forward until its
+    backward; a forward without backward leaves it so). After this, `model.parameters()` are the DTensor shards and
+    the next forward all-gathers them again, so an in-place edit of the shards is seen."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state on the CPU of rank 0 (an empty dict elsewhere); a collective: all ranks call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The unsharded optimizer state keyed by parameter name, on the CPU of rank 0 (empty elsewhere); collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: torch.nn.Module, model_sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Re-shard a full model state (every rank passes the whole dict, read from the checkpoint) into the sharded
+    model. Returns the (missing, unexpected) keys."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in model_sd and "model.embed_tokens.weight" in model_sd:
+        model_sd = {**model_sd, "lm_head.weight": model_sd["model.embed_tokens.weight"]}  # one parameter
+    res = set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    return list(res.missing_keys), list(res.unexpected_keys)
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict[str, Any]) -> None:
+    """Re-shard a full optimizer state (full_optimizer_state's, every rank passing the whole dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def plain_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded, non-FSDP) copy of `model`'s class and config holding `state`: what `save_pretrained`
+    writes, so config.json names the Hugging Face class, not FSDP's subclass of it."""
+    cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a DTensor (a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -31,7 +31,9 @@ def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, *
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # bf16 compute: gradients reduced in float32; otherwise in the parameters' own dtype (float64 stays float64)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -131,3 +133,39 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------- for a component's own passes (bi-level updates)
+
+
+def sharded_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d loss / d params for sharded parameters, leaving their `.grad` as found. torch.autograd.grad cannot reach
+    them (a forward computes with the gathered copies, not the shards), so this is a backward into `.grad` with
+    the existing gradients set aside and put back. What comes back is FSDP's reduce-scatter: DTensor shards of
+    the *mean* over ranks of each rank's gradient (None for a parameter the loss does not reach). A collective:
+    every rank calls it."""
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, g in zip(params, kept):
+            p.grad = g
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """2-norm over a list of tensors, DTensor shards included (their local parts' squares summed over ranks; a
+    collective when there are any). Per-tensor norms in the tensors' dtype, combined in float64."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    plain = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors if not isinstance(t, DTensor))
+    shards = [t.to_local() for t in tensors if isinstance(t, DTensor)]
+    if shards:
+        sq = torch.stack([torch.linalg.vector_norm(s).double() ** 2 for s in shards]).sum()
+        if dist.is_initialized():
+            dist.all_reduce(sq)
+        plain += float(sq)
+    return plain ** 0.5

@@ -253,6 +253,10 @@ class DWMWeighter(Weighter):
             self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             self.reference = PassageSet(cfg.reference, ctx.tokenizer, max_len=ctx.plan.seq_len,
                                         mode=cfg.ref_loss, pad_id=ctx.data.pad_id)
+            if fsdp.compute_dtype(ctx.model) in fsdp.LOW_PRECISION:  # fails at attach, not at the first update
+                raise UserError("the bi-level update's finite differences need float32 compute, but fsdp computes in "
+                                "bf16 here: set train.precision=fp32 (or train.parallel=ddp: fp32 weights under "
+                                "bf16 autocast)")
             if cfg.ref_batch_size % self.world:
                 raise UserError(f"weighting.ref_batch_size {cfg.ref_batch_size} must be divisible by the "
                                 f"number of processes {self.world}")

@@ -66,6 +66,12 @@ def _worker(rank: int, world: int, port: int, data_dir: str, out: str, result_pa
                 assert isinstance(p, DTensor) and p.to_local().shape[0] * 2 == p.shape[0]
             metrics = tr.train()
             res[name] = {"params": _full_params(tr.model), "metrics": metrics}
+        # the unsharded (ddp) checkpoint of step 3 resumed sharded, one step further
+        tr = Trainer(load_config(None, [*_overrides(data_dir, f"{out}_ddp", "fsdp"), "train.max_steps=4"]),
+                     resume=True, weighter=IdWeighter())
+        assert tr.sharded and tr.step == 3
+        tr.train()
+        res["ddp_to_fsdp"] = _full_params(tr.model)
         torch.save(res, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -104,6 +110,18 @@ def test_two_process_fsdp_equals_one_process_and_ddp(prepared_dir, tmp_path, fre
     state = torch.load(ck / "trainer_state.pt", weights_only=False)
     assert state["fsdp_sharded"] is True
     assert "model.embed_tokens.weight" in state["optimizer"]["state"]  # full, keyed by parameter name
+    # either kind of checkpoint resumes the other way: one more step from step 3 (sharded -> 1 process here,
+    # unsharded -> sharded in the workers) equals the 1-process run's own resumed step
+    ref = Trainer(load_config(None, [*_overrides(prepared_dir, tmp_path / "one"), "train.max_steps=4"]), resume=True,
+                  weighter=IdWeighter())
+    ref.train()
+    back = Trainer(load_config(None, [*_overrides(prepared_dir, tmp_path / "two_fsdp"), "train.max_steps=4"]),
+                   resume=True, weighter=IdWeighter())
+    assert not back.sharded and back.step == 3
+    back.train()
+    for k, v in ref.model.state_dict().items():
+        torch.testing.assert_close(back.model.state_dict()[k], v, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r0["ddp_to_fsdp"][k], v, atol=1e-6, rtol=1e-5)
 
 
 def _torchrun(args: list[str], port: int, kill_after: int | None = None) -> subprocess.CompletedProcess:
@@ -145,3 +163,4 @@ def test_fsdp_sigkill_and_resume_matches_uninterrupted(prepared_dir, tmp_path, f
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wb[k], wa[k]), k
+

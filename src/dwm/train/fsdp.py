@@ -12,7 +12,8 @@ float32. Elsewhere (CPU, fp32, fp64) parameters are gathered in their own dtype.
 Checkpoints are the same files as without FSDP: `model/` holds the full (unsharded) weights as a plain Hugging Face
 directory (rank 0 writes it; `dwm eval` / `dwm export` load it without FSDP), and `trainer_state.pt` the full
 optimizer state keyed by parameter name (torch.distributed.checkpoint's get/set_optimizer_state_dict with
-full_state_dict), which every rank re-shards on resume.
+full_state_dict), which every rank re-shards on resume. Either kind of checkpoint resumes either way (sharded or
+not, any number of processes); only a resume with the same setting is exact to the bit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from dwm.errors import UserError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -103,10 +106,27 @@ def load_full_model_state(model: torch.nn.Module, model_sd: dict[str, torch.Tens
 
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict[str, Any]) -> None:
-    """Re-shard a full optimizer state (full_optimizer_state's, every rank passing the whole dict)."""
+    """Load a full optimizer state into `optimizer`, sharded or not (every rank passes the whole dict): either
+    full_optimizer_state's (keyed by parameter name) or torch's own `optimizer.state_dict()` of an unsharded run
+    (keyed by position), which is first keyed by name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if any(isinstance(i, int) for g in optim_sd["param_groups"] for i in g["params"]):
+        optim_sd = _by_name(model, optimizer, optim_sd)
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any]:
+    """torch's optimizer state (parameters numbered in the order of the param groups) keyed by parameter name,
+    numbering `optimizer`'s parameters the same way (the trainer builds its groups alike, sharded or not)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved = [i for g in sd["param_groups"] for i in g["params"]]
+    if len(saved) != len(order):
+        raise UserError(f"--resume: the saved optimizer state has {len(saved)} parameters, this model {len(order)}")
+    name = dict(zip(saved, order))
+    return {"state": {name[i]: st for i, st in sd["state"].items()},
+            "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 def plain_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:

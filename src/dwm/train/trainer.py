@@ -208,10 +208,6 @@ class Trainer:
             raise UserError(f"--resume: checkpoint {path.name} was trained with global batch "
                             f"{state.get('global_batch_size')} x seq_len {state.get('seq_len')}, this config has "
                             f"{self.plan.global_batch_size} x {self.plan.seq_len}")
-        if bool(state.get("fsdp_sharded")) != self.sharded:  # the optimizer states are keyed differently
-            raise UserError(f"--resume: checkpoint {path.name} was saved "
-                            f"{'sharded' if state.get('fsdp_sharded') else 'unsharded'} (train.parallel=fsdp on "
-                            f"more than one process shards); resume it the same way")
         if self.sharded:
             missing, unexpected = fsdp_utils.load_full_model_state(self.model, model_sd)
         else:
@@ -220,11 +216,11 @@ class Trainer:
         if unexpected or set(missing) - tied:
             raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
                             f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        if self.sharded:
+        if tied and not self.sharded:
+            self.model.tie_weights()
+        if self.sharded or state.get("fsdp_sharded"):  # to re-shard, or saved by name by a sharded run
             fsdp_utils.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         else:
-            if tied:
-                self.model.tie_weights()
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

@@ -85,8 +85,8 @@ def main() -> int:
     wraps = {"score candidates (every step)": (dw.DWMSelector, "score"),
              "bi-level update": (dw.DWMWeighter, "_update"),
              "  LM side (hypergradient)": (dw, "hypergradient"),
-             "    its perturbed forwards (2 per update)": (bilevel, "_per_sample_losses"),
-             "  phi's steps (forward)": (dw.DWMWeighter, "_phi_loss"),
+             "    its perturbed forwards (2 per update)": (bilevel._Passes, "sample_losses"),
+             "  phi's steps (forward + backward)": (dw.DWMWeighter, "_phi_backward"),
              "probe pass (excluded)": (dw.DWMWeighter, "_save_stage")}
     with tempfile.TemporaryDirectory() as tmp:
         cell = bench_dwm.Cell("novels", "uniform", 0)

@@ -192,7 +192,7 @@ def test_chain_to_phi_matches_finite_difference(backend):
     model = tiny_lm()
     ids, n, _, ref, mask = data()
     torch.manual_seed(3)
-    net = WeightingNet(WeightingNetConfig(layers=1, width=16, heads=2, max_len=16), V).double()
+    net = WeightingNet(WeightingNetConfig(layers=1, width=16, heads=2, max_len=16, use_domain_feature=False), V).double()
     torch.nn.init.normal_(net.head[-1].weight, std=0.5)  # non-zero scores so every layer gets a gradient
     lr = 0.5
     scores = net(ids, n)
@@ -308,3 +308,62 @@ def test_zero_weight_samples_get_their_influence_without_moving_the_lookahead():
         return ref_after(model, both_ids, both_n, ww * len(ww) / 6, ref, mask, 1e-2, None)
     brute = (after(h) - after(-h)) / (2 * h)
     assert float(fd.dL_dw[i]) == pytest.approx(brute, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["fd", "exact"])
+def test_chunked_passes_equal_one_pass(backend):
+    """Every pass in chunks (the weighted gradient over 3 chunks of 2, the reference over chunks of 2 passages, the
+    perturbed forwards or the double backward likewise) gives the hypergradient of one pass over everything, in
+    float64 to rounding, with the AdamW lookahead; the model comes back bit-identical with its .grad untouched."""
+    from dwm.weighting.bilevel import adam_lookahead
+
+    model = tiny_lm()
+    ids, n, w, ref, mask = data()
+    opt = adam_state(model, ids, n)
+    for p in model.parameters():  # a stale gradient the update must leave as it found it
+        p.grad = torch.full_like(p, 0.5)
+    snap = snapshot(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    one = hypergradient(model, ids, n, w, ref, mask, lr=1e-2, precond=adam_lookahead(opt, model), backend=backend)
+    chunked = hypergradient(model, ids, n, w, ref, mask, lr=1e-2, precond=adam_lookahead(opt, model),
+                            backend=backend, chunk_size=2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert one.ok and chunked.ok
+    assert rel(chunked.dL_dw, one.dL_dw) < 1e-10
+    assert chunked.ref_loss_after == pytest.approx(one.ref_loss_after, rel=1e-12)
+    assert chunked.ref_loss_before == pytest.approx(one.ref_loss_before, rel=1e-12)
+    assert chunked.v_norm == pytest.approx(one.v_norm, rel=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["fd", "exact"])
+def test_activation_checkpointing_changes_nothing(backend):
+    """The model's own activation checkpointing (non-reentrant, as train.activation_checkpointing sets it) gives
+    the same hypergradient, in chunks, as without it."""
+    from dwm.train.model import enable_activation_checkpointing
+
+    ids, n, w, ref, mask = data()
+    plain = tiny_lm()
+    ckpt = tiny_lm()
+    enable_activation_checkpointing(ckpt)
+    plain.train()
+    ckpt.train()
+    a = hypergradient(plain, ids, n, w, ref, mask, lr=0.5, backend=backend, chunk_size=4)
+    b = hypergradient(ckpt, ids, n, w, ref, mask, lr=0.5, backend=backend, chunk_size=4)
+    assert a.ok and b.ok
+    assert rel(b.dL_dw, a.dL_dw) < 1e-10
+
+
+def test_autocast_passes_stay_close_and_perturbed_forwards_stay_float32():
+    """Under the training step's bf16 autocast the weighted and reference passes run in bf16 and the fd
+    hypergradient keeps the direction of the float32 one (the perturbed forwards run in float32: under bf16 the
+    perturbation would round away and dL/dw would be noise)."""
+    model = tiny_lm(dtype=torch.float32)
+    ids, n, w, ref, mask = data()
+    full = hypergradient(model, ids, n, w.float(), ref, mask, lr=0.5, backend="fd", chunk_size=3)
+    bf16 = hypergradient(model, ids, n, w.float(), ref, mask, lr=0.5, backend="fd", chunk_size=3,
+                         autocast_dtype=torch.bfloat16)
+    assert full.ok and bf16.ok
+    assert bf16.ref_loss_after != full.ref_loss_after  # the reference pass did run in bf16
+    assert cos(bf16.dL_dw, full.dL_dw) > 0.98

@@ -193,3 +193,63 @@ def test_every_cli_option_has_help_and_default(command):
             shown = sub._get_formatter()._get_help_string(action)
             assert "default" in shown.lower(), f"dwm {command} {name}: default not shown"
     assert "default" in text
+
+
+def _recipe_commands() -> list[tuple[str, list[str]]]:
+    """Every command written in a shipped recipe's comments (a comment line indented `#   ` that starts with `dwm`
+    or `torchrun ... -m dwm.cli`), as dwm argv lists."""
+    import shlex
+
+    out = []
+    recipes = sorted(recipe_path("x").parent.glob("*.toml")) + sorted(recipe_path("x").parent.glob("experiments/*.toml"))
+    for path in recipes:
+        for line in path.read_text().splitlines():
+            if not line.startswith("#   "):
+                continue
+            words = shlex.split(line[1:].split("  #")[0])
+            if words[:1] == ["dwm"]:
+                out.append((f"{path.name}: {line[1:].strip()}", words[1:]))
+            elif words[:1] == ["torchrun"] and "dwm.cli" in words:
+                out.append((f"{path.name}: {line[1:].strip()}", words[words.index("dwm.cli") + 1:]))
+    return out
+
+
+def test_recipe_comment_commands_parse():
+    """The commands a recipe's comments tell the user to run are commands `dwm` accepts as written (parsed by the
+    real CLI parser, not run), and names given with --config are shipped recipes."""
+    from dwm.cli import build_parser
+
+    cmds = _recipe_commands()
+    assert len(cmds) >= 6  # the paper recipes and the experiment grids carry their commands
+    for where, argv in cmds:
+        assert all("..." not in a for a in argv), f"{where}: a placeholder, not a command"
+        try:
+            args = build_parser(argv[0]).parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"{where}: dwm rejects it (exit {e.code})") from None
+        if getattr(args, "config", None):
+            from dwm.run import resolve_config_path
+
+            assert resolve_config_path(args.config, None, False).is_file(), where
+
+
+@pytest.mark.parametrize("name", ["paper-370m-dwm", "paper-1.3b-dwm"])
+def test_paper_recipes_carry_the_validated_weighting(name, prepared_dir):
+    """The paper recipes run the library's validated [weighting] defaults (those the cpu-small recipe spells out),
+    except the keys that scale with the batch, and never copy an untrained LM embedding into phi."""
+    paper = load_config(recipe_path(name), [f"data.dir={prepared_dir}"]).weighting
+    small = load_config(recipe_path("cpu-small-dwm")).weighting
+    lib = RunConfig().weighting
+    for key in ("apply", "candidates", "temperature", "kl", "phi_steps", "buffer_stages", "updates_per_stage",
+                "stages", "backend", "schedule", "lr"):
+        assert getattr(paper, key) == getattr(small, key) == getattr(lib, key), key
+    assert paper.net == small.net == lib.net
+    assert paper.batch_size == 2 * 2048 and small.batch_size == 2 * 64  # 2 x the global batch, as validated
+    assert not paper.net.init_from_lm_embedding
+
+
+def test_init_from_lm_embedding_is_refused_for_a_fresh_lm(prepared_dir):
+    cfg = load_config(None, [f"data.dir={prepared_dir}", "model.spec=tiny", "weighting.mode=dwm",
+                             "weighting.net.init_from_lm_embedding=true", "train.max_steps=1"])
+    with pytest.raises(UserError, match="init_from_lm_embedding: the LM 'tiny' starts from random weights"):
+        validate(cfg, check_paths=False)

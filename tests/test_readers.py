@@ -145,9 +145,87 @@ def test_path_errors(tmp_path):
 
 
 def test_domain_field_and_missing_scores(tmp_path):
-    p = write_jsonl(tmp_path / "mix.jsonl", [{"text": "a", "dom": "law", "s": "x"}, {"text": "b", "s": 1}])
+    p = write_jsonl(tmp_path / "mix.jsonl", [{"text": "a", "dom": "law", "s": "x"}, {"text": "b", "s": 1},
+                                             {"text": "c", "dom": "news", "s": 2}])
     docs, c, _, _ = read_all([p], domain_field="dom", score_fields=("s",))
-    assert [x.domain for x in docs] == ["law", "mix"]
+    assert [x.domain for x in docs] == ["law", "news"]  # the record without the field is skipped, not "mix"
+    assert c.skipped == {"missing_domain": 1} and c.examples == [f"{p}:2: missing_domain"]
     assert docs[0].scores[0] != docs[0].scores[0]  # NaN
-    assert docs[1].scores == (1.0,)
+    assert docs[1].scores == (2.0,)
     assert c.scores_missing == 1
+
+
+def test_dotted_domain_field_nested_json_and_parquet_struct(tmp_path):
+    recs = [{"text": "a", "meta": {"redpajama_set_name": "RedPajamaC4"}},
+            {"text": "b", "meta": {"redpajama_set_name": 7}},  # not a string
+            {"text": "c", "meta": {"redpajama_set_name": ["x"]}},  # not a string
+            {"text": "d", "meta": {"other": "x"}},  # missing
+            {"text": "e", "meta": None},  # missing
+            {"text": "f", "meta": {"redpajama_set_name": ""}},  # empty counts as missing
+            {"text": "g", "meta.flat": "Flat"},  # a key holding a dot is matched as is
+            {"text": "h", "meta": {"redpajama_set_name": "RedPajamaGithub"}}]
+    p = write_jsonl(tmp_path / "sp.jsonl.zst", recs)
+    docs, c, _, _ = read_all([p], domain_field="meta.redpajama_set_name")
+    assert [(d.text, d.domain) for d in docs] == [("a", "RedPajamaC4"), ("h", "RedPajamaGithub")]
+    assert c.docs_in == 8 and c.skipped == {"non_string_domain": 2, "missing_domain": 4}
+    docs, c, _, _ = read_all([p], domain_field="meta.flat")
+    assert [(d.text, d.domain) for d in docs] == [("g", "Flat")]
+    # parquet: a struct column read as a nested object
+    t = pa.table({"text": ["x", "y", "z"], "meta": [{"set": "Book", "n": 1}, {"set": None, "n": 2},
+                                                    {"set": "ArXiv", "n": 3}]})
+    pq.write_table(t, tmp_path / "sp.parquet")
+    docs, c, _, _ = read_all([tmp_path / "sp.parquet"], domain_field="meta.set")
+    assert [(d.text, d.domain) for d in docs] == [("x", "Book"), ("z", "ArXiv")]
+    assert c.skipped == {"missing_domain": 1}
+    with pytest.raises(UserError, match=r"'meta\.sets' is missing in all 3 records \(fields found: text, meta, "
+                                        r"meta\.set, meta\.n\) \(did you mean meta\.set\?\)"):
+        read_all([tmp_path / "sp.parquet"], domain_field="meta.sets")
+
+
+def test_domain_field_missing_everywhere_stops_with_the_fields_found(tmp_path):
+    from dwm.data.readers import DOMAIN_PROBE
+
+    recs = [{"text": f"t{i}", "meta": {"redpajama_set_name": "RedPajamaC4"}} for i in range(5)]
+    p = write_jsonl(tmp_path / "small.jsonl", recs)
+    with pytest.raises(UserError) as e:  # all 5 lack the (misspelt) field: stops at the end of the file
+        read_all([p], domain_field="meta.redpajama_setname")
+    msg = str(e.value)
+    assert "\n" not in msg and msg == (f"{p}: --domain-field 'meta.redpajama_setname' is missing in all 5 records "
+                                       "(fields found: text, meta, meta.redpajama_set_name) "
+                                       "(did you mean meta.redpajama_set_name?)")
+    # a large file stops after the first DOMAIN_PROBE records, not at its end
+    big = write_jsonl(tmp_path / "big.jsonl", [{"text": f"t{i}", "set": "a"} for i in range(DOMAIN_PROBE + 50)])
+    counter, seen = SkipCounter(), []
+    with pytest.raises(UserError, match=f"big.jsonl:{DOMAIN_PROBE}: --domain-field 'sett' is missing in the first "
+                                        f"{DOMAIN_PROBE} records .* \\(did you mean set\\?\\)"):
+        seen.extend(iter_documents(expand_inputs([big])[0][0], ReadOptions(domain_field="sett"), counter))
+    assert seen == [] and counter.docs_in == DOMAIN_PROBE
+    # once found, a later record without it is only a counted skip; --on-error fail stops at the first
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "set": "x"}, {"text": "b"}])
+    docs, c, _, _ = read_all([mixed], domain_field="set")
+    assert len(docs) == 1 and c.skipped == {"missing_domain": 1}
+    with pytest.raises(UserError, match="mixed.jsonl:2: domain field .* missing"):
+        read_all([mixed], domain_field="set", on_error="fail")
+    with pytest.raises(UserError, match="small.jsonl:1: --domain-field 'sett' is missing in the first record"):
+        read_all([p], domain_field="sett", on_error="fail")
+
+
+def test_directories_walk_recursively_and_same_named_files_get_distinct_sources(tmp_path):
+    for chunk in ("chunk1", "chunk2"):
+        (tmp_path / "train" / chunk).mkdir(parents=True)
+        for k in range(2):
+            write_jsonl(tmp_path / "train" / chunk / f"example_train_{k}.jsonl.zst", [{"text": f"{chunk} {k}"}])
+    write_jsonl(tmp_path / "train" / "web__cc.jsonl", [{"text": "w"}])
+    docs, _, sources, _ = read_all([tmp_path / "train"])
+    assert [s.source for s in sources] == ["chunk1/example_train_0", "chunk1/example_train_1",
+                                           "chunk2/example_train_0", "chunk2/example_train_1", "cc"]
+    assert [d.doc_id for d in docs][:2] == ["chunk1/example_train_0:1", "chunk1/example_train_1:1"]
+    assert len({d.doc_id for d in docs}) == 5 and sources[0].domain == "example_train_0"
+    # a prepared directory (another shard's output) inside an input directory is never read as input
+    out = tmp_path / "train" / "shard0"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"format": "dwm-prepared/1"}))
+    pq.write_table(pa.table({"text": ["x"]}), out / "train.parquet")
+    assert [s.source for s in read_all([tmp_path / "train"])[2]] == [s.source for s in sources]
+    (out / "meta.json").write_text(json.dumps({"format": "something else"}))
+    assert len(read_all([tmp_path / "train"])[2]) == len(sources) + 1

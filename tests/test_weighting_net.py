@@ -20,7 +20,7 @@ V = 50
 
 def net_with(seed=0, **kw) -> WeightingNet:
     torch.manual_seed(seed)
-    cfg = WeightingNetConfig(**{"layers": 1, "width": 16, "heads": 2, "max_len": 12, **kw})
+    cfg = WeightingNetConfig(**{"layers": 1, "width": 16, "heads": 2, "max_len": 12, "use_domain_feature": False, **kw})
     net = WeightingNet(cfg, V, n_domains=kw.pop("n_domains", 3)).eval()
     torch.nn.init.normal_(net.head[-1].weight, std=1.0)  # non-zero scores (the init is exactly 0)
     return net
@@ -49,7 +49,7 @@ def test_weights_from_scores():
 
 
 def test_initial_scores_are_zero():
-    net = WeightingNet(WeightingNetConfig(layers=1, width=16, heads=2, max_len=12), V)
+    net = WeightingNet(WeightingNetConfig(layers=1, width=16, heads=2, max_len=12, use_domain_feature=False), V)
     ids, n = batch()
     s = net(ids, n)
     assert s.shape == (4,) and torch.equal(s, torch.zeros(4))
@@ -99,13 +99,14 @@ def test_domain_and_loss_features():
 @pytest.mark.parametrize("lm_width", [16, 24])
 def test_init_from_lm_embedding(lm_width):
     emb = torch.randn(V, lm_width)
-    net = WeightingNet(WeightingNetConfig(layers=1, width=16, heads=2, max_len=12, init_from_lm_embedding=True),
+    net = WeightingNet(WeightingNetConfig(layers=1, width=16, heads=2, max_len=12, init_from_lm_embedding=True,
+                                          use_domain_feature=False),
                        V, lm_embedding=emb)
     assert torch.equal(net.embed.weight, emb)
     ids, n = batch()
     assert net(ids, n).shape == (4,)
     with pytest.raises(UserError):
-        WeightingNet(WeightingNetConfig(init_from_lm_embedding=True), V + 1, lm_embedding=emb)
+        WeightingNet(WeightingNetConfig(init_from_lm_embedding=True, use_domain_feature=False), V + 1, lm_embedding=emb)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -54,6 +54,19 @@ class RunConfig(TrainerConfig):
             raise UserError(f"config key {prefix}weighting.mode: {mode!r} is not a weighter "
                             f"({', '.join(WEIGHTERS.names())}) nor a run directory with a weighting/ folder{hint}")
         SELECTORS.get(self.selector.mode)  # did-you-mean error on an unknown name
+        if mode == "dwm" and self.weighting.net.init_from_lm_embedding and not _lm_has_trained_weights(self):
+            raise UserError(f"config key {prefix}weighting.net.init_from_lm_embedding: the LM {self.model.spec!r} "
+                            "starts from random weights, so its embedding carries nothing at step 0; set it false "
+                            "(or start from a trained checkpoint)")
+
+
+def _lm_has_trained_weights(cfg: RunConfig) -> bool:
+    """Whether the LM starts from trained weights (a checkpoint directory), not from a fresh initialisation."""
+    from dwm.train.model import PRESETS
+
+    if cfg.model.spec in PRESETS or getattr(cfg.model, "init", "auto") == "scratch":
+        return False
+    return any(Path(cfg.model.spec).glob("*.safetensors")) or any(Path(cfg.model.spec).glob("*.bin"))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -9,6 +9,8 @@ A real `lambada_openai` JSONL given by path is read exactly like the sets `dwm t
 - "passage": mean NLL of every predicted token of the passage (a smooth, low-variance signal);
 - "target": NLL of the last word only, with lm-eval's split (context = all words but the last, target = " " + last
   word), tokenized as context and continuation separately, as lm-eval does.
+Passages are encoded as the model sees text: after the tokenizer's BOS when its policy adds one (the post-processor
+of a prepared directory's tokenizer; dwm.data.tokenizer), so the first word is predicted from BOS as in training.
 Batches are right-padded: the LM is causal, so padding after the real tokens never changes their logits, and the
 padded positions are excluded by `loss_mask`. No attention mask is needed.
 """
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dwm.data.tokenizer import special_prefix
 from dwm.errors import UserError
 
 # The shipped target (data/target): novels held out of the corpus, split by book.
@@ -99,6 +102,7 @@ class PassageSet:
         self.ids: list[list[int]] = []
         self.masks: list[list[bool]] = []
         self.n_skipped = 0  # passages with nothing to predict within max_len
+        self.prefix = special_prefix(tokenizer)  # [BOS] when the tokenizer's policy puts one before every text
         for text in load_passages(self.path):  # UserError naming file:line on a malformed line
             item = self._tokenize(tokenizer, text)
             if item is None:
@@ -111,7 +115,7 @@ class PassageSet:
 
     def _tokenize(self, tokenizer: Any, text: str) -> tuple[list[int], list[bool]] | None:
         if self.mode == "passage":
-            ids = _encode(tokenizer, text)[: self.max_len]
+            ids = (self.prefix + _encode(tokenizer, text))[: self.max_len]
             if len(ids) < 2:
                 return None
             return ids, [False] + [True] * (len(ids) - 1)
@@ -119,7 +123,7 @@ class PassageSet:
             context, target = split_context_target(text)
         except UserError:
             return None
-        ctx, tgt = _encode(tokenizer, context), _encode(tokenizer, target)
+        ctx, tgt = self.prefix + _encode(tokenizer, context), _encode(tokenizer, target)
         if not ctx or not tgt or len(tgt) >= self.max_len:
             return None
         ctx = ctx[-(self.max_len - len(tgt)):]  # keep the end of the context next to the target

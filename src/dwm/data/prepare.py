@@ -10,7 +10,10 @@ Output format: docs/ARCHITECTURE.md ("Prepared data directory"). Design points:
     leaves no meta.json, and its re-run starts clean and produces the same bytes as an uninterrupted run;
   * a finished DIR whose fingerprint (input paths, sizes, mtimes and the options) matches is not redone;
   * `--engine ray` reads and tokenizes as Ray Data tasks, one per input source (dwm/data/rayjobs.py), on a local
-    Ray instance or a cluster; the driver writes in source order, so the directory is byte-identical.
+    Ray instance or a cluster; the driver writes in source order, so the directory is byte-identical;
+  * `--shard I/N` prepares the I-th of N round-robin parts of the sorted input files into its own directory
+    (shards after 0 need --tokenizer), and `--pool` makes a directory that reads a list of shards as one data
+    set (dwm/data/dataset.py): SlimPajama-sized inputs on several machines, nothing copied.
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dwm.data import tokenizer as tkz
-from dwm.data.readers import Document, InputSource, ReadOptions, SkipCounter, expand_inputs, iter_documents
+from dwm.data.readers import (
+    DOMAIN_PROBE,
+    Document,
+    InputSource,
+    ReadOptions,
+    SkipCounter,
+    expand_inputs,
+    iter_documents,
+)
 from dwm.errors import UserError
 
 FORMAT = "dwm-prepared/1"
@@ -63,6 +74,7 @@ class PrepareOptions:
     engine: str = "local"  # "local": a thread pool; "ray": Ray Data tasks, one per input source
     ray_address: str | None = None  # engine "ray": a cluster address (None: a local Ray instance)
     seed: int = 0
+    shard: tuple[int, int] | None = None  # (i, n): only the i-th of n parts of the sorted input files (see select_shard)
     force: bool = False
     progress: bool | None = None  # None: only on a terminal
 
@@ -83,6 +95,13 @@ class PrepareOptions:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         if self.tokenizer_sample_mb <= 0:
             raise UserError("--tokenizer-sample-mb must be > 0")
+        if self.shard is not None:
+            i, n = self.shard
+            if n < 1 or not 0 <= i < n:
+                raise UserError(f"--shard {i}/{n}: want I/N with N >= 1 and 0 <= I < N (shards count from 0)")
+            if i > 0 and not self.tokenizer:
+                raise UserError(f"--shard {i}/{n} needs --tokenizer: a BPE trained on each shard would give ids that "
+                                "mean different tokens in each; pass shard 0's DIR/tokenizer.json (or any tokenizer)")
         bad = [f for f in self.score_fields if f in FIXED_COLUMNS]
         if bad or len(set(self.score_fields)) != len(self.score_fields):
             raise UserError(f"--score-fields must be distinct and not named like a fixed column {FIXED_COLUMNS}")
@@ -98,6 +117,27 @@ def is_val(doc_id: str, seed: int, val_fraction: float) -> bool:
         return False
     h = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(h, "little") < val_fraction * 2.0**64
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: want I/N, e.g. 0/8 (the first of 8 shards)") from None
+    return i, n
+
+
+def select_shard(sources: list[InputSource], shard: tuple[int, int]) -> list[InputSource]:
+    """The sources of shard (i, n): the input sources sorted by resolved path, then every n-th starting at i (round
+    robin: with many files of similar size, as SlimPajama's, the shards get about the same share). A source is a
+    file (or a directory of .txt files, or a save_to_disk split): never cut."""
+    i, n = shard
+    ordered = sorted(sources, key=lambda s: str(s.path.resolve()))
+    mine = ordered[i::n]
+    if not mine:
+        raise UserError(f"--shard {i}/{n}: the inputs hold only {len(ordered)} source file(s), none for shard {i}")
+    return mine
 
 
 # --- fingerprint / completion ---------------------------------------------------------------------------------
@@ -136,8 +176,9 @@ class SplitWriter:
     """Cuts one split's token stream into rows, appends them to {split}.bin and their metadata to parquet."""
 
     def __init__(self, d: Path, name: str, seq_len: int, dtype: np.dtype, eos_id: int, pad_id: int,
-                 packing: str, score_columns: tuple[str, ...]):
+                 packing: str, score_columns: tuple[str, ...], bos_id: int | None = None):
         self.seq_len, self.dtype, self.eos_id, self.pad_id, self.packing = seq_len, dtype, eos_id, pad_id, packing
+        self.bos_id = bos_id  # prepended to every document when the tokenizer's BOS policy says so
         self.score_columns = score_columns
         self.bin = open(d / f"{name}.bin", "wb")  # noqa: SIM115 - closed in close()
         fields = [("sample_id", pa.int64()), ("doc_id", pa.string()), ("domain", pa.string()),
@@ -153,8 +194,11 @@ class SplitWriter:
         self._docs: list[tuple] = []
 
     def add(self, doc: Document, ids: list[int]) -> None:
-        arr = np.empty(len(ids) + 1, dtype=self.dtype)
-        arr[:-1] = ids
+        lead = 0 if self.bos_id is None else 1
+        arr = np.empty(lead + len(ids) + 1, dtype=self.dtype)
+        if lead:
+            arr[0] = self.bos_id
+        arr[lead:-1] = ids
         arr[-1] = self.eos_id
         self.n_docs += 1
         info = (doc.doc_id, doc.domain, doc.source, doc.scores)
@@ -346,6 +390,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         print(f"dwm prepare: not reading {len(inside)} file(s) inside the output directory {out}", file=sys.stderr)
         if not sources:
             raise UserError(f"all inputs lie inside the output directory {out}")
+    if opts.shard is not None:
+        sources = select_shard(sources, opts.shard)
     fp = fingerprint(sources, opts)
     if not opts.force and is_complete(out, fp):
         print(f"dwm prepare: {out} is already prepared from these inputs and options; nothing to do "
@@ -363,18 +409,22 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
 
     if opts.tokenizer:
         tok, eos_id, pad_id = tkz.load_tokenizer(opts.tokenizer)
+        bos_id, add_bos = tkz.bos_policy(tok, opts.tokenizer)
         tok_info = {"trained": False, "from": str(Path(opts.tokenizer).resolve())}
     else:
         tok = tkz.train_bpe(_tokenizer_sample(sources, opts), opts.vocab_size)
         eos_id, pad_id = tok.token_to_id(tkz.EOS), tok.token_to_id(tkz.PAD)
+        bos_id, add_bos = None, False  # the trained BPE has no BOS (the shipped data's tokens are unchanged)
         tok_info = {"trained": True, "vocab_size_requested": opts.vocab_size,
                     "sample_mb": opts.tokenizer_sample_mb}
+    tkz.set_bos_policy(tok, bos_id, add_bos)  # the saved tokenizer encodes text as the prepared rows hold it
     tok.save(str(tmp / "tokenizer.json"))
     n_vocab = tkz.vocab_size(tok)
     dtype = tkz.choose_dtype(n_vocab)
 
     scols = tuple(opts.score_fields)
-    writers = {s: SplitWriter(tmp, s, opts.seq_len, dtype, eos_id, pad_id, opts.packing, scols) for s in SPLITS}
+    writers = {s: SplitWriter(tmp, s, opts.seq_len, dtype, eos_id, pad_id, opts.packing, scols,
+                               bos_id if add_bos else None) for s in SPLITS}
     counter = SkipCounter()
     per_domain: dict[str, Counter] = defaultdict(Counter)
     docs_written = 0
@@ -398,9 +448,9 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
                 writers[split].add(doc, ids)
                 st = per_domain[doc.domain]
                 st["docs"] += 1
-                st["tokens"] += len(ids) + 1
+                st["tokens"] += len(ids) + 1 + add_bos
                 st["bytes"] += doc.n_bytes
-                n_tokens_total += len(ids) + 1
+                n_tokens_total += len(ids) + 1 + add_bos
                 docs_written += 1
             bar.update(len(docs))
             bar.set_postfix(tokens=f"{n_tokens_total:,}", skipped=counter.docs_skipped, refresh=False)
@@ -439,6 +489,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         "dtype": dtype.name,
         "pad_id": int(pad_id),
         "eos_id": int(eos_id),
+        "bos_id": None if bos_id is None else int(bos_id),
+        "add_bos": bool(add_bos),
         "packing": opts.packing,
         "domains": sorted(per_domain),
         "sources": sorted({s.source for s in sources}),
@@ -450,6 +502,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         "inputs": [str(Path(p).resolve()) for p in inputs],
         "fingerprint": fp,
     }
+    if opts.shard is not None:
+        meta["shard"] = {"index": opts.shard[0], "count": opts.shard[1], "n_sources": len(sources)}
     for f in OUTPUT_FILES:
         os.replace(tmp / f, out / f)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -467,14 +521,128 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     return meta
 
 
+EPILOG = """\
+SlimPajama as it ships (train/chunk1..chunk10/example_train_N.jsonl.zst, set name at meta.redpajama_set_name),
+in 8 shards that can run on 8 machines, then one pool that `dwm train data.dir=...` reads as one data set:
+  dwm prepare SlimPajama-627B/train --domain-field meta.redpajama_set_name --shard 0/8 --out sp/shard0
+  dwm prepare SlimPajama-627B/train --domain-field meta.redpajama_set_name --shard 3/8 \\
+      --tokenizer sp/shard0/tokenizer.json --out sp/shard3          (likewise 1..7)
+  dwm prepare --pool --out sp/pool sp/shard0 sp/shard1 ... sp/shard7
+"""
+
+
+# --- pool ---------------------------------------------------------------------------------------------------
+def _merge_stats(stats: list[dict]) -> dict:
+    """Numbers summed key by key (nested dicts too); what is not a number in every shard is left out."""
+    out: dict = {}
+    for k in dict.fromkeys(k for s in stats for k in s):
+        vals = [s[k] for s in stats if k in s]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = sum(vals)
+        elif all(isinstance(v, dict) for v in vals):
+            out[k] = _merge_stats(vals)
+    return out
+
+
+def make_pool(shard_dirs: list[str | Path], out: str | Path) -> dict:
+    """`dwm prepare --pool --out OUT SHARD_DIR...`: OUT becomes one data set made of the prepared shard directories
+    (read in the order given; nothing is copied but the tokenizer). Checks that the shards share seq_len, vocab,
+    dtype, pad/eos ids, score columns and the very same tokenizer.json. Returns the pool's meta.json dict."""
+    from dwm.data.dataset import POOL_FORMAT, check_shards_agree, file_sha256, read_meta
+
+    out = Path(out)
+    if not shard_dirs:
+        raise UserError("--pool needs the prepared shard directories as inputs")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path exists and is not a directory: {out}")
+    shards: list[tuple[Path, dict]] = []
+    seen: dict[Path, str] = {}
+    for raw in shard_dirs:
+        sd = Path(raw)
+        m = read_meta(sd)
+        if m["format"] == POOL_FORMAT:
+            raise UserError(f"{sd} is itself a pool: list its shards instead")
+        if sd.resolve() in seen:
+            raise UserError(f"{sd} is listed twice (also as {seen[sd.resolve()]})")
+        if sd.resolve() == out.resolve():
+            raise UserError(f"the pool {out} cannot be one of its shards")
+        if not (sd / "tokenizer.json").is_file():
+            raise UserError(f"{sd}: missing tokenizer.json")
+        seen[sd.resolve()] = str(raw)
+        shards.append((sd, m))
+    check_shards_agree(shards, "dwm prepare --pool")
+    tok_sha = [file_sha256(sd / "tokenizer.json") for sd, _ in shards]
+    for (sd, _), h in zip(shards, tok_sha):
+        if h != tok_sha[0]:
+            raise UserError(f"{sd}/tokenizer.json differs from {shards[0][0]}/tokenizer.json: the shards' ids mean "
+                            "different tokens (prepare every shard with the same --tokenizer)")
+    splits = list(shards[0][1]["splits"])
+    for sd, m in shards:
+        if sorted(m["splits"]) != sorted(splits):
+            raise UserError(f"{sd} has splits {sorted(m['splits'])} but {shards[0][0]} has {sorted(splits)}")
+    if (out / "meta.json").is_file():
+        try:
+            old = json.loads((out / "meta.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("format") == FORMAT:
+            raise UserError(f"{out} is a prepared directory, not a pool: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    m0 = shards[0][1]
+    packings = {m.get("packing") for _, m in shards}
+    entries = [{"dir": os.path.relpath(sd.resolve(), out.resolve()), "meta_sha256": file_sha256(sd / "meta.json"),
+                "splits": m["splits"]} for sd, m in shards]
+    meta = {
+        "format": POOL_FORMAT,
+        **{k: m0[k] for k in ("seq_len", "vocab_size", "dtype", "pad_id", "eos_id")},
+        "packing": packings.pop() if len(packings) == 1 else "mixed",
+        "domains": sorted({d for _, m in shards for d in m["domains"]}),
+        "sources": sorted({s for _, m in shards for s in m.get("sources", [])}),
+        "score_columns": list(m0.get("score_columns", [])),
+        "splits": {s: {k: sum(int(m["splits"][s].get(k, 0)) for _, m in shards) for k in ("n_samples", "n_docs")}
+                   for s in splits},
+        "tokenizer": {**(m0["tokenizer"] if isinstance(m0.get("tokenizer"), dict) else {}),
+                      "sha256": tok_sha[0]},
+        "shards": entries,
+        "fingerprint": hashlib.sha256(json.dumps([e["meta_sha256"] for e in entries]).encode()).hexdigest(),
+    }
+    (out / "meta.json").unlink(missing_ok=True)  # from here on, OUT is not a finished pool
+    tmp = out / TMP_NAME
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copyfile(shards[0][0] / "tokenizer.json", tmp / "tokenizer.json")
+    stats = []
+    for sd, _ in shards:
+        try:
+            stats.append(json.loads((sd / "stats.json").read_text()))
+        except (OSError, ValueError):
+            pass
+    (tmp / "stats.json").write_text(json.dumps({**_merge_stats(stats), "shards": len(shards)}, indent=2) + "\n")
+    for f in ("tokenizer.json", "stats.json"):
+        os.replace(tmp / f, out / f)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp / "meta.json", out / "meta.json")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"dwm prepare: pool {out} of {len(shards)} shards: "
+          + " / ".join(f"{s} {meta['splits'][s]['n_samples']:,}" for s in splits)
+          + f" samples of {meta['seq_len']}, {len(meta['domains'])} domains")
+    return meta
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help=".jsonl[.gz|.zst] / .parquet / .txt files, directories of them, or save_to_disk dirs")
+                   help=".jsonl[.gz|.zst] / .parquet / .txt files, directories of them (walked recursively), or "
+                        "save_to_disk dirs; with --pool: prepared shard directories")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--text-field", default="text", help="record field holding the document text")
     p.add_argument("--id-field", default="id", help="document id field (default id; else <source>:<line>)")
     p.add_argument("--domain-field", default=None,
-                   help="domain from this record field (default: from the file name <domain>__<source>.*)")
+                   help="domain from this record field; a dotted path reads nested objects and parquet structs "
+                        "(meta.redpajama_set_name). A record without it (or null / empty) is skipped as "
+                        "missing_domain, one whose value is not a string as non_string_domain (stats.json); a file "
+                        f"whose first {DOMAIN_PROBE} records (or all, if fewer) all lack it stops the run, naming "
+                        "the fields found (default: from the file name <domain>__<source>.*)")
     p.add_argument("--score-fields", default="", help="comma-separated numeric fields carried as float64 columns "
                                                       "(default: none)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or HF tokenizer directory (default: train a "
@@ -496,16 +664,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None,
                    help="with --engine ray: a Ray cluster address (default: a local Ray instance)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="prepare only shard I of N (0 <= I < N): the input files sorted by path, every N-th from the "
+                        "I-th; shard 0 may train the BPE, the others need --tokenizer (shard 0's tokenizer.json)")
+    p.add_argument("--pool", action="store_true",
+                   help="the INPUTs are prepared shard directories: make --out a pool that reads them as one data "
+                        "set (same tokenizer, seq_len, dtype checked; nothing is copied)")
     p.add_argument("--force", action="store_true", help="redo even if DIR is already prepared")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pool:
+        if args.shard:
+            raise UserError("--pool takes prepared shard directories: --shard does not apply")
+        make_pool(args.inputs, args.out)
+        return 0
     opts = PrepareOptions(
         text_field=args.text_field, id_field=args.id_field, domain_field=args.domain_field,
         score_fields=tuple(f.strip() for f in args.score_fields.split(",") if f.strip()),
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb,
         seq_len=args.seq_len, val_fraction=args.val_fraction, packing=args.packing, on_error=args.on_error,
-        workers=args.workers, engine=args.engine, ray_address=args.ray_address, seed=args.seed, force=args.force, progress=False if args.no_progress else None)
+        workers=args.workers, engine=args.engine, ray_address=args.ray_address, seed=args.seed,
+        shard=parse_shard(args.shard) if args.shard else None, force=args.force,
+        progress=False if args.no_progress else None)
     prepare(args.inputs, args.out, opts)
     return 0

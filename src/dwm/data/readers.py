@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dwm.config import did_you_mean
 from dwm.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -36,7 +37,12 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "invalid UTF-8",
     "binary": "binary content (NUL bytes)",
     "empty": "empty or whitespace-only document",
+    "missing_domain": "domain field (--domain-field) missing, null or empty",
+    "non_string_domain": "domain field (--domain-field) is not a string (a number, list or object)",
 }
+# --domain-field: a source whose first DOMAIN_PROBE records (or all, if fewer) all lack the field is a mistake
+# (a misspelt or wrong field), not data to skip: reading stops with the fields it did find.
+DOMAIN_PROBE = 1000
 
 
 @dataclass
@@ -85,6 +91,51 @@ class InputSource:
     files: tuple[Path, ...] = ()  # for txtdir / arrow: the member files, in order
 
 
+def lookup(rec: dict, path: str) -> object:
+    """rec[path], or for a dotted path ("meta.redpajama_set_name") the value inside nested objects (parquet
+    struct columns read as nested dicts too); None when any step is missing or not an object. A key that holds a
+    dot itself is matched first."""
+    if path in rec:
+        return rec[path]
+    cur: object = rec
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def field_paths(rec: dict, prefix: str = "", depth: int = 4) -> list[str]:
+    """The dotted paths of a record's fields, nested objects walked (`meta`, `meta.redpajama_set_name`)."""
+    out = []
+    for k, v in rec.items():
+        name = f"{prefix}{k}"
+        out.append(name)
+        if isinstance(v, dict) and depth > 1:
+            out += field_paths(v, f"{name}.", depth - 1)
+    return out
+
+
+def _schema_paths(fields, prefix: str = "") -> list[str]:
+    """Dotted paths of an arrow schema's fields, struct columns walked."""
+    import pyarrow as pa
+
+    out = []
+    for f in fields:
+        out.append(f"{prefix}{f.name}")
+        if pa.types.is_struct(f.type):
+            out += _schema_paths(list(f.type), f"{prefix}{f.name}.")
+    return out
+
+
+def domain_field_error(field: str, where: str, n: int, found: list[str], first: bool = False) -> UserError:
+    """The one line that stops a read whose --domain-field matches nothing: the fields that are there."""
+    have = ", ".join(found[:40]) + (", ..." if len(found) > 40 else "") if found else "none"
+    which = "the first record" if first and n == 1 else f"the first {n} records" if first else f"all {n} records"
+    return UserError(f"{where}: --domain-field {field!r} is missing in {which} (fields found: {have})"
+                     f"{did_you_mean(field, found)}")
+
+
 def domain_source_from_name(name: str) -> tuple[str, str]:
     """`<domain>__<source>.jsonl.zst` -> (domain, source); otherwise (stem, stem)."""
     stem = name
@@ -131,6 +182,13 @@ def _file_kind(p: Path) -> str | None:
     return None
 
 
+def _is_prepared(meta_json: Path) -> bool:
+    try:
+        return json.loads(meta_json.read_text()).get("format") in ("dwm-prepared/1", "dwm-pool/1")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def expand_inputs(paths: list[str | Path]) -> tuple[list[InputSource], list[Path]]:
     """Resolve CLI input arguments into ordered sources. Returns (sources, ignored files in directories)."""
     sources: list[InputSource] = []
@@ -152,6 +210,10 @@ def expand_inputs(paths: list[str | Path]) -> tuple[list[InputSource], list[Path
         # hidden files and folders (e.g. a prepare's .tmp-prepare) are never inputs
         files = sorted(f for f in p.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        # nor is a prepared directory or pool found inside (another shard's output next to the inputs)
+        prepared = [f.parent for f in files if f.name == "meta.json" and _is_prepared(f)]
+        if prepared:
+            files = [f for f in files if not any(f.is_relative_to(d) for d in prepared)]
         txt = tuple(f for f in files if _file_kind(f) == "txt")
         n_before = len(sources)
         for f in files:
@@ -166,7 +228,28 @@ def expand_inputs(paths: list[str | Path]) -> tuple[list[InputSource], list[Path
             raise UserError(f"{p}: directory holds no .jsonl[.gz|.zst], .parquet or .txt files")
     if not sources:
         raise UserError("no input given")
-    return sources, ignored
+    return _distinct_sources(sources), ignored
+
+
+def _distinct_sources(sources: list[InputSource]) -> list[InputSource]:
+    """Sources that share a name (SlimPajama's chunk1/example_train_0 and chunk2/example_train_0) are named by
+    as many parent folders as make them distinct ("chunk1/example_train_0"): a source name is also the default
+    doc_id prefix, so it must be unique. Unique names are kept as they are."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(sources):
+        groups.setdefault(s.source, []).append(i)
+    out = list(sources)
+    for name, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        parents = [sources[i].path.resolve().parent.parts for i in idx]
+        for k in range(1, max(len(p) for p in parents) + 1):
+            names = ["/".join((*p[len(p) - k:], name)) for p in parents]
+            if len(set(names)) == len(names):
+                break
+        for i, n in zip(idx, names):
+            out[i] = InputSource(sources[i].path, sources[i].kind, sources[i].domain, n, sources[i].files)
+    return out
 
 
 def _open_binary(p: Path) -> io.BufferedIOBase:
@@ -186,6 +269,9 @@ class _Reader:
     def __init__(self, opts: ReadOptions, counter: SkipCounter):
         self.opts = opts
         self.counter = counter
+        # --domain-field in this source: records that had it / lacked it, and the fields seen while none had it
+        self.domain_found = self.domain_missing = 0
+        self.fields_seen: dict[str, None] = {}
 
     def skip(self, reason: str, where: str) -> None:
         if self.opts.on_error == "fail":
@@ -222,9 +308,22 @@ class _Reader:
         doc_id = default_id if doc_id is None else str(doc_id)
         domain = src.domain
         if o.domain_field:
-            d = rec.get(o.domain_field)
-            if d is not None and str(d):
-                domain = str(d)
+            d = lookup(rec, o.domain_field)
+            if d is None or d == "":
+                self.domain_missing += 1
+                if not self.domain_found:
+                    if len(self.fields_seen) < 200:
+                        self.fields_seen.update(dict.fromkeys(field_paths(rec)))
+                    if o.on_error == "fail" or self.domain_missing >= DOMAIN_PROBE:
+                        raise domain_field_error(o.domain_field, where, self.domain_missing,
+                                                 list(self.fields_seen), first=True)
+                self.skip("missing_domain", where)
+                return None
+            if not isinstance(d, str):
+                self.skip("non_string_domain", where)
+                return None
+            self.domain_found += 1
+            domain = d
         scores: tuple[float, ...] = ()
         if o.score_fields:
             vals = []
@@ -295,7 +394,13 @@ class _Reader:
         except (pa.ArrowException, OSError) as e:  # ArrowInvalid for non-parquet bytes
             raise UserError(f"{src.path}: not a readable parquet file ({e})") from None
         names = set(pf.schema_arrow.names)
-        wanted = [self.opts.text_field, self.opts.id_field, self.opts.domain_field or "", *self.opts.score_fields]
+        dom = self.opts.domain_field
+        if dom:
+            paths = _schema_paths(list(pf.schema_arrow))
+            if dom not in paths:  # the schema already says no row has it: stop before reading any
+                raise domain_field_error(dom, str(src.path), pf.metadata.num_rows, paths)
+        wanted = [self.opts.text_field, self.opts.id_field, dom or "", (dom or "").split(".")[0],
+                  *self.opts.score_fields]
         cols = [c for c in dict.fromkeys(wanted) if c in names]
         yield from self._batches(src, pf.iter_batches(batch_size=1024, columns=cols), str(src.path))
 
@@ -331,6 +436,12 @@ class _Reader:
         return self.from_text(text, doc_id, src.domain, src, where)
 
     def read(self, src: InputSource) -> Iterator[Document]:
+        yield from self._read(src)
+        if self.domain_missing and not self.domain_found:  # fewer than DOMAIN_PROBE records, none had it
+            raise domain_field_error(self.opts.domain_field or "", str(src.path), self.domain_missing,
+                                     list(self.fields_seen))
+
+    def _read(self, src: InputSource) -> Iterator[Document]:
         if src.kind == "jsonl":
             yield from self.jsonl(src)
         elif src.kind == "parquet":

@@ -249,8 +249,12 @@ def training_overlap(docs: list[Document], train: list[str | Path]) -> list[str]
     for t in train:
         p = Path(t)
         if (p / "meta.json").is_file():
-            for f in sorted(p.glob("*.parquet")):
-                ids.update(pq.read_table(f, columns=["doc_id"]).column("doc_id").to_pylist())
+            from dwm.data.dataset import POOL_FORMAT, pool_shards
+
+            is_pool = json.loads((p / "meta.json").read_text()).get("format") == POOL_FORMAT
+            for sd in [d for d, _ in pool_shards(p)] if is_pool else [p]:  # a pool: its shards' parquet files
+                for f in sorted(sd.glob("*.parquet")):
+                    ids.update(pq.read_table(f, columns=["doc_id"]).column("doc_id").to_pylist())
         else:
             raw.append(p)
     if raw:

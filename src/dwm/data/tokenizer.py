@@ -4,6 +4,14 @@ Byte-level BPE (GPT-2 style) because it never produces <unk>: every document, in
 stray byte, round-trips. Special tokens are "<|endoftext|>" (EOS, appended after every document) and
 "<|pad|>" (fills the end of a short sample). A loaded tokenizer without a pad token pads with EOS: the
 per-sample `n_tokens` column, not the pad id, says where the real tokens end.
+
+BOS policy (tokens as the model will see them): a tokenizer either puts a BOS token before every text or not.
+`bos_policy` reads it from a loaded tokenizer (an HF dir's tokenizer_config.json `bos_token` / `add_bos_token`,
+else what its post-processor adds); the trained BPE has no BOS. `dwm prepare` records it in meta.json
+(`bos_id`: int or null, `add_bos`: bool), prepends BOS to each document when `add_bos`, and saves the tokenizer
+with a post-processor that adds exactly that prefix (`set_bos_policy`), so every later reader (the reference
+passages, `dwm eval`, `dwm export`, transformers' AutoTokenizer of an export) encodes text as training saw it.
+A prepared directory without the fields (written before) reads as "no BOS".
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from dwm.errors import UserError
 
@@ -32,6 +40,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def _config_value(d: Path, key: str) -> object:
+    """A key of an HF tokenizer_config.json / special_tokens_map.json (first file that has it), else None."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = d / name
+        if f.is_file():
+            try:
+                obj = json.loads(f.read_text())
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and key in obj:
+                return obj[key]
+    return None
 
 
 def _special_from_config(d: Path, key: str) -> str | None:
@@ -103,3 +125,75 @@ def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     fast = getattr(tok, "encode_batch_fast", None)
     encs = (fast or tok.encode_batch)(texts, add_special_tokens=False)
     return [e.ids for e in encs]
+
+
+def _ids(tok: object, text: str, special: bool) -> list[int]:
+    """Token ids of `text` for a `tokenizers.Tokenizer` or a transformers tokenizer, with or without the
+    post-processor's special tokens."""
+    enc = tok.encode(text, add_special_tokens=special)  # type: ignore[attr-defined]
+    return list(enc.ids) if hasattr(enc, "ids") else list(enc)
+
+
+def added_specials(tok: object) -> tuple[list[int], list[int]]:
+    """(ids put before, ids put after) a text's own tokens when the tokenizer encodes with its special tokens
+    (its post-processor, e.g. a BOS template). ([], []) for the trained BPE."""
+    plain, full = _ids(tok, "a", False), _ids(tok, "a", True)
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k], full[k + len(plain):]
+    return [], []
+
+
+def special_prefix(tok: object) -> list[int]:
+    """The ids a tokenizer puts before every text (its BOS, or nothing): what the model sees first."""
+    return added_specials(tok)[0]
+
+
+def bos_policy(tok: Tokenizer, path: str | Path | None = None) -> tuple[int | None, bool]:
+    """(bos_id, add_bos) of a loaded tokenizer: the BOS named by an HF dir's tokenizer_config.json /
+    special_tokens_map.json (else the single token its post-processor puts first), and whether each text gets it
+    (`add_bos_token` of the config when set, else whether the post-processor adds it). UserError when the config
+    asks for a BOS the vocabulary does not have."""
+    cfg_dir = None if path is None else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    prefix = special_prefix(tok)
+    name = _special_from_config(cfg_dir, "bos_token") if cfg_dir is not None else None
+    bos_id = tok.token_to_id(name) if name else None
+    if name and bos_id is None and _config_value(cfg_dir, "add_bos_token") is True:  # type: ignore[arg-type]
+        raise UserError(f"{path}: add_bos_token is true but bos_token {name!r} is not in the vocabulary")
+    if bos_id is None and len(prefix) == 1:
+        bos_id = prefix[0]
+    flag = _config_value(cfg_dir, "add_bos_token") if cfg_dir is not None else None
+    add = flag if isinstance(flag, bool) else (bos_id is not None and prefix == [bos_id])
+    if add and bos_id is None:
+        raise UserError(f"{path}: add_bos_token is true but the tokenizer names no bos_token")
+    return (None if bos_id is None else int(bos_id)), bool(add)
+
+
+def set_bos_policy(tok: Tokenizer, bos_id: int | None, add_bos: bool) -> bool:
+    """Make `tok` encode (with special tokens) as [BOS] + text when add_bos, else as the text alone, by replacing
+    its post-processor when it does otherwise. Returns whether it was changed (the trained BPE never is)."""
+    want = [int(bos_id)] if add_bos and bos_id is not None else []
+    if add_bos and bos_id is None:
+        raise UserError("the BOS policy says add_bos but names no bos_id")
+    if added_specials(tok) == (want, []):
+        return False
+    if want:
+        name = tok.id_to_token(want[0])
+        if name is None:
+            raise UserError(f"BOS id {want[0]} is not in the tokenizer's vocabulary")
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{name}:0 $A:0", pair=f"{name}:0 $A:0 {name}:1 $B:1", special_tokens=[(name, want[0])])
+    else:
+        tok.post_processor = None
+    return True
+
+
+def load_prepared_tokenizer(path: str | Path, meta: dict) -> tuple[Tokenizer, bool]:
+    """A prepared directory's tokenizer.json with meta.json's BOS policy applied (no fields: no BOS);
+    returns (tokenizer, whether the policy changed it from the file)."""
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"cannot read tokenizer {path}: {e}") from None
+    bos = meta.get("bos_id")
+    return tok, set_bos_policy(tok, None if bos is None else int(bos), bool(meta.get("add_bos", False)))

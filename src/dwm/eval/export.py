@@ -6,15 +6,22 @@ already an HF save_pretrained dir; what a run lacks is a transformers tokenizer 
 `tokenizers` file), so the export wraps RUN_DIR/tokenizer.json in a PreTrainedTokenizerFast with its EOS/PAD
 roles named and `model_max_length` set to the model's context, and writes both with save_pretrained.
 
+BOS: the run's tokenizer.json carries the data's BOS policy in its post-processor (dwm.data.tokenizer): when it
+puts a BOS before every text, that token is the export's bos_token and add_bos_token is true, so AutoTokenizer of
+the export encodes text exactly as training and `dwm eval` did; otherwise add_bos_token is false, and a tokenizer
+without a BOS token exports bos_token_id None (the model config's default, e.g. LLaMA's 1, is cleared).
+
 Also the run-directory helpers the evaluator shares: `resolve_checkpoint`, `load_run_model`, `load_run_tokenizer`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
+from dwm.data.tokenizer import added_specials
 from dwm.errors import UserError
 
 # Special-token spellings, most specific first. A run's tokenizer.json names no roles, so they are recognised.
@@ -61,7 +68,8 @@ def _find(tok: Any, names: tuple[str, ...]) -> str | None:
 
 
 def load_run_tokenizer(run_dir: str | Path, max_length: int | None = None) -> Any:
-    """RUN_DIR/tokenizer.json as a transformers PreTrainedTokenizerFast with eos/pad (and bos/unk if present)."""
+    """RUN_DIR/tokenizer.json as a transformers PreTrainedTokenizerFast with eos/pad (and bos/unk if present),
+    adding a BOS to each text exactly when the run's tokenizer does (the data's BOS policy)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -80,6 +88,14 @@ def load_run_tokenizer(run_dir: str | Path, max_length: int | None = None) -> An
         found = _find(raw, names)
         if found is not None:
             kwargs[role] = found
+    prefix, suffix = added_specials(raw)
+    if len(prefix) > 1 or suffix:
+        raise UserError(f"{path}: its post-processor adds {prefix} before and {suffix} after each text; "
+                        "only a single BOS before it is supported (prepare the data again)")
+    if prefix:
+        kwargs["bos_token"] = raw.id_to_token(prefix[0])
+    kwargs["add_bos_token"] = bool(prefix)
+    kwargs["add_eos_token"] = False
     if max_length is not None:
         kwargs["model_max_length"] = int(max_length)
     return PreTrainedTokenizerFast(tokenizer_object=raw, **kwargs)
@@ -96,8 +112,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None 
     # Name the special tokens in the model config too, so generation and lm-eval see the same ids.
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
-    if tok.bos_token_id is not None:
-        model.config.bos_token_id = tok.bos_token_id
+    model.config.bos_token_id = tok.bos_token_id  # None without a BOS token (never the architecture's default)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -105,8 +120,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    return {"run_dir": str(run_dir), "checkpoint": name, "out": str(out),
-            "eos_token": tok.eos_token, "pad_token": tok.pad_token, "vocab_size": len(tok)}
+    # tokenizer.json's post-processor adds the BOS (or not); say so in tokenizer_config.json too, for readers that
+    # go by the flag (transformers does not write it for a generic fast tokenizer)
+    tcfg_path = out / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8"))
+    tcfg.update(add_bos_token=bool(tok.add_bos_token), add_eos_token=False)
+    tcfg_path.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"run_dir": str(run_dir), "checkpoint": name, "out": str(out), "eos_token": tok.eos_token,
+            "pad_token": tok.pad_token, "bos_token": tok.bos_token, "add_bos_token": bool(tok.add_bos_token),
+            "vocab_size": len(tok)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dwm.data.dataset import _DTYPES, data_fingerprint, read_meta
+from dwm.data import dataset
+from dwm.data.dataset import data_fingerprint, iter_split_batches, read_meta, split_parts
 from dwm.data.mixture import write_manifest
 from dwm.errors import UserError
 
@@ -57,12 +58,12 @@ class Pool:
         self.meta = read_meta(self.dir)
         if split not in self.meta["splits"]:
             raise UserError(f"{self.dir}: no split {split!r} (has {sorted(self.meta['splits'])})")
-        path = self.dir / f"{split}.parquet"
+        first = split_parts(self.dir, split)[0][0]  # a pool: its shards' parquet files, one after the other
+        path = first / f"{split}.parquet"
         try:
-            pf = pq.ParquetFile(path)
+            names = pq.ParquetFile(path).schema_arrow.names
         except Exception as e:
             raise UserError(f"cannot read {path}: {e}") from e
-        names = pf.schema_arrow.names
         for c in ("doc_id", "domain", "n_tokens"):
             if c not in names:
                 raise UserError(f"{path}: missing column {c!r}")
@@ -74,7 +75,7 @@ class Pool:
         row_tokens, starts, doc_ids, doms = [], [], [], []
         n, last = 0, None
         try:
-            for batch in pf.iter_batches(batch_size=1 << 16, columns=cols, use_threads=False):
+            for batch in iter_split_batches(self.dir, split, cols):
                 doc = batch.column("doc_id")
                 key = pc.binary_join_element_wise(doc, batch.column("source"), "\x00") if "source" in cols else doc
                 change = np.ones(len(key), dtype=bool)
@@ -164,19 +165,11 @@ def _tokenizer(data_dir: str):
     return tok
 
 
-_BINS: dict[tuple[str, str], tuple[Path, np.dtype, int]] = {}
-
-
 def read_rows(data_dir: str, split: str, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of a split's .bin, read into a fresh array. Not a memmap: pages of a mapped file count in
-    the process's RSS while mapped, so a worker that maps its way through the pool would look like it held it."""
-    key = (str(data_dir), split)
-    if key not in _BINS:
-        meta = read_meta(data_dir)
-        _BINS[key] = (Path(data_dir) / f"{split}.bin", np.dtype(_DTYPES[meta["dtype"]]), int(meta["seq_len"]))
-    path, dtype, L = _BINS[key]
-    rows = np.fromfile(path, dtype=dtype, count=(hi - lo) * L, offset=lo * L * dtype.itemsize)
-    return rows.reshape(hi - lo, L)
+    """Rows [lo, hi) of a split (a pool's shards joined), read into a fresh array. Not a memmap: pages of a mapped
+    file count in the process's RSS while mapped, so a worker that maps its way through the pool would look like it
+    held it."""
+    return dataset.read_rows(data_dir, split, lo, hi)
 
 
 def shard_rows(shard: Shard) -> np.ndarray:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from dwm.data.dataset import read_split_table
 from dwm.errors import UserError
 from dwm.selection.pool import Pool, Shard, gumbel_keys, log, shard_texts
 
@@ -59,8 +59,7 @@ def resolve_column(name: str, columns: list[str]) -> str:
 
 def column_scores(pool: Pool, name: str) -> tuple[np.ndarray, str]:
     col = resolve_column(name, pool.score_columns)
-    path = pool.dir / f"{pool.split}.parquet"
-    v = pq.read_table(path, columns=[col], use_threads=False)[col].to_numpy(zero_copy_only=False).astype(np.float64)
+    v = read_split_table(pool.dir, pool.split, [col])[col].to_numpy(zero_copy_only=False).astype(np.float64)
     w = np.where(np.isnan(v), 0.0, pool.row_tokens.astype(np.float64))
     starts = pool.unit_rows[:-1]
     num = np.add.reduceat(np.where(np.isnan(v), 0.0, v) * w, starts)

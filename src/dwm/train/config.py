@@ -26,7 +26,11 @@ class ModelConfig:
     """The language model."""
 
     spec: str = "cpu-small"
-    """preset (tiny, cpu-small, cpu-base, paper-370m, paper-1.3b) or a local HF checkpoint dir to continue from"""
+    """preset (tiny, cpu-mini, cpu-small, cpu-base, paper-370m, paper-1.3b) or a local Hugging Face model dir
+    (config.json; model_type llama, qwen2, gpt2, gpt_neox or olmo)"""
+    init: Literal["auto", "scratch", "pretrained"] = "auto"
+    """for a model dir: pretrained = its weights, scratch = its architecture freshly initialised (seeded), auto =
+    pretrained when the dir has weights, else scratch; presets are always scratch"""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """HF attention kernel"""
 
@@ -37,6 +41,9 @@ class ModelConfig:
         if s not in PRESETS and not (Path(s).is_dir() or "/" in s or s.startswith(".")):
             raise UserError(f"config key {prefix}spec: unknown preset {s!r} (presets: {', '.join(PRESETS)}; "
                             "or give a local Hugging Face checkpoint directory)")
+        if s in PRESETS and self.init == "pretrained":
+            raise UserError(f"config key {prefix}init: pretrained needs a Hugging Face model directory, "
+                            f"{s!r} is a preset (always initialised from scratch)")
 
 
 @dataclass

@@ -53,6 +53,11 @@ class TrainContext:
         """The precision context the training forward runs under."""
         return self._t.autocast()
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The training forward's autocast dtype (None: full precision), for a component's own chunked passes."""
+        return self._t.autocast_dtype
+
     # progress
     @property
     def step(self) -> int:

@@ -1,6 +1,6 @@
 """`train.parallel = "fsdp"`: the LM sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`) over all ranks.
 
-What is sharded: every decoder layer is its own FSDP unit (its parameters all-gathered for its forward and backward,
+What is sharded: every decoder layer (the model's `_no_split_modules`) is its own FSDP unit (its parameters all-gathered for its forward and backward,
 then freed), and the root unit holds the rest (embeddings, the final norm, the LM head; a tied head is one
 parameter). Each parameter is a DTensor sharded on dim 0 over a 1-D device mesh of all ranks; its gradient comes
 back reduce-scattered (the mean over ranks, in float32) and the AdamW state lives next to the local shard only.
@@ -44,10 +44,10 @@ def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, *
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a Hugging Face causal LM (LLaMA: model.model.layers)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return list(layers) if layers is not None else []
+    """The repeated blocks of a Hugging Face causal LM: the modules of the classes it names as never to be split
+    (`_no_split_modules`: LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, ...)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -98,9 +98,13 @@ def load_full_model_state(model: torch.nn.Module, model_sd: dict[str, torch.Tens
     model. Returns the (missing, unexpected) keys."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied and "lm_head.weight" not in model_sd and "model.embed_tokens.weight" in model_sd:
-        model_sd = {**model_sd, "lm_head.weight": model_sd["model.embed_tokens.weight"]}  # one parameter
+    from dwm.train.model import tied_parameter_names
+
+    model_sd = dict(model_sd)
+    for group in tied_parameter_names(model):  # save_pretrained wrote one name of the group: one parameter
+        have = sorted(n for n in group if n in model_sd)
+        for n in group - set(have) if have else ():
+            model_sd[n] = model_sd[have[0]]
     res = set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
     return list(res.missing_keys), list(res.unexpected_keys)
 
@@ -129,12 +133,20 @@ def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[
             "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
+def plain_like(model: torch.nn.Module) -> torch.nn.Module:
+    """An empty (meta device) model of `model`'s Hugging Face class, config and dtype, without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    return plain.to(next(model.parameters()).dtype)
+
+
 def plain_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain (unsharded, non-FSDP) copy of `model`'s class and config holding `state`: what `save_pretrained`
     writes, so config.json names the Hugging Face class, not FSDP's subclass of it."""
-    cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
-    with torch.device("meta"):
-        plain = cls(model.config)
+    plain = plain_like(model)
     plain.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         plain.tie_weights()

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dwm.config import to_dict, to_toml, validate
 from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData, data_fingerprint
+from dwm.data.tokenizer import load_prepared_tokenizer
 from dwm.errors import UserError
 from dwm.host import keep_freed_memory
 from dwm.train import distributed as dist_utils
@@ -42,7 +43,7 @@ from dwm.train.checkpoint import load_latest, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
-from dwm.train.model import build_model
+from dwm.train.model import build_model, enable_activation_checkpointing, saved_state_dict, tied_parameter_names
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
 
@@ -132,15 +133,16 @@ class Trainer:
                           if cfg.data.selection else None)
         self.pool = (self.selection if self.selection is not None
                      else np.arange(len(self.train_data), dtype=np.int64))
-        from tokenizers import Tokenizer
-
         tok_path = self.train_data.tokenizer_path
         if not tok_path.is_file():
             raise UserError(f"{cfg.data.dir}: missing tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        # encodes text as the prepared rows hold it (meta.json's BOS policy; dwm.data.tokenizer)
+        self.tokenizer, self._tokenizer_changed = load_prepared_tokenizer(tok_path, self.train_data.meta)
         self.model = build_model(cfg.model.spec, self.plan.vocab_size, attn_implementation=cfg.model.attn_implementation,
-                                 seed=t.seed, max_seq_len=self.plan.seq_len,
+                                 seed=t.seed, max_seq_len=self.plan.seq_len, init=cfg.model.init,
                                  dtype=torch.float64 if t.precision == "fp64" else torch.float32).to(self.device)
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         # fsdp: shard in place (dwm/train/fsdp.py); one process trains unsharded, as ddp does
@@ -200,7 +202,10 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
-        shutil.copyfile(self.train_data.tokenizer_path, self.run_dir / "tokenizer.json")
+        if self._tokenizer_changed:  # a tokenizer.json whose post-processor disagreed with meta.json's BOS policy
+            self.tokenizer.save(str(self.run_dir / "tokenizer.json"))
+        else:
+            shutil.copyfile(self.train_data.tokenizer_path, self.run_dir / "tokenizer.json")
 
     def _resume(self) -> dict[str, Any]:
         path, model_sd, state = load_latest(self.ckpt_root)
@@ -208,11 +213,16 @@ class Trainer:
             raise UserError(f"--resume: checkpoint {path.name} was trained with global batch "
                             f"{state.get('global_batch_size')} x seq_len {state.get('seq_len')}, this config has "
                             f"{self.plan.global_batch_size} x {self.plan.seq_len}")
-        if self.sharded:
+        if set(model_sd) - set(self.model.state_dict()):  # names save_pretrained renamed (GPT-NeoX's lm_head)
+            model_sd = saved_state_dict(fsdp_utils.plain_like(self.model) if self.sharded else self.model,
+                                        path / "model")
+        if self.sharded:  # every rank passes the full weights; each keeps its shards
             missing, unexpected = fsdp_utils.load_full_model_state(self.model, model_sd)
         else:
             missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
-        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        # save_pretrained writes one name of each tied group (LLaMA: model.embed_tokens.weight, GPT-2:
+        # transformer.wte.weight); the others may be missing when one of their group was loaded
+        tied = set().union(*(g for g in tied_parameter_names(self.model) if g - set(missing)))
         if unexpected or set(missing) - tied:
             raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
                             f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
@@ -320,6 +330,7 @@ class Trainer:
         grad_norm = fsdp_utils.full_tensor(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients between steps (a weighter's update runs there)
         self.scheduler.step()
         return loss_w, loss_sum / B, grad_norm
 

@@ -337,6 +337,20 @@ class DWMWeighter(Weighter):
     def _scores(self, batch: Batch, lm_loss: torch.Tensor | None) -> torch.Tensor:
         return self.net(batch.input_ids, batch.n_tokens, batch.domain_ids, lm_loss)
 
+    def _chunked(self) -> bool:
+        """Whether phi may score a batch in chunks: not when a sample's score depends on the rest of the batch
+        (batch_context) or on a dropout draw (a second pass would draw another mask)."""
+        return not (self.net.cfg.batch_context or self.net.cfg.dropout > 0)
+
+    def _scores_no_grad(self, batch: Batch, lm_loss: torch.Tensor | None) -> torch.Tensor:
+        """phi's scores of a batch without a graph, a micro-batch of samples per forward (phi's memory per sample
+        is far below the LM's, so this keeps it under a training micro-batch's)."""
+        n = len(batch)
+        step = self.micro if self._chunked() else max(1, n)
+        with torch.no_grad():
+            return torch.cat([self._scores(batch.slice(a, a + step), None if lm_loss is None else lm_loss[a:a + step])
+                              for a in range(0, n, step)]) if n else torch.zeros(0, device=self.device)
+
     def make_selector(self) -> OnlineSelector | None:
         return DWMSelector(self) if self.cfg.apply == "resample" else None
 
@@ -352,7 +366,7 @@ class DWMWeighter(Weighter):
             return torch.ones(len(batch), device=self.device)
         self.net.eval()
         with torch.no_grad():
-            s = self._scores(batch, losses)
+            s = self._scores_no_grad(batch, losses)
             S = self._gather(s.float())
             W = weights_from_scores(S, self.temperature, self.floor)
             stats = weight_stats(W, self._gather(batch.domain_ids), self.domains)
@@ -407,22 +421,39 @@ class DWMWeighter(Weighter):
                           batch.sample_ids, batch.domain_ids)
         G = min(self.G, len(ids))
         self.net.eval()
-        with torch.no_grad():
-            S = self._gather(self._scores(batch, self._lm_losses(ctx, batch)))
+        S = self._gather(self._scores_no_grad(batch, self._lm_losses(ctx, batch)))
         w = torch.zeros_like(S)
         w[:G] = weights_from_scores(S[:G], self.temperature, self.floor)
         precond = adam_lookahead(ctx.optimizer, ctx.model) if cfg.precondition == "adam" else None
         res = hypergradient(ctx.model, batch.input_ids, batch.n_tokens, self._local(w).detach(), *ref,
                             lr=self._lookahead_lr(ctx), precond=precond, backend=cfg.backend, fd_eps=cfg.fd_eps,
-                            global_batch_size=G, chunk_size=self.micro)
+                            global_batch_size=G, chunk_size=self.micro, autocast_dtype=ctx.autocast_dtype)
         return self._gather(res.dL_dw.to(S.dtype)).double().cpu(), res
 
-    def _phi_loss(self, ctx: TrainContext, ids: np.ndarray, target: torch.Tensor) -> torch.Tensor:
-        """phi_objective on one group of samples (a batch as the LM sees it), phi's weights gathered over ranks."""
+    def _phi_backward(self, ctx: TrainContext, ids: np.ndarray, target: torch.Tensor) -> float:
+        """phi_objective on one group of samples (a batch as the LM sees it, phi's weights gathered over ranks) and
+        its gradient into phi's parameters (this rank's part; the caller sums over ranks). The weights are a softmax
+        over the whole group, so the scores are computed without a graph first, the objective's gradient with
+        respect to them taken, and then each micro-batch of samples is scored again with a graph and
+        backpropagated with its part: the same gradient, in memory set by the chunk."""
         batch = ctx.data.batch(self._local(ids)).to(self.device)
-        s = self._scores(batch, self._lm_losses(ctx, batch))
-        W = weights_from_scores(self._gather(s, keep_grad=True), self.temperature, self.floor)
-        return phi_objective(W, target, self.cfg.kl)
+        losses = self._lm_losses(ctx, batch)
+        if not self._chunked():
+            s = self._scores(batch, losses)
+            loss = phi_objective(weights_from_scores(self._gather(s, keep_grad=True), self.temperature, self.floor),
+                                 target, self.cfg.kl)
+            loss.backward()
+            return float(loss.detach())
+        S = self._gather(self._scores_no_grad(batch, losses)).requires_grad_(True)
+        with torch.enable_grad():
+            loss = phi_objective(weights_from_scores(S, self.temperature, self.floor), target, self.cfg.kl)
+            (dS,) = torch.autograd.grad(loss, S)
+        n = len(batch)
+        d_local = dS[self.rank * n:(self.rank + 1) * n]
+        for a in range(0, n, self.micro):
+            s = self._scores(batch.slice(a, a + self.micro), None if losses is None else losses[a:a + self.micro])
+            s.backward(d_local[a:a + self.micro].to(s.dtype))
+        return float(loss.detach())
 
     def _update(self, ctx: TrainContext) -> None:
         """One bi-level update: probe `batch_size` new training samples (their dL_ref(theta')/dw), add them to this
@@ -452,7 +483,7 @@ class DWMWeighter(Weighter):
                 pick = self.rng.choice(len(all_ids), size=min(self.G, len(all_ids)), replace=False)
                 pick = pick[:len(pick) - len(pick) % self.world]
                 self.optimizer.zero_grad(set_to_none=True)
-                self._phi_loss(ctx, all_ids[pick], torch.from_numpy(all_t[pick])).backward()
+                self._phi_backward(ctx, all_ids[pick], torch.from_numpy(all_t[pick]))
                 all_reduce_([p.grad for p in self.net.parameters() if p.grad is not None])  # sum over ranks
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     self.net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))

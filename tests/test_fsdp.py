@@ -164,3 +164,153 @@ def test_fsdp_sigkill_and_resume_matches_uninterrupted(prepared_dir, tmp_path, f
     for k in wa:
         assert torch.equal(wb[k], wa[k]), k
 
+
+@pytest.mark.slow
+def test_fsdp_dwm_bilevel_update_equals_one_process(tmp_path, free_port):
+    """The fd hypergradient on sharded parameters (gradients from FSDP's reduce-scatter, which averages: the
+    weighted gradient is rescaled to the sum, the reference gradient kept; perturbations of the local shards;
+    the same passes on every rank): 2 sharded processes give 1 process's dL/dw, phi and LM. float64, as the DDP
+    test does (tests/test_dwm.py), so that a real difference is not hidden by float32 rounding."""
+    from tokenizers import Tokenizer
+
+    from dwm.data.dataset import PreparedData
+    from dwm.testing import make_synthetic_prepared
+
+    make_synthetic_prepared(tmp_path / "data", n_train=96, n_val=16, seq_len=32, vocab_size=300, domains=("a", "b"))
+    tok = Tokenizer.from_file(str(tmp_path / "data" / "tokenizer.json"))
+    val = PreparedData(tmp_path / "data", "val")
+    with open(tmp_path / "ref.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": tok.decode(val.tokens[i, : val.n_tokens[i]].tolist())[:160]}) + "\n"
+                     for i in range(8))
+    common = [f"data.dir={tmp_path / 'data'}", "model.spec=tiny", "train.global_batch_tokens=256",
+              "train.micro_batch_size=2", "train.max_steps=4", "train.precision=fp64", "train.device=cpu",
+              "train.parallel=fsdp", "weighting.mode=dwm", f"weighting.reference={tmp_path / 'ref.jsonl'}",
+              "weighting.stages=2", "weighting.updates_per_stage=1", "weighting.batch_size=4",
+              "weighting.net.width=32", "weighting.net.heads=2", "weighting.probe_size=8", "weighting.ref_batch_size=4",
+              "log.progress=false", "log.every=1", "checkpoint.every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "dwm.cli", "train", "--out", str(tmp_path / "one"), *common],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(["--out", str(tmp_path / "two"), *common], free_port())
+    assert two.returncode == 0, two.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    for k in range(2):  # stage k's bi-level update: the samples it probed and their dL/dw
+        a, b = (pq.read_table(r / "signal" / f"stage_{k}.parquet").to_pydict() for r in (tmp_path / "one",
+                                                                                          tmp_path / "two"))
+        assert a["sample_id"] == b["sample_id"] and len(a["dL_dw"]) == 4
+        assert any(abs(x) > 1e-6 for x in a["dL_dw"])
+        np_a, np_b = torch.tensor(a["dL_dw"]), torch.tensor(b["dL_dw"])
+        torch.testing.assert_close(np_b, np_a, rtol=1e-6, atol=1e-12)
+        pa_, pb = (load_file(str(r / "weighting" / f"stage_{k}.safetensors")) for r in (tmp_path / "one",
+                                                                                       tmp_path / "two"))
+        for n in pa_:
+            torch.testing.assert_close(pb[n], pa_[n], rtol=1e-6, atol=1e-10)
+    ev = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (tmp_path / "one",
+                                                                                         tmp_path / "two")]
+    ua, ub = ([e for e in recs if e.get("event") == "bilevel"] for recs in ev)
+    assert len(ua) == len(ub) == 2
+    for x, y in zip(ua, ub, strict=True):
+        assert y["ref_loss_after"] == pytest.approx(x["ref_loss_after"], rel=1e-10)
+    wa, wb = final_model(tmp_path / "one"), final_model(tmp_path / "two")
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=0, atol=1e-9)
+
+
+def final_model(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "LATEST").read_text().strip()
+    return load_file(str(run / "checkpoints" / latest / "model" / "model.safetensors"))
+
+
+def _hyper_worker(rank, world, path, port):
+    torch.set_num_threads(1)  # forked child: never enter the parent's OpenMP pool
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from test_bilevel import data, tiny_lm
+
+    from dwm.errors import UserError
+    from dwm.train import fsdp as fsdp_utils
+    from dwm.weighting.bilevel import adam_lookahead, hypergradient
+
+    out = {}
+    try:
+        model = fsdp_utils.shard_model(tiny_lm(), torch.device("cpu"), world, bf16=False)
+        ids, n, w, ref, mask = data(B=6, R=4)
+        sl, rs = slice(3 * rank, 3 * rank + 3), slice(2 * rank, 2 * rank + 2)
+        opt = _adam_steps(model, ids[sl], n[sl])
+        snap = [p.detach().to_local().clone() for p in model.parameters()]
+        r = hypergradient(model, ids[sl], n[sl], w[sl], ref[rs], mask[rs], lr=1e-2, precond=adam_lookahead(opt, model))
+        out["adam"] = {"dw": r.dL_dw, "after": r.ref_loss_after, "ok": r.ok}
+        w0 = w.clone()
+        w0[3:] = 0  # rank 1's samples all weight 0: it still takes part in the weighted pass
+        # one sample per chunk: rank 0 runs 3 weighted chunks, rank 1 none of its own (it runs 3 at weight 0)
+        r = hypergradient(model, ids[sl], n[sl], w0[sl], ref[rs], mask[rs], lr=1e-2, global_batch_size=6,
+                          chunk_size=1)
+        out["zero"] = {"dw": r.dL_dw, "after": r.ref_loss_after, "ok": r.ok}
+        params = list(model.parameters())
+        out["restored"] = all(type(p).__name__ == "DTensor" and torch.equal(p.to_local(), s) and p.grad is None
+                              for p, s in zip(params, snap))
+        try:
+            hypergradient(model, ids[sl], n[sl], w[sl], ref[rs], mask[rs], lr=1e-2, backend="exact")
+        except UserError as e:
+            out["exact"] = str(e)
+        bf16 = fsdp_utils.shard_model(tiny_lm(torch.float32), torch.device("cpu"), world, bf16=True)
+        try:
+            hypergradient(bf16, ids[sl], n[sl], w[sl], ref[rs], mask[rs], lr=1e-2, measure_before=False)
+        except UserError as e:
+            out["bf16"] = str(e)
+        torch.save(out, f"{path}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _adam_steps(model, ids, n, steps=2):
+    """Two AdamW steps on the mean loss (momentum and second moments for the lookahead to use)."""
+    from dwm.train.losses import per_sample_nll
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    for _ in range(steps):
+        per_sample_nll(model(input_ids=ids).logits, ids, n).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+@pytest.mark.slow
+def test_fsdp_hypergradient_equals_one_process(free_port, tmp_path):
+    """hypergradient on an LM sharded over 2 gloo ranks (3 of 6 samples and 2 of 4 reference passages each) gives
+    the unsharded 1-process dL/dw: with AdamW's lookahead (its state sharded too), and with one rank whose samples
+    all weigh 0 (in chunks of one sample: the ranks' chunk counts differ, every rank still runs as many); the shards come back bit-identical with no .grad; "exact" and bf16 compute refuse in one line."""
+    import time
+
+    from test_bilevel import data, tiny_lm
+
+    from dwm.weighting.bilevel import adam_lookahead, hypergradient
+
+    model = tiny_lm()
+    ids, n, w, ref, mask = data(B=6, R=4)
+    opt = _adam_steps(model, ids, n)
+    one = hypergradient(model, ids, n, w, ref, mask, lr=1e-2, precond=adam_lookahead(opt, model))
+    w0 = w.clone()
+    w0[3:] = 0
+    one0 = hypergradient(model, ids, n, w0, ref, mask, lr=1e-2, global_batch_size=6)
+    port = free_port()
+    # fork, not spawn (as tests/test_bilevel.py): spawn re-imports transformers in each child
+    ctx = mp.start_processes(_hyper_worker, args=(2, str(tmp_path), port), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("FSDP workers did not finish in 240 s")
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for key, ref_res in (("adam", one), ("zero", one0)):
+        assert all(p[key]["ok"] for p in parts) and ref_res.ok
+        both = torch.cat([p[key]["dw"] for p in parts])
+        assert both.abs().max() > 1e-6
+        torch.testing.assert_close(both, ref_res.dL_dw, rtol=1e-6, atol=1e-12, msg=key)
+        assert parts[0][key]["after"] == pytest.approx(ref_res.ref_loss_after, rel=1e-9)
+    assert all(p["restored"] for p in parts)
+    assert all("'exact'" in p["exact"] and "FSDP" in p["exact"] and "\n" not in p["exact"] for p in parts)
+    assert all("bf16" in p["bf16"] and "\n" not in p["bf16"] for p in parts)

@@ -170,23 +170,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- for a component's own passes (bi-level updates)
 
 
-def sharded_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """d loss / d params for sharded parameters, leaving their `.grad` as found. torch.autograd.grad cannot reach
-    them (a forward computes with the gathered copies, not the shards), so this is a backward into `.grad` with
-    the existing gradients set aside and put back. What comes back is FSDP's reduce-scatter: DTensor shards of
-    the *mean* over ranks of each rank's gradient (None for a parameter the loss does not reach). A collective:
-    every rank calls it."""
-    kept = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        loss.backward()
-        return [p.grad for p in params]
-    finally:
-        for p, g in zip(params, kept):
-            p.grad = g
-
-
 def global_norm(tensors: list[torch.Tensor]) -> float:
     """2-norm over a list of tensors, DTensor shards included (their local parts' squares summed over ranks; a
     collective when there are any). Per-tensor norms in the tensors' dtype, combined in float64."""

@@ -57,9 +57,12 @@ def _worker(rank: int, world: int, port: int, data_dir: str, out: str, result_pa
 
     try:
         res = {}
-        for name, parallel, weighter in [("fsdp", "fsdp", IdWeighter), ("fsdp_losses", "fsdp", LossIdWeighter),
-                                         ("ddp", "ddp", IdWeighter)]:
-            tr = Trainer(load_config(None, _overrides(data_dir, f"{out}_{name}", parallel)), weighter=weighter())
+        for name, parallel, weighter, extra in [
+                ("fsdp", "fsdp", IdWeighter, []), ("fsdp_losses", "fsdp", LossIdWeighter, []),
+                ("fsdp_ac", "fsdp", IdWeighter, ["train.activation_checkpointing=true"]),
+                ("ddp", "ddp", IdWeighter, [])]:
+            tr = Trainer(load_config(None, [*_overrides(data_dir, f"{out}_{name}", parallel), *extra]),
+                         weighter=weighter())
             assert tr.sharded == (parallel == "fsdp") and tr.plan.grad_accum == 2
             if tr.sharded:  # each rank holds half of every (dim-0) parameter
                 p = tr.model.get_input_embeddings().weight
@@ -93,11 +96,11 @@ def test_two_process_fsdp_equals_one_process_and_ddp(prepared_dir, tmp_path, fre
     single.train()
     one = single.model.state_dict()
     for k, v in one.items():
-        for name in ("fsdp", "fsdp_losses", "ddp"):
+        for name in ("fsdp", "fsdp_losses", "fsdp_ac", "ddp"):
             torch.testing.assert_close(r0[name]["params"][k], v, atol=1e-6, rtol=1e-5, msg=f"{name} {k}")
             assert torch.equal(r0[name]["params"][k], r1[name]["params"][k])  # one model, gathered on each rank
         torch.testing.assert_close(r0["fsdp"]["params"][k], r0["ddp"]["params"][k], atol=1e-6, rtol=1e-5)
-    for name in ("fsdp", "fsdp_losses", "ddp"):
+    for name in ("fsdp", "fsdp_losses", "fsdp_ac", "ddp"):
         for key in ("loss", "loss_mean", "grad_norm"):
             assert r0[name]["metrics"][key] == pytest.approx(single.last_metrics[key], abs=1e-5), (name, key)
     assert single.last_metrics["grad_norm"] > 0.05  # the clip was active

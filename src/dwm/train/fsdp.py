@@ -1,19 +1,21 @@
 """`train.parallel = "fsdp"`: the LM sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`) over all ranks.
 
-What is sharded: every decoder layer (the model's `_no_split_modules`) is its own FSDP unit (its parameters all-gathered for its forward and backward,
-then freed), and the root unit holds the rest (embeddings, the final norm, the LM head; a tied head is one
-parameter). Each parameter is a DTensor sharded on dim 0 over a 1-D device mesh of all ranks; its gradient comes
-back reduce-scattered (the mean over ranks, in float32) and the AdamW state lives next to the local shard only.
+What is sharded: every decoder layer (the model's `_no_split_modules`) is its own FSDP unit (its parameters
+all-gathered for its forward and backward, then freed), and the root unit holds the rest (embeddings, the final
+norm, the LM head; a tied head is one parameter). Each parameter is a DTensor sharded on dim 0 over a 1-D device
+mesh of all ranks; its gradient comes back reduce-scattered (the mean over ranks) and the AdamW state lives next to
+the local shard only.
 
 Precision: on CUDA with train.precision auto/bf16 the all-gathered parameters are cast to bf16 for compute and the
 gradients reduced in float32 (`MixedPrecisionPolicy`); the sharded master weights and the optimizer state stay
-float32. Elsewhere (CPU, fp32, fp64) parameters are gathered in their own dtype.
+float32. Elsewhere (CPU, fp32, fp64) parameters are gathered and gradients reduced in their own dtype.
 
 Checkpoints are the same files as without FSDP: `model/` holds the full (unsharded) weights as a plain Hugging Face
 directory (rank 0 writes it; `dwm eval` / `dwm export` load it without FSDP), and `trainer_state.pt` the full
 optimizer state keyed by parameter name (torch.distributed.checkpoint's get/set_optimizer_state_dict with
 full_state_dict), which every rank re-shards on resume. Either kind of checkpoint resumes either way (sharded or
-not, any number of processes); only a resume with the same setting is exact to the bit.
+not; tested 2 sharded processes -> 1 and 2 DDP processes -> 2 sharded); only a resume with the same setting is
+exact to the bit.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory):
-    """64 train / 16 val rows of 32 tokens, two domains, a real 300-token BPE (built once per session)."""
+    """64 train / 16 val rows of 32 tokens, two domains, a real 300-token BPE (built once per test run)."""
     from dwm.testing import make_synthetic_prepared
 
     return make_synthetic_prepared(tmp_path_factory.mktemp("prepared") / "data")
@@ -59,3 +59,31 @@ def make_cfg(prepared_dir, tmp_path):
                                   *overrides])
 
     return _make
+
+
+def dwm_modules() -> list[str]:
+    """Every module of the dwm package, dotted (dwm, dwm.cli, dwm.data.batch, ...), from the source tree."""
+    from pathlib import Path
+
+    import dwm
+
+    root = Path(dwm.__file__).parent
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def pytest_sessionfinish(session):
+    """With DWM_FAST_COVERAGE=1 (`make test-fast`): fail the run if a dwm module was never imported in this process,
+    i.e. no test of the selected tier exercised it (modules only subprocesses import do not count)."""
+    import sys
+
+    if os.environ.get("DWM_FAST_COVERAGE") != "1":
+        return
+    missing = [m for m in dwm_modules() if m not in sys.modules]
+    if missing:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"dwm modules no test of this run imports ({len(missing)}): {', '.join(missing)}", red=True)
+        session.exitstatus = 1

@@ -23,6 +23,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test():
+    """A test that changes torch's thread count (`dwm demo` sets it for each arm it trains in-process) leaves the
+    next test single-threaded again: two threads on busy shared cores make later tests many times slower."""
+    yield
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """free_port() -> a TCP port the OS reports free on 127.0.0.1 (for DDP rendezvous; never a fixed number)."""

@@ -193,3 +193,26 @@ def test_every_cli_option_has_help_and_default(command):
             shown = sub._get_formatter()._get_help_string(action)
             assert "default" in shown.lower(), f"dwm {command} {name}: default not shown"
     assert "default" in text
+
+
+def test_python_dash_m_dwm_is_the_dwm_command(monkeypatch, capsys):
+    """`python -m dwm ...` (what torchrun launches) runs the same `dwm` command: --help lists every subcommand and
+    exits 0; an unknown subcommand exits 2."""
+    import importlib
+    import runpy
+
+    from dwm.cli import COMMANDS
+
+    monkeypatch.setattr(sys, "argv", ["dwm", "--help"])
+    importlib.import_module("dwm.__main__")  # importing it runs nothing
+    assert capsys.readouterr().out == ""
+    monkeypatch.delitem(sys.modules, "dwm.__main__")  # run_module executes it afresh (restored afterwards)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("dwm", run_name="__main__")
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: dwm")
+    assert all(name in out for name in COMMANDS)
+    monkeypatch.setattr(sys, "argv", ["dwm", "trian"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("dwm", run_name="__main__")
+    assert done.value.code == 2

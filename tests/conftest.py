@@ -96,6 +96,6 @@ def pytest_sessionfinish(session):
     missing = [m for m in dwm_modules() if m not in sys.modules]
     if missing:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        reporter.ensure_newline()
+        reporter.write("\n")
         reporter.write_line(f"dwm modules no test of this run imports ({len(missing)}): {', '.join(missing)}", red=True)
         session.exitstatus = 1

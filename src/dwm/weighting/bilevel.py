@@ -115,7 +115,7 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """P = 1 / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps) per trainable parameter, from a torch Adam/AdamW state: the
-    optimizer's *current* diagonal, frozen (the design note's form). None before the first step. A parameter with
+    optimizer's *current* diagonal, frozen. None before the first step. A parameter with
     no state while others have one gets P = 0. Prefer `adam_lookahead`, AdamW's real next step: this stale diagonal
     is ~1/eps for parameters that rarely get gradient (embedding rows of rare tokens), and a lookahead through it can
     jump orders of magnitude further than Adam ever moves.

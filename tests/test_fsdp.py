@@ -317,3 +317,35 @@ def test_fsdp_hypergradient_equals_one_process(free_port, tmp_path):
     assert all(p["restored"] for p in parts)
     assert all("'exact'" in p["exact"] and "FSDP" in p["exact"] and "\n" not in p["exact"] for p in parts)
     assert all("bf16" in p["bf16"] and "\n" not in p["bf16"] for p in parts)
+
+
+def test_one_process_fsdp_trains_unsharded_and_states_convert(make_cfg, tmp_path):
+    """Fast checks without a process group: fsdp on one process is plain training (bit for bit), the decoder layers
+    are the units, and torch's position-keyed optimizer state keyed by name loads back to the same state."""
+    from dwm.train import fsdp as fsdp_utils
+    from dwm.train.model import build_model
+    from dwm.train.trainer import Trainer, make_optimizer
+
+    a = Trainer(make_cfg("train.parallel=fsdp", "train.max_steps=2", out=tmp_path / "a"), weighter=IdWeighter())
+    b = Trainer(make_cfg("train.parallel=ddp", "train.max_steps=2", out=tmp_path / "b"), weighter=IdWeighter())
+    assert not a.sharded and not fsdp_utils.is_sharded(a.model)
+    assert [type(m).__name__ for m in fsdp_utils.decoder_layers(a.model)] == ["LlamaDecoderLayer"] * 2
+    a.train()
+    b.train()
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(a.model.state_dict()[k], v), k
+    sd = a.optimizer.state_dict()
+    by_name = fsdp_utils._by_name(a.model, a.optimizer, sd)
+    assert set(by_name["state"]) == {n for n, _ in a.model.named_parameters()}
+    model = build_model("tiny", a.plan.vocab_size)
+    opt = make_optimizer(model, a.cfg.optim)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # (it adds initial_lr to the groups, as the trainer's)
+    fsdp_utils.load_full_optimizer_state(model, opt, sd)  # position-keyed: keyed by name on the way
+    got = opt.state_dict()
+    def groups(state):  # (torch.distributed.checkpoint hands the betas back as a list)
+        return [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["param_groups"]]
+
+    assert groups(got) == groups(sd)
+    for i, st in sd["state"].items():
+        for key, val in st.items():
+            assert torch.equal(got["state"][i][key], val), (i, key)

@@ -1,4 +1,5 @@
-"""Typed dataclass configs: TOML sections, dotted `key=value` overrides, `Literal` choices, help from docstrings.
+"""Typed dataclass configs: TOML sections, dotted `key=value` overrides (or mappings of dotted keys to typed values),
+`Literal` choices, help from docstrings.
 
 Each part of the pipeline owns its section, a dataclass whose fields carry a docstring (the string literal after
 the field, which becomes its help text) and whose range checks live in its own `validate(self, prefix)` method.

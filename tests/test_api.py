@@ -108,7 +108,9 @@ def test_select_writes_what_the_cli_writes(pool_dir, passages, tmp_path):
     api, cli = pq.read_table(sel.manifest), pq.read_table(tmp_path / "cli.parquet")
     assert api.column_names == cli.column_names == ["sample_id", "doc_id", "score"]
     assert api.to_pydict() == cli.to_pydict() and api.num_rows > 0
-    strip = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "seconds"}
+
     meta = {k: strip(json.loads(t.schema.metadata[b"dwm.selection"])) for k, t in (("api", api), ("cli", cli))}
     assert meta["api"] == meta["cli"] and meta["api"]["settings"]["ngrams"] == 1
     report = json.loads((tmp_path / "cli.json").read_text())
@@ -161,6 +163,9 @@ def test_train_resumes_from_the_run_directory_config(runs, tmp_path):
     # the copied config.toml still names the old out; the resumed run is told its new one
     res = dwm.train(run / "config.toml", overrides={"out": run, "train.max_steps": 4}, resume=True)
     assert res.step == 4 and (run / "checkpoints" / "step_00000004").is_dir()
+    # no config: resuming reads the run directory's config.toml (now with its own out), as `dwm train --resume`
+    res = dwm.train(overrides={"out": run, "train.max_steps": 5}, resume=True)
+    assert res.step == 5 and res.config.model.spec == "tiny" and res.config.train.seed == 1
 
 
 def test_evaluate_returns_what_the_cli_writes(runs, passages):

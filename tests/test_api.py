@@ -100,7 +100,7 @@ def pool_dir(tmp_path_factory) -> Path:
 
 
 def test_select_writes_what_the_cli_writes(pool_dir, passages, tmp_path):
-    sel = dwm.select(pool_dir, "dsir", 800, tmp_path / "api.parquet", seed=3, target=passages["reference"],
+    sel = dwm.select(dwm.PreparedInfo(pool_dir, {}), "dsir", 800, tmp_path / "api.parquet", seed=3, target=passages["reference"],
                      workers=1, dsir_ngrams=1, dsir_min_words=5, top_k=True)
     assert main(["select", "--data", str(pool_dir), "--method", "dsir", "--budget-tokens", "800", "--out",
                  str(tmp_path / "cli.parquet"), "--seed", "3", "--target", str(passages["reference"]),
@@ -184,8 +184,9 @@ def test_analyze_writes_what_the_cli_writes(runs, passages, tmp_path):
     overrides = {**TINY, "data.dir": runs["data"], "out": tmp_path / "dwm", "train.max_steps": 4,
                  "weighting": {"mode": "dwm", "reference": passages["reference"], "probe_size": 20,
                                "ref_batch_size": 4, "updates_per_stage": 1, "net": {"width": 32, "heads": 2}}}
-    run = dwm.train(overrides=overrides).run_dir
-    summary = dwm.analyze([run], tmp_path / "api")
+    res = dwm.train(overrides=overrides)
+    run = res.run_dir
+    summary = dwm.analyze([res], tmp_path / "api")  # a TrainResult stands for its run directory
     assert main(["analyze", str(run), "--out", str(tmp_path / "cli")]) == 0
     cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert {"runs": summary.runs, "plots": [p.name for p in summary.plots]} == cli

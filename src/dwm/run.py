@@ -134,13 +134,16 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
 
 @dataclass
 class TrainResult:
-    """What `train` returns: the run directory, the resolved config that ran, and the last logged metrics (empty on
-    the ranks of a DDP run other than 0)."""
+    """What `train` (`dwm.train`) returns: the run directory, the resolved config that ran, and the last logged
+    metrics (empty on the ranks of a DDP run other than 0). Path-like: it stands for the run directory."""
 
     run_dir: Path
     config: RunConfig
     metrics: dict = field(default_factory=dict)
     is_main: bool = True
+
+    def __fspath__(self) -> str:  # stands for the run directory: dwm.evaluate(result), dwm.analyze([result])
+        return str(self.run_dir)
 
     @property
     def step(self) -> int | None:

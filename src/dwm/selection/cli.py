@@ -120,6 +120,7 @@ def select_documents(data: str | Path, method: str, budget_tokens: int, out: str
     classifier; default data/target/reference.jsonl), top_k / temperature (dsir, quality), dsir_* (dsir),
     score_column / score_model / classifier (quality: exactly one), ref_model / band (perplexity). Same inputs,
     same seed: the same manifest. Bad input raises UserError."""
+    data = os.fspath(data)  # a PreparedInfo stands for its directory
     _check_choice("--method", method, METHODS)
     if method == "influence":
         raise UserError("influence selects online, during training: run `dwm train ... selector.mode=influence` "

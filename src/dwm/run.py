@@ -71,8 +71,9 @@ def _lm_has_trained_weights(cfg: RunConfig) -> bool:
     return any(Path(cfg.model.spec).glob("*.safetensors")) or any(Path(cfg.model.spec).glob("*.bin"))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the TOML file (if any), then the overrides in order. Not yet validated."""
+def load_config(path: str | Path | None = None, overrides=()) -> RunConfig:
+    """Defaults, then the TOML file (if any), then the overrides in order (key=value strings and/or mappings of
+    dotted keys to typed values: `dwm.config.apply_overrides`). Not yet validated."""
     return C.load(RunConfig, path, overrides)
 
 
@@ -142,6 +143,59 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
                    callbacks=[*callbacks, *([tracker] if tracker is not None else [])])
 
 
+@dataclass
+class TrainResult:
+    """What `train` (`dwm.train`) returns: the run directory, the resolved config that ran, and the last logged
+    metrics (empty on the ranks of a DDP run other than 0). Path-like: it stands for the run directory."""
+
+    run_dir: Path
+    config: RunConfig
+    metrics: dict = field(default_factory=dict)
+    is_main: bool = True
+
+    def __fspath__(self) -> str:  # stands for the run directory: dwm.evaluate(result), dwm.analyze([result])
+        return str(self.run_dir)
+
+    @property
+    def step(self) -> int | None:
+        """The last optimizer step (None when nothing was logged)."""
+        return self.metrics.get("step")
+
+    @property
+    def loss(self) -> float | None:
+        """The last logged training loss (None when nothing was logged)."""
+        return self.metrics.get("loss")
+
+
+def train(config: RunConfig | str | Path | None = None, *, overrides=(), resume: bool = False,
+          callbacks=()) -> TrainResult:
+    """Train a run (`dwm train` as a function); returns a TrainResult.
+
+    config: a RunConfig (copied, never changed), a TOML file or a shipped recipe name (`cpu-small-dwm`), or None
+    (the built-in defaults; with resume, the run directory's config.toml when it has one, as `dwm train --resume`).
+    overrides: applied in order after config: a mapping of dotted keys to typed values (`{"train.max_steps": 100,
+    "data.dir": path}`; sections as nested mappings), `key=value` strings, or a sequence of both.
+    resume: continue from the run directory's newest good checkpoint. callbacks: `dwm.train.callbacks.Callback`s.
+    A bad key, value or path raises UserError."""
+    if isinstance(config, RunConfig):
+        import copy
+
+        cfg = copy.deepcopy(config)
+        C.apply_overrides(cfg, overrides)
+    else:
+        if config is not None and not isinstance(config, (str, Path)):
+            raise UserError(f"config must be a RunConfig, a TOML path or a recipe name, not {type(config).__name__}")
+        out = None
+        if config is None and resume:
+            probe = RunConfig()
+            C.apply_overrides(probe, overrides)
+            out = probe.out
+        cfg = load_config(resolve_config_path(None if config is None else str(config), out, resume), overrides)
+    trainer = build_trainer(cfg, resume=resume, callbacks=callbacks)
+    final = trainer.train()
+    return TrainResult(run_dir=trainer.run_dir, config=cfg, metrics=dict(final or {}), is_main=trainer.is_main)
+
+
 # ---------------------------------------------------------------- `dwm train`
 
 
@@ -179,25 +233,22 @@ def resolve_config_path(arg: str | None, out: str | None, resume: bool) -> Path 
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    shortcuts = []
-    for flag, key in (("data", "data.dir"), ("selection", "data.selection"), ("out", "out"),
-                      ("weighting", "weighting.mode")):
-        if getattr(args, flag) is not None:
-            shortcuts.append(f"{key}={getattr(args, flag)}")
+    shortcuts = {key: getattr(args, flag) for flag, key in (("data", "data.dir"), ("selection", "data.selection"),
+                                                             ("out", "out"), ("weighting", "weighting.mode"))
+                 if getattr(args, flag) is not None}
     if args.keep_learning:
-        shortcuts.append("weighting.keep_learning=true")
+        shortcuts["weighting.keep_learning"] = True
     path = resolve_config_path(args.config, args.out, args.resume)
     if path is None and not args.overrides and not shortcuts:
         raise UserError("no configuration: give --config FILE (or a recipe name) and/or key=value overrides")
-    return load_config(path, [*shortcuts, *args.overrides])
+    return load_config(path, [shortcuts, *args.overrides])
 
 
 def run(args: argparse.Namespace, callbacks=()) -> int:
     if args.help_config:
         print(help_config())
         return 0
-    trainer = build_trainer(config_from_args(args), resume=args.resume, callbacks=callbacks)
-    final = trainer.train()
-    if trainer.is_main and final:
-        print(f"done: step {final['step']}, loss {final['loss']:.4f}, run dir {trainer.run_dir}", file=sys.stderr)
+    res = train(config_from_args(args), resume=args.resume, callbacks=callbacks)
+    if res.is_main and res.metrics:
+        print(f"done: step {res.step}, loss {res.loss:.4f}, run dir {res.run_dir}", file=sys.stderr)
     return 0

@@ -88,7 +88,7 @@ def test_fsdp_divides_the_state_and_ddp_keeps_it():
     one = plan_memory("cpu-mini", 8192, 64, 4, **kw)
     ddp = plan_memory("cpu-mini", 8192, 64, 4, gpus=4, parallel="ddp", **kw)
     fsdp = plan_memory("cpu-mini", 8192, 64, 4, gpus=4, parallel="fsdp", **kw)
-    unit = 4 * max(shape.layer_params, shape.outer_params)  # the largest all-gathered unit, fp32
+    unit = 4 * (shape.layer_params + shape.outer_params)  # the root unit + one decoder layer gathered, fp32
     assert ddp.step.weights == one.step.weights and ddp.step.optimizer == one.step.optimizer
     assert ddp.step.grads == 2 * one.step.grads  # DDP's buckets
     assert fsdp.step.weights == pytest.approx(one.step.weights / 4 + unit)

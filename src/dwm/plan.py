@@ -20,9 +20,9 @@ The weighting network's own forwards (scoring, phi's steps) are small against th
 Memory (simulated: the real step traced under FakeTensorMode, dwm.train.memory; bf16 autocast on GPU when
 train.precision is auto/bf16): weights, grads, optimizer (AdamW: 2 fp32 states), activations at
 train.micro_batch_size; 'ddp' keeps a second copy of the gradients in its buckets, 'fsdp' divides weights, grads
-and optimizer by the GPU count plus one all-gathered unit. A bi-level update runs between steps (the gradients are
-freed then) and holds the weights, the optimizer state (and DDP's buckets) + 3 fp32 parameter-sized copies (saved
-parameters, preconditioner, one gradient buffer) + one micro-batch's activations.
+and optimizer by the GPU count plus the all-gathered root unit and one decoder layer. A bi-level update runs
+between steps (the gradients are freed then) and holds the weights, the optimizer state (and DDP's buckets) + 3 fp32
+parameter-sized copies (saved parameters, preconditioner, one gradient buffer) + one micro-batch's activations.
 """
 
 from __future__ import annotations

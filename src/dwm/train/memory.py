@@ -205,18 +205,20 @@ def trace_step_memory(spec: str, vocab_size: int, seq_len: int, micro_batch: int
     return StepMemory(**m)
 
 
-def per_device(step: StepMemory, shape: ModelShape, *, gpus: int, parallel: str, dtype_bytes: int = 4
-               ) -> StepMemory:
+def per_device(step: StepMemory, shape: ModelShape, *, gpus: int, parallel: str, dtype_bytes: int = 4,
+               gather_bytes: int | None = None) -> StepMemory:
     """One device's share under data parallelism. 'ddp': every rank holds the whole state, plus DDP's gradient
-    buckets (a second copy of the gradients) when gpus > 1. 'fsdp': weights, gradients and optimizer state are
-    divided by the GPU count, plus the largest all-gathered unit (a decoder layer, or the root's embedding / LM
-    head / final norm) held unsharded with its unsharded gradients."""
+    buckets (a second copy of the gradients) when gpus > 1. 'fsdp' (dwm.train.fsdp: each decoder layer a unit, the
+    root unit the embedding / final norm / LM head): weights, gradients and optimizer state are divided by the GPU
+    count, plus the root unit and one decoder layer all-gathered at once (in `gather_bytes` per parameter: bf16
+    under bf16 autocast's MixedPrecisionPolicy) with their unsharded gradients (reduced in `dtype_bytes`)."""
     if gpus <= 1:
         return StepMemory(step.weights, step.grads, step.optimizer, step.activations)
     if parallel == "ddp":
         return StepMemory(step.weights, 2 * step.grads, step.optimizer, step.activations)
-    unit = max(shape.layer_params, shape.outer_params) * dtype_bytes
-    return StepMemory(step.weights / gpus + unit, step.grads / gpus + unit, step.optimizer / gpus,
+    unit = shape.layer_params + shape.outer_params
+    gathered = unit * (gather_bytes or dtype_bytes)
+    return StepMemory(step.weights / gpus + gathered, step.grads / gpus + unit * dtype_bytes, step.optimizer / gpus,
                       step.activations)
 
 
@@ -274,7 +276,8 @@ def plan_memory(spec: str, vocab_size: int, seq_len: int, micro_batch: int, *, a
     step = trace_step_memory(spec, vocab_size, seq_len, micro_batch, accum=accum, dtype=dtype, bf16_autocast=bf16,
                              activation_checkpointing=activation_checkpointing,
                              attn_implementation=attn_implementation)
-    dev = per_device(step, shape, gpus=gpus, parallel=parallel, dtype_bytes=dtype.itemsize)
+    dev = per_device(step, shape, gpus=gpus, parallel=parallel, dtype_bytes=dtype.itemsize,
+                     gather_bytes=2 if bf16 else dtype.itemsize)
     heap = CPU_HEAP_OVERHEAD * dev.activations if device_type == "cpu" else 0.0
     out = DeviceMemory(dev, heap)
     if update_param_copies:

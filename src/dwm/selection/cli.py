@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="words: n-grams of the decoded text's words, as the authors' package; tokens: of token ids")
     g.add_argument("--dsir-min-words", type=int, default=100,
                    help="documents with fewer words are never selected (the package's min_example_length)")
+    g.add_argument("--dsir-score", choices=("mean", "sum"), default="mean",
+                   help="mean: a document's mean log importance ratio per n-gram, scaled to a 128-word example (the "
+                        "DSIR paper's), so length does not decide; sum: the whole-document sum, as the authors' "
+                        "package (its parity mode)")
     g = p.add_argument_group("quality")
     g.add_argument("--score-column", help="a score column of the prepared data (QuRating criteria recognised, also "
                                           "as <name>_average) (default: none)")
@@ -112,7 +116,7 @@ def select(args: argparse.Namespace) -> dict[str, Any]:
 
             t = 1.0 if args.temperature is None else args.temperature
             opts = dsir.DSIROptions(args.dsir_ngrams, args.dsir_buckets, args.dsir_features, args.dsir_min_words,
-                                    0.0 if args.top_k else t)
+                                    0.0 if args.top_k else t, args.dsir_score)
             res = dsir.score(pool, opts, target, engine)
             keys = dsir.keys(res, opts, args.seed)
         elif method == "quality":

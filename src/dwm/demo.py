@@ -243,9 +243,9 @@ def run(args: argparse.Namespace) -> int:
     text = (f"{table}\n\nDWM: mean weight of each domain's probe samples, stage by stage (1 = uniform)\n"
             f"{stage_table(weights, shares, corpus_share)}{said}\n\n"
             f"{in_words(results, weights, shares, corpus_share)}")
+    layout = f"{jobs} run{'s' * (jobs > 1)} at a time, {threads} torch thread{'s' * (threads > 1)} each"
     (out / "results.md").write_text(f"# dwm demo ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens; "
-                                    f"{jobs} run{'s' * (jobs > 1)} at a time, {threads} torch thread{'s' * (threads > 1)} each)"
-                                    f"\n\n```\n{text}\n```\n")
+                                    f"{layout})\n\n```\n{text}\n```\n")
     (out / "results.json").write_text(json.dumps({**results, "stage_weights": weights, "stage_signal": signal,
                                                   "trained_share": shares, "corpus_share": corpus_share,
                                                   "threads_per_run": threads, "jobs": jobs}, indent=2,

@@ -16,14 +16,15 @@
 Documents of any length (`score = "mean"`, the default). The package scores whatever examples it is given with
 the whole sum; the DSIR paper gives it examples of one length (chunks of 128 words), where the sum is fair. A
 selection unit here is a whole document (the manifest names documents of the prepared data, not chunks), and
-documents differ in length by orders of magnitude: the sum of per-n-gram log ratios, mostly negative, then ranks
-documents by their length (Spearman -0.95 between score and length on the shipped corpus, whose longest
-documents are the books) rather than by how target-like their text is. The mean log ratio per n-gram occurrence
-is the log importance weight per n-gram of the document, the same for a text and for any number of copies of it;
-it is multiplied by the number of n-grams of one 128-word example (`EXAMPLE_WORDS`: 255 with unigrams and bigrams),
-a constant, so a document scores as a paper-sized example of its average text would, and Gumbel sampling at
-temperature 1 is as sharp as the paper's resampling of chunks. (Splitting documents into 128-word chunks would
-score the same mean per chunk but could not be selected chunk by chunk here.)
+documents differ in length by orders of magnitude. Most n-grams of a document are rarer in a small target than in
+the pool, so the sum is mostly negative and ranks documents by shortness rather than by how target-like their text
+is (Spearman -0.95 between score and length on the shipped corpus; toward the novels target it selected email,
+the shortest documents, first). The mean log ratio per n-gram occurrence does not grow with length; it is
+multiplied by the number of n-grams of one 128-word example (`EXAMPLE_WORDS`: 255 with unigrams and bigrams), a
+constant, so a document scores as a paper-sized example of its average text would, and Gumbel sampling at
+temperature 1 is as sharp as the paper's resampling of chunks. Chunking documents the paper's way would score each
+128-word chunk, but a chunk cannot be selected without its document here; the document's mean is its chunks'
+scores averaged (up to the bigrams across chunk boundaries). benchmarks/results/select.md (section 5) measures both.
 
 What differs: the hash. The package hashes each n-gram's string with SHA-256 in a Python loop; here every word is
 hashed at once with numpy (a polynomial hash of its code points, mixed by splitmix64; an n-gram's hash combines its

@@ -76,7 +76,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from dwm.weighting import bilevel
+    from dwm.nn import bilevel
     from dwm.weighting import dwm_weighter as dw
 
     torch.set_num_threads(args.threads)

@@ -49,7 +49,7 @@ def reset_peak() -> float:
 
 def child(args) -> None:
     from dwm.run import build_trainer, load_config, recipe_path
-    from dwm.weighting.bilevel import PARAM_COPIES
+    from dwm.nn.bilevel import PARAM_COPIES
 
     torch.set_num_threads(args.threads)
     kind, _, rest = args.phase.partition(":")

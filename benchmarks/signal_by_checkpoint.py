@@ -28,7 +28,7 @@ from dwm.data.passages import PassageSet
 from dwm.eval.export import load_run_model
 from dwm.train.config import OptimConfig
 from dwm.train.trainer import make_optimizer
-from dwm.weighting.bilevel import adam_lookahead, hypergradient
+from dwm.nn.bilevel import adam_lookahead, hypergradient
 
 try:
     import tomllib

@@ -105,7 +105,7 @@ def test_probes_record_the_lm_loss_of_their_step(runs):
     from transformers import AutoModelForCausalLM
 
     from dwm.data.dataset import PreparedData
-    from dwm.train.losses import per_sample_nll
+    from dwm.nn.losses import per_sample_nll
 
     run = runs["dwm_a"]
     t = pq.read_table(run / "probes" / "stage_4.parquet")

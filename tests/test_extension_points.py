@@ -15,7 +15,7 @@ import torch
 
 from dwm.cli import main
 from dwm.data.batch import Batch
-from dwm.train.losses import per_sample_nll
+from dwm.nn.losses import per_sample_nll
 from dwm.train.selector import SELECTORS, OnlineSelector, SelectorConfig, SequentialSelector
 from dwm.train.trainer import Trainer
 from dwm.train.weighter import WEIGHTERS, Weighter
@@ -189,7 +189,7 @@ def test_walls_between_packages():
                                                           "dwm.selection", "dwm.analysis"))}, m
         if m.startswith("dwm.selection"):  # data, train's interfaces and the bi-level hypergradient only
             assert not {d for d in deps if d.startswith(("dwm.eval", "dwm.run", "dwm.demo"))
-                        or (d.startswith("dwm.weighting") and d != "dwm.weighting.bilevel")}, m
+                        or (d.startswith("dwm.weighting") and d != "dwm.nn.bilevel")}, m
         if m.startswith("dwm.eval"):
             assert not {d for d in deps if d.startswith("dwm.weighting")}, m
         if m.startswith("dwm.analysis"):  # reads run directories and prepared data, not the code that wrote them

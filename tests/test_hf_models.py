@@ -148,7 +148,7 @@ def test_activation_checkpointing_same_gradients(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", HF_MODEL_TYPES)
 def test_fd_and_exact_hypergradients_agree(arch, tmp_path):
-    from dwm.weighting.bilevel import hypergradient
+    from dwm.nn.bilevel import hypergradient
 
     V, B, T = 97, 6, 14
     m = build_model(str(model_dir(tmp_path, arch, V)), V, seed=0, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Held-out language-modelling loss and perplexity per domain on a prepared directory's `val` split.
 
-The per-sample loss is `dwm.train.losses.per_sample_nll` (the quantity the weighters weight), so held-out and
+The per-sample loss is `dwm.nn.losses.per_sample_nll` (the quantity the weighters weight), so held-out and
 training losses are on the same footing. Aggregation is token-weighted: a domain's loss is its summed token NLL
 over its predicted tokens (n_tokens - 1 per sample), i.e. per-sample means weighted by their token counts, so a
 domain's perplexity is exp(mean NLL per token) whatever its row lengths. "overall" pools every domain the same way.
@@ -17,7 +17,7 @@ import torch
 
 from dwm.data.dataset import PreparedData
 from dwm.errors import UserError
-from dwm.train.losses import per_sample_nll
+from dwm.nn.losses import per_sample_nll
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ dropped candidate is never forwarded by the LM.
 Score = the sample's first-order influence on the reference loss at the current model, -dL_ref(theta')/dw_i: how
 much giving it weight in the next (AdamW) step lowers the loss on the LAMBADA-format reference passages. MATES probes
 this by one-step training per sample and fits a small model to predict it for the whole pool; here the probe is the
-bi-level hypergradient dwm already computes (dwm.weighting.bilevel.hypergradient with every weight 0: the lookahead
+bi-level hypergradient dwm already computes (dwm.nn.bilevel.hypergradient with every weight 0: the lookahead
 is AdamW's momentum step alone, and each probed sample costs two no-grad forwards of the LM). `influence.probe` of
 the candidates (25%) are probed; the influence model, a ridge regression on hashed token unigram + bigram features
 and the domain (no LM compute), is fitted on the last `influence.history` probe rounds (standardised per round, so
@@ -31,11 +31,13 @@ import torch
 
 from dwm.data.passages import PassageSet
 from dwm.errors import UserError
+from dwm.nn.bilevel import adam_lookahead, hypergradient
+from dwm.nn.sampling import gumbel_top_k
 from dwm.selection.config import InfluenceConfig
 from dwm.selection.dsir import _mix, ngram_buckets
 from dwm.train.context import TrainContext
 from dwm.train.selector import OnlineSelector, SelectorConfig
-from dwm.weighting.bilevel import adam_lookahead, hypergradient
+
 
 
 def token_features(rows: np.ndarray, n_tokens: np.ndarray, domains: np.ndarray, n_domains: int, buckets: int
@@ -141,13 +143,8 @@ class InfluenceSelector(OnlineSelector):
 
     def keep(self, ctx: TrainContext, ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
         """Gumbel top-k: n candidates without replacement, probability proportional to exp(score / T)."""
-        T = self.icfg.temperature
-        keys = scores.copy()
-        if T > 0:
-            rng = np.random.default_rng([ctx.seed, 0x6B, ctx.step // self.cfg.every])
-            keys = scores / T + rng.gumbel(size=len(scores))
-        best = np.sort(np.argsort(-keys, kind="stable")[:n])
-        return ids[best]
+        rng = np.random.default_rng([ctx.seed, 0x6B, ctx.step // self.cfg.every])
+        return ids[gumbel_top_k(scores, n, rng, self.icfg.temperature)]
 
     def step_metrics(self) -> dict[str, float]:
         return {**super().step_metrics(), "select_seconds_total": self.totals["seconds"]}

@@ -57,7 +57,7 @@ def _row_nll(model, rows: np.ndarray, n_tok: np.ndarray, bs: int, device: str) -
     """(sum of token NLLs, predicted tokens) per row."""
     import torch
 
-    from dwm.train.losses import per_sample_nll
+    from dwm.nn.losses import per_sample_nll
 
     sums, counts = [], []
     with torch.no_grad():

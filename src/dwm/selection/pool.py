@@ -30,6 +30,7 @@ from dwm.data import dataset
 from dwm.data.dataset import data_fingerprint, iter_split_batches, read_meta, split_parts
 from dwm.data.mixture import write_manifest
 from dwm.errors import UserError
+from dwm.nn import sampling
 
 MANIFEST_KEY = b"dwm.selection"
 SHARD_TOKENS = 1 << 21  # ~2M tokens of text per engine task: small enough for memory, large for overheads
@@ -282,13 +283,10 @@ def shard_texts(shard: Shard) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ choosing
 def gumbel_keys(scores: np.ndarray, temperature: float, seed: int) -> np.ndarray:
-    """scores / temperature + Gumbel(0, 1) noise: sorting by these keys draws without replacement with
-    probability proportional to exp(score / temperature) (the Gumbel top-k trick). temperature 0: the scores."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if temperature <= 0:
-        return scores.copy()
-    g = np.random.default_rng([seed, 0x6B]).gumbel(size=len(scores))
-    return scores / temperature + g
+    """scores / temperature + Gumbel(0, 1) noise from the seed (dwm.nn.sampling.gumbel_keys): sorting by these keys
+    draws without replacement with probability proportional to exp(score / temperature). temperature 0: the
+    scores."""
+    return sampling.gumbel_keys(scores, temperature, np.random.default_rng([seed, 0x6B]))
 
 
 def fill_budget(keys: np.ndarray, unit_tokens: np.ndarray, budget: int, eligible: np.ndarray | None = None,

@@ -41,7 +41,7 @@ from dwm.train.callbacks import Callback
 from dwm.train.checkpoint import load_latest, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
-from dwm.train.losses import per_sample_nll
+from dwm.nn.losses import per_sample_nll
 from dwm.train.model import build_model, enable_activation_checkpointing, saved_state_dict, tied_parameter_names
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from dwm.run import build_trainer, load_config
 from dwm.testing import make_synthetic_prepared
 from dwm.train.trainer import Trainer
-from dwm.weighting.dwm_weighter import probe_ids, probed_records, weight_stats
+from dwm.weighting.diagnostics import weight_stats
+from dwm.weighting.outputs import probe_ids
+from dwm.weighting.probe import probed_records
 
 STEPS = 20
 
@@ -334,47 +336,53 @@ def test_replay_on_another_selection(data, tmp_path):
 
 # --- the levers of "a phi that learns the signal" -------------------------------------------------------------
 class _Ctx:
-    """The few TrainContext members DWMWeighter._phi_loss uses."""
+    """The few TrainContext members PhiLearner.phi_backward uses."""
 
     def __init__(self, data_dir):
         from dwm.data.dataset import PreparedData
 
         self.data = PreparedData(data_dir, "train")
+        self.model = None
 
 
-def _weighter(data, *extra):
-    from dwm.weighting.dwm_weighter import DWMWeighter
+def _learner(data, micro, *extra):
+    """phi's learner on its own: a scorer bound to a float64 phi with non-uniform scores, no trainer."""
+    from dwm.weighting.learner import PhiLearner
+    from dwm.weighting.net import WeightingNet
+    from dwm.weighting.probe import BilevelProbe
+    from dwm.weighting.scorer import Scorer
 
     cfg = load_config(None, overrides(data, Path("/nonexistent"), "weighting.mode=dwm", *extra)).weighting
-    w = DWMWeighter(cfg)
-    w.device, w.world, w.rank, w.temperature, w.floor = torch.device("cpu"), 1, 0, cfg.temperature, cfg.floor
-    from dwm.weighting.net import WeightingNet
-
     torch.manual_seed(0)
-    w.net = WeightingNet(cfg.net, 300, 3).double()
-    torch.nn.init.normal_(w.net.head[-1].weight, std=0.5)  # non-uniform scores
-    return w
+    net = WeightingNet(cfg.net, 300, 3).double()
+    torch.nn.init.normal_(net.head[-1].weight, std=0.5)  # non-uniform scores
+    sc = Scorer(cfg.temperature, cfg.floor, loss_feature=False)
+    sc.bind(net, torch.device("cpu"), micro)
+    return PhiLearner(sc, BilevelProbe(sc, None, micro=micro), np.random.default_rng(0), lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, kl=cfg.kl, phi_steps=cfg.phi_steps, grad_clip=cfg.grad_clip,
+                      buffer_stages=cfg.buffer_stages, batch_size=cfg.batch_size, global_batch=8)
 
 
 def test_phi_loss_is_the_hand_computed_objective(data):
     """sum_i w_i t_i / n + kl * KL(w/n || uniform), w = n softmax(s / tau); its gradient into phi, computed over
     chunks of the micro-batch, equals the one-pass gradient."""
-    w = _weighter(data, "weighting.kl=0.7", "weighting.temperature=2.0")
+    # phi's passes in chunks of 4 and 2: the gradient must be the one-pass gradient
+    learner = _learner(data, 4, "weighting.kl=0.7", "weighting.temperature=2.0")
+    net = learner.scorer.net
     ctx = _Ctx(data["data"])
     ids = np.array([3, 10, 17, 40, 41, 77])
     t = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 1.1], dtype=torch.float64)
-    w.micro = 4  # phi's passes in chunks of 4 and 2: the gradient must be the one-pass gradient
-    w.net.zero_grad(set_to_none=True)
-    got = w._phi_backward(ctx, ids, t)
-    chunked = [p.grad.clone() for p in w.net.parameters()]
+    net.zero_grad(set_to_none=True)
+    got = learner.phi_backward(ctx, ids, t)
+    chunked = [p.grad.clone() for p in net.parameters()]
     b = ctx.data.batch(ids)
-    w.net.zero_grad(set_to_none=True)
-    s = w.net(b.input_ids, b.n_tokens, b.domain_ids).double()
+    net.zero_grad(set_to_none=True)
+    s = net(b.input_ids, b.n_tokens, b.domain_ids).double()
     p = torch.softmax(s / 2.0, 0)
     loss = (6 * p * t).sum() / 6 + 0.7 * (p * torch.log(p * 6)).sum()
     loss.backward()
     assert got == pytest.approx(float(loss.detach()), rel=1e-9)
-    for a, p in zip(chunked, w.net.parameters()):
+    for a, p in zip(chunked, net.parameters()):
         torch.testing.assert_close(a, p.grad.to(a.dtype), rtol=1e-5, atol=1e-9)
 
 
@@ -401,9 +409,9 @@ def test_kl_optimum_is_exp_of_minus_target_over_lambda(data):
 def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_path, monkeypatch):
     """Every dL/dw scaled by 1000 (as a 1000x lookahead lr would, to first order) leaves phi's trajectory
     unchanged under normalize = 'std', and changes it under 'none'."""
-    from dwm.weighting.dwm_weighter import DWMWeighter
+    from dwm.weighting.probe import BilevelProbe
 
-    probe = DWMWeighter._probe
+    probe = BilevelProbe.measure
     common = ["weighting.mode=dwm", "weighting.updates_per_stage=2", "weighting.kl=0.5", "weighting.phi_steps=2",
               "weighting.batch_size=16", "train.precision=fp64", "train.max_steps=5"]
     def scaled(factor):
@@ -417,7 +425,7 @@ def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_
 
     stages = {}
     for name, scale, norm in (("a", 1.0, "std"), ("b", 1000.0, "std"), ("c", 1.0, "none"), ("d", 1000.0, "none")):
-        monkeypatch.setattr(DWMWeighter, "_probe", scaled(scale))
+        monkeypatch.setattr(BilevelProbe, "measure", scaled(scale))
         train(data, tmp_path / name, *common, f"weighting.normalize={norm}")
         stages[name] = load_file(str(tmp_path / name / "weighting" / "stage_1.safetensors"))
     assert same(stages["a"], stages["b"])
@@ -444,7 +452,7 @@ def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
             assert np.allclose(sig, -raw / e["hypergrad_std"], rtol=1e-12, atol=0)
             assert raw.std(ddof=1) == pytest.approx(e["hypergrad_std"], rel=1e-9)  # torch.std: unbiased
     run2 = tmp_path / "buf2"  # the last two stages' probes, and hypergradients of the first 16 tokens only
-    import dwm.weighting.dwm_weighter as W
+    import dwm.weighting.probe as W
 
     widths = []
     orig = W.hypergradient
@@ -491,8 +499,9 @@ def test_resample_draws_batches_by_the_scores(data, tmp_path):
                                       "weighting.update_fraction=0.01", "data.shuffle=false"))
     t = build_trainer(cfg)
     assert t.selector.name == "dwm" and t.selector.n_cand == 24
+    assert t.selector.scorer is t.weighter.scorer  # one scorer, held by both
     target = t.train_data.domains.index("c")  # a weighting model that scores domain c 20 higher than the rest
-    t.weighter.score_samples = lambda ctx, ids: 20.0 * (t.train_data.domain_ids[ids] == target)
+    t.weighter.scorer.score_ids = lambda rows, ids, model=None: 20.0 * (t.train_data.domain_ids[ids] == target)
     seen = []
     orig_w = t.weighter.weights
     t.weighter.weights = lambda b, losses=None: (seen.append(b.sample_ids.tolist()), orig_w(b, losses))[1]

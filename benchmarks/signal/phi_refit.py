@@ -23,7 +23,9 @@ import torch
 
 from dwm.data.dataset import PreparedData
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import phi_objective, probe_ids, probed_records
+from dwm.weighting.learner import phi_objective
+from dwm.weighting.outputs import probe_ids
+from dwm.weighting.probe import probed_records
 from dwm.weighting.net import load_weighting_net, weights_from_scores
 
 

@@ -35,7 +35,9 @@ from tokenizers import Tokenizer
 from dwm.data.dataset import PreparedData
 from dwm.data.passages import PassageSet
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import phi_objective, probe_ids, probed_records
+from dwm.weighting.learner import phi_objective
+from dwm.weighting.outputs import probe_ids
+from dwm.weighting.probe import probed_records
 from dwm.weighting.net import WeightingNet, load_weighting_net, weights_from_scores
 
 

@@ -21,7 +21,7 @@ import torch
 
 from dwm.data.dataset import PreparedData
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import probed_records
+from dwm.weighting.probe import probed_records
 
 
 def stage_signal(run: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:

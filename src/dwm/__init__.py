@@ -8,3 +8,14 @@ Pipeline, one sub-package per stage:
 """
 
 __version__ = "0.1.0"
+__all__ = ["DWM"]
+
+
+def __getattr__(name: str):
+    """`dwm.DWM` (the Data Weighting Model in any training loop: docs/LIBRARY.md), imported on first use so that
+    `import dwm` stays free of torch."""
+    if name == "DWM":
+        from dwm.weighting.loop import DWM
+
+        return DWM
+    raise AttributeError(f"module 'dwm' has no attribute {name!r}")

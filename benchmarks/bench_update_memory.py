@@ -48,8 +48,8 @@ def reset_peak() -> float:
 
 
 def child(args) -> None:
-    from dwm.run import build_trainer, load_config, recipe_path
     from dwm.nn.bilevel import PARAM_COPIES
+    from dwm.run import build_trainer, load_config, recipe_path
 
     torch.set_num_threads(args.threads)
     kind, _, rest = args.phase.partition(":")
@@ -57,7 +57,7 @@ def child(args) -> None:
     ov = [f"data.dir={args.data}", f"out={args.run}", f"model.spec={args.preset}", "train.max_steps=50",
           f"train.micro_batch_size={args.micro}", f"train.global_batch_tokens={args.global_batch * 256}",
           f"weighting.reference={REPO / 'data/target/reference.jsonl'}", "log.progress=false",
-          f"weighting.batch_size={max(n_probe, 1)}", "weighting.diagnostics=false"]
+          f"weighting.advanced.batch_size={max(n_probe, 1)}", "weighting.advanced.diagnostics=false"]
     cfg = load_config(recipe_path(args.recipe), ov)
     tr = build_trainer(cfg)
     g = torch.Generator().manual_seed(0)
@@ -120,7 +120,7 @@ def main() -> int:
                 res[ph] = json.loads(p.stdout.strip().splitlines()[-1])
         print(json.dumps(res[ph]), flush=True)
     plain = res["plain"]
-    lines = [f"| phase | peak RSS MB | / plain | own MB (peak - before) | own / plain |", "|---|---|---|---|---|"]
+    lines = ["| phase | peak RSS MB | / plain | own MB (peak - before) | own / plain |", "|---|---|---|---|---|"]
     for ph in phases:
         r = res[ph]
         if "failed" in r:

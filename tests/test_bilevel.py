@@ -17,8 +17,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from dwm.data.passages import passage_nll
 from dwm.errors import UserError
-from dwm.nn.losses import per_sample_nll
 from dwm.nn.bilevel import adam_preconditioner, hypergradient
+from dwm.nn.losses import per_sample_nll
 from dwm.weighting.config import WeightingNetConfig
 from dwm.weighting.net import WeightingNet, weights_from_scores
 

@@ -53,8 +53,9 @@ def test_litgpt_shaped_loop_raises_the_target_like_domain():
 
 
 def test_weights_before_any_update_are_uniform_and_select_prefers_what_phi_prefers():
-    import dwm
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import dwm
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -14,6 +14,7 @@ import difflib
 import inspect
 import itertools
 import json
+import logging
 import math
 import sys
 import typing
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from dwm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -196,14 +199,34 @@ def _coerce(key: str, t: Any, value: Any, from_str: bool) -> Any:
 
 
 def _unknown(key: str, cls: type, prefix: str, command: str) -> UserError:
-    hint = did_you_mean(key, [f.name for f in fields(cls)], prefix)
+    moved = getattr(cls, "MOVED", {})
+    close = difflib.get_close_matches(key, [f.name for f in fields(cls)] + list(moved), n=1)
+    hint = f" (did you mean {prefix}{moved.get(close[0], close[0])}?)" if close else ""
     return UserError(f"unknown config key {prefix}{key}{hint}; see `{command} --help-config`")
 
 
+def _moved(obj: Any, key: str, prefix: str) -> str | None:
+    """The new dotted name (relative to obj) of a key a section has moved (its class's `MOVED` map), with a
+    one-line deprecation warning; None for a key that never existed."""
+    new = getattr(type(obj), "MOVED", {}).get(key)
+    if new is not None:
+        log.warning("config key %s%s is now %s%s (the old name still works; please update)", prefix, key, prefix,
+                    new)
+    return new
+
+
 def apply_dict(obj: Any, data: dict[str, Any], prefix: str = "", command: str = "dwm train") -> None:
-    """Set obj's fields (recursively, sections as sub-dicts) from parsed TOML."""
+    """Set obj's fields (recursively, sections as sub-dicts) from parsed TOML; a moved key (the section's
+    `MOVED`) is set at its new place, with a warning."""
     hs = hints(type(obj))
     for k, v in data.items():
+        if k not in hs and (new := _moved(obj, k, prefix)) is not None:
+            *path, name = new.split(".")
+            sub = {name: v}
+            for part in reversed(path):
+                sub = {part: sub}
+            apply_dict(obj, sub, prefix, command)
+            continue
         if k not in hs:
             raise _unknown(k, type(obj), prefix, command)
         t = hs[k]
@@ -230,6 +253,8 @@ def apply_override(cfg: Any, item: str, command: str = "dwm train") -> None:
             raise _unknown(p, type(obj), prefix, command)
         obj, prefix = getattr(obj, p), f"{prefix}{p}."
     name, hs = parts[-1], hints(type(obj))
+    if name not in hs and (moved := _moved(obj, name, prefix)) is not None:
+        return apply_override(cfg, f"{'.'.join([*parts[:-1], moved])}={value}", command)
     if name not in hs:
         raise _unknown(name, type(obj), prefix, command)
     if is_dataclass(hs[name]):

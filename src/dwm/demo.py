@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {a: [*common, f"out={out / a}"] for a in arms}
     # the stage table needs the probes' weights only; their LM loss (for `dwm analyze`) would add a no-grad LM
     # forward of the probe set at every stage to the longest arm; training is the same either way
-    overrides["dwm"].append("weighting.probe_lm_loss=false")
+    overrides["dwm"].append("weighting.advanced.probe_lm_loss=false")
     data = PreparedData(out / "data", "train")
     if "oracle" in arms:
         ids = mixture_ids(data.domain_ids, data.domains, parse_shares(args.oracle),

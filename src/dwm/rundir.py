@@ -16,7 +16,7 @@ from typing import Any
 
 from dwm.errors import UserError
 
-# column -> arrow type name, in file order; `lm_loss` is optional (weighting.probe_lm_loss)
+# column -> arrow type name, in file order; `lm_loss` is optional (weighting.advanced.probe_lm_loss)
 PROBE_COLUMNS = {"sample_id": "int64", "domain": "string", "score": "float32", "weight": "float32",
                  "stage": "int32", "step": "int64", "lm_loss": "float32"}
 SIGNAL_COLUMNS = {"sample_id": "int64", "domain": "string", "dL_dw": "float64", "signal": "float64",

@@ -200,7 +200,7 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, label: str
             st.signal = (np.asarray(t.column("domain").to_pylist(), dtype=object),
                          t.column("signal").to_numpy().astype(np.float64))
     if not all(s.lm_loss is not None for s in stages):
-        notes.append("its probes have no lm_loss column (trained with weighting.probe_lm_loss = false, or from "
+        notes.append("its probes have no lm_loss column (trained with weighting.advanced.probe_lm_loss = false, or from "
                      "before probes recorded the LM's per-sample loss): the weight-vs-LM-loss correlation is skipped")
 
     rows = np.asarray(data.tokens[ids], dtype=np.int64)

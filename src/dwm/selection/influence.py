@@ -39,7 +39,6 @@ from dwm.train.context import TrainContext
 from dwm.train.selector import OnlineSelector, SelectorConfig
 
 
-
 def token_features(rows: np.ndarray, n_tokens: np.ndarray, domains: np.ndarray, n_domains: int, buckets: int
                    ) -> np.ndarray:
     """[n, buckets + n_domains] float64: hashed token unigram + bigram frequencies of each row (l2-normalised),

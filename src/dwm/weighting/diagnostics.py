@@ -1,5 +1,6 @@
 """What the weighter logs about itself: statistics of a batch's weights (every step), and with
-weighting.diagnostics how much of a fresh hypergradient phi captures and how noisy it is (every stage start)."""
+weighting.advanced.diagnostics how much of a fresh hypergradient phi captures and how noisy it is (every stage
+start)."""
 
 from __future__ import annotations
 

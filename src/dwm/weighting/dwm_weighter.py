@@ -71,10 +71,9 @@ class DWMWeighter(Weighter):
         self.domains = list(ctx.data.domains)
         self.tokenizer_sha = file_sha256(ctx.data.tokenizer_path)
         self.source = StageSource(cfg.mode, self.tokenizer_sha) if self.replay else None
-        self.schedule = StageSchedule(
-            self.source.n_stages if self.source else cfg.stages, ctx.total_steps, schedule=cfg.schedule,
-            interval=cfg.interval, uniform_stages=cfg.uniform_stages, frozen_stages=cfg.frozen_stages,
-            updates_per_stage=cfg.updates_per_stage, update_fraction=cfg.update_fraction)
+        adv = cfg.advanced
+        self.schedule = StageSchedule.from_config(cfg, self.source.n_stages if self.source else cfg.stages,
+                                                  ctx.total_steps)
         if self.source is not None:  # replayed as learned: the source's temperature and floor
             self.scorer.temperature = self.source.setting("temperature", cfg.temperature)
             self.scorer.floor = self.source.setting("floor", cfg.floor)
@@ -89,30 +88,25 @@ class DWMWeighter(Weighter):
         micro, G = ctx.plan.micro_batch_size, ctx.plan.global_batch_size
         self.scorer.bind(net, ctx.device, micro, ctx.rank, world)
         self.update_pool, diag_ids = ctx.pool, None
-        if self.learn and cfg.diagnostics:  # held back: never drawn for phi's updates
+        if self.learn and adv.diagnostics:  # held back: never drawn for phi's updates
             drng = np.random.default_rng([ctx.seed, 0xD1A6])
-            n_diag = min(cfg.diagnostics_size, len(ctx.pool) // 2)
+            n_diag = min(adv.diagnostics_size, len(ctx.pool) // 2)
             diag_ids = np.sort(drng.choice(ctx.pool, n_diag - n_diag % world, replace=False))
             self.update_pool = np.setdiff1d(ctx.pool, diag_ids)
         self.rng = np.random.default_rng([ctx.seed, 0xD3])
         reference = None
         if self.learn:
-            reference = PassageSet(cfg.reference, ctx.tokenizer, max_len=ctx.plan.seq_len, mode=cfg.ref_loss,
+            reference = PassageSet(cfg.reference, ctx.tokenizer, max_len=ctx.plan.seq_len, mode=adv.ref_loss,
                                    pad_id=ctx.data.pad_id)
-            if cfg.ref_batch_size % world:
-                raise UserError(f"weighting.ref_batch_size {cfg.ref_batch_size} must be divisible by the "
+            if adv.ref_batch_size % world:
+                raise UserError(f"weighting.advanced.ref_batch_size {adv.ref_batch_size} must be divisible by the "
                                 f"number of processes {world}")
-            probe = BilevelProbe(self.scorer, reference, backend=cfg.backend, fd_eps=cfg.fd_eps,
-                                 precondition=cfg.precondition, probe_len=cfg.probe_len,
-                                 ref_batch_size=cfg.ref_batch_size, normalize=cfg.normalize, micro=micro,
-                                 global_batch=G)
-            self.learner = PhiLearner(self.scorer, probe, self.rng, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      kl=cfg.kl, phi_steps=cfg.phi_steps, grad_clip=cfg.grad_clip,
-                                      buffer_stages=cfg.buffer_stages, batch_size=cfg.batch_size, global_batch=G)
+            probe = BilevelProbe.from_config(self.scorer, reference, cfg, micro, G)
+            self.learner = PhiLearner.from_config(self.scorer, probe, self.rng, adv, G)
             if diag_ids is not None:
                 self.diagnostics = Diagnostics(probe, diag_ids, self.domains)
-        self.writer = StageWriter(self.scorer, self.domains, probe_ids(ctx.data.domain_ids,
-                                  min(cfg.probe_size, len(ctx.data))), probe_lm_loss=cfg.probe_lm_loss, micro=micro)
+        probes = probe_ids(ctx.data.domain_ids, min(cfg.probe_size, len(ctx.data)))
+        self.writer = StageWriter(self.scorer, self.domains, probes, probe_lm_loss=adv.probe_lm_loss, micro=micro)
         if world > 1 and cfg.net.batch_context:
             raise UserError("weighting.net.batch_context attends across the batch and is single-process only; "
                             "under DDP each rank would see a different context")
@@ -162,8 +156,8 @@ class DWMWeighter(Weighter):
     def _lookahead_lr(self, ctx: TrainContext) -> float:
         """eta: the configured rate, else the LM's scheduled rate for this step, floored at its final (min) rate
         so that a stage starting inside warm-up (stage 0 at step 0) still looks ahead."""
-        if self.cfg.lookahead_lr > 0:
-            return self.cfg.lookahead_lr
+        if self.cfg.advanced.lookahead_lr > 0:
+            return self.cfg.advanced.lookahead_lr
         return max(float(ctx.lr), ctx.optim.lr * ctx.optim.min_lr_ratio)
 
     def _update(self, ctx: TrainContext) -> None:
@@ -209,11 +203,11 @@ class DWMWeighter(Weighter):
         return sc.local(W, n).float()
 
     def _check_ess(self, ess: float, B: int) -> None:
-        if ess < self.cfg.min_ess_fraction * B:
+        if ess < self.cfg.advanced.min_ess_fraction * B:
             self.n_ess_warnings += 1
             if self.n_ess_warnings == 1 or self.n_ess_warnings % 100 == 0:
                 log.warning("DWM: effective sample size %.1f of a batch of %d (below %.0f%%; warning %d)",
-                            ess, B, 100 * self.cfg.min_ess_fraction, self.n_ess_warnings)
+                            ess, B, 100 * self.cfg.advanced.min_ess_fraction, self.n_ess_warnings)
 
     def step_metrics(self) -> dict[str, float]:
         return dict(self._metrics)

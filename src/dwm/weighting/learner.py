@@ -52,6 +52,14 @@ class PhiLearner:
         self.buffer: list[Probed] = []  # phi's evidence: the last `buffer_stages` stages' probed samples
         self.n_updates = self.n_skipped = 0
 
+    @classmethod
+    def from_config(cls, scorer: Scorer, probe: BilevelProbe, rng: np.random.Generator, adv: Any,
+                    global_batch: int = 1) -> PhiLearner:
+        """The learner [weighting.advanced] (`adv`) describes."""
+        return cls(scorer, probe, rng, lr=adv.lr, weight_decay=adv.weight_decay, kl=adv.kl, phi_steps=adv.phi_steps,
+                   grad_clip=adv.grad_clip, buffer_stages=adv.buffer_stages, batch_size=adv.batch_size,
+                   global_batch=global_batch)
+
     def enter_stage(self, k: int) -> None:
         """phi learns from the hypergradients of the last `buffer_stages` stages' LMs (the signal moves)."""
         self.buffer = [b for b in self.buffer if b.stage > k - self.buffer_stages]
@@ -89,7 +97,7 @@ class PhiLearner:
         Never raises from the maths: a non-finite outer loss, hypergradient or phi gradient (on any rank) skips the
         update, counts it and logs why. Returns (the update's log record, whether the buffer grew)."""
         if self.n_probe % self.scorer.world:
-            raise UserError(f"weighting.batch_size {self.n_probe} must be divisible by the number of processes "
+            raise UserError(f"weighting.advanced.batch_size {self.n_probe} must be divisible by the number of processes "
                             f"{self.scorer.world}")
         ids = self._even(self.rng.choice(pool, size=min(self.n_probe, len(pool)), replace=False))
         probed, info = self.probe.collect(ctx, ids, self.rng, lookahead_lr, step, stage)

@@ -18,9 +18,10 @@ batch given. The model must return `.logits` for `model(input_ids=...)` (any HF 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,18 +110,14 @@ class DWM:
         if reference and isinstance(reference[0], str):
             if tokenizer is None:
                 raise UserError("DWM: reference texts need a tokenizer= (or give token-id lists)")
-            ref = PassageSet(list(reference), tokenizer, max_len=max_len, mode=cfg.ref_loss, pad_id=pad_id)
+            ref = PassageSet(list(reference), tokenizer, max_len=max_len, mode=cfg.advanced.ref_loss, pad_id=pad_id)
         else:
             ref = PassageSet.from_token_ids([list(map(int, r)) for r in reference], max_len, pad_id)
         self.rows = MemoryRows(memory, pad_id)
         self.rng = np.random.default_rng([seed, 0xD3])
         self.select_rng = np.random.default_rng([seed, 0x5E1])
-        self.probe = BilevelProbe(self.scorer, ref, backend=cfg.backend, fd_eps=cfg.fd_eps,
-                                  precondition=cfg.precondition, probe_len=cfg.probe_len,
-                                  ref_batch_size=cfg.ref_batch_size, normalize=cfg.normalize, micro=micro_batch_size)
-        self.learner = PhiLearner(self.scorer, self.probe, self.rng, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  kl=cfg.kl, phi_steps=cfg.phi_steps, grad_clip=cfg.grad_clip,
-                                  buffer_stages=cfg.buffer_stages, batch_size=cfg.batch_size, global_batch=1)
+        self.probe = BilevelProbe.from_config(self.scorer, ref, cfg, micro_batch_size)
+        self.learner = PhiLearner.from_config(self.scorer, self.probe, self.rng, cfg.advanced)
         self.schedule: StageSchedule | None = None
         self.stage, self.last_step = -1, -1
         self.history: list[dict[str, Any]] = []  # every bi-level update's record (as metrics.jsonl's "bilevel")
@@ -164,10 +161,10 @@ class DWM:
         return gumbel_top_k(np.log(np.clip(p, 1e-300, None)), n, self.select_rng)
 
     def lookahead_lr(self) -> float:
-        """weighting.lookahead_lr, else the optimizer's current lr floored at a tenth of its initial one (so a
+        """weighting.advanced.lookahead_lr, else the optimizer's current lr floored at a tenth of its initial one (so a
         stage starting inside warm-up still looks ahead)."""
-        if self.cfg.lookahead_lr > 0:
-            return self.cfg.lookahead_lr
+        if self.cfg.advanced.lookahead_lr > 0:
+            return self.cfg.advanced.lookahead_lr
         g = self.optimizer.param_groups[0]
         return max(float(g["lr"]), 0.1 * float(g.get("initial_lr", g["lr"])))
 
@@ -181,11 +178,8 @@ class DWM:
         if step == self.last_step:
             return 0
         self.last_step = step
-        c = self.cfg
         if self.schedule is None or self.schedule.total_steps != max(1, total_steps):
-            self.schedule = StageSchedule(c.stages, total_steps, schedule=c.schedule, interval=c.interval,
-                                          uniform_stages=c.uniform_stages, frozen_stages=c.frozen_stages,
-                                          updates_per_stage=c.updates_per_stage, update_fraction=c.update_fraction)
+            self.schedule = StageSchedule.from_config(self.cfg, self.cfg.stages, total_steps)
         s, k, n = self.schedule, self.schedule.stage_of(step), 0
         if k != self.stage:
             self.stage = k

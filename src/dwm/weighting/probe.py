@@ -60,6 +60,14 @@ class BilevelProbe:
         self.probe_len, self.ref_batch_size, self.normalize = probe_len, ref_batch_size, normalize
         self.micro, self.G = micro, global_batch
 
+    @classmethod
+    def from_config(cls, scorer: Scorer, reference: Any, cfg: Any, micro: int, global_batch: int = 1) -> BilevelProbe:
+        """The probe a WeightingConfig describes (backend; fd_eps, precondition, ... from [weighting.advanced])."""
+        a = cfg.advanced
+        return cls(scorer, reference, backend=cfg.backend, fd_eps=a.fd_eps, precondition=a.precondition,
+                   probe_len=a.probe_len, ref_batch_size=a.ref_batch_size, normalize=a.normalize, micro=micro,
+                   global_batch=global_batch)
+
     def local(self, ids: np.ndarray) -> np.ndarray:
         """This rank's contiguous share of a global list of sample ids."""
         n = len(ids) // self.scorer.world

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from dwm import rundir
 from dwm.errors import UserError
@@ -72,6 +73,14 @@ class StageSchedule:
         steps_per_stage = self.total_steps / n_stages
         self.updates_per_stage = (updates_per_stage if updates_per_stage > 0
                                   else max(1, round(update_fraction * steps_per_stage)))
+
+    @classmethod
+    def from_config(cls, cfg: Any, n_stages: int, total_steps: int) -> StageSchedule:
+        """The schedule a WeightingConfig describes, with n_stages (a replayed run's own number, or cfg.stages)."""
+        a = cfg.advanced
+        return cls(n_stages, total_steps, schedule=cfg.schedule, interval=cfg.interval,
+                   uniform_stages=a.uniform_stages, frozen_stages=a.frozen_stages,
+                   updates_per_stage=a.updates_per_stage, update_fraction=a.update_fraction)
 
     def stage_of(self, step: int) -> int:
         return min(self.n_stages - 1, step * self.n_stages // self.total_steps)

@@ -11,6 +11,7 @@ docs/ARCHITECTURE.md lists the layout. At the bottom layer: it imports nothing o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,21 @@ def stage_files(d: Path, suffix: str) -> list[Path]:
     """The stage_k{suffix} files of a folder, by k (files of another name are not stages)."""
     found = [(stage_of_name(p), p) for p in Path(d).glob(f"stage_*{suffix}")]
     return [p for k, p in sorted((k, p) for k, p in found if k is not None and p.name.endswith(suffix))]
+
+
+def stage_map(d: Path, suffix: str) -> dict[int, Path]:
+    """{k: stage_k{suffix}} of a folder, by k."""
+    return {stage_of_name(p): p for p in stage_files(d, suffix)}
+
+
+def read_table(path: Path, columns: list[str] | None = None):
+    """A parquet file of the run directory (a pyarrow table); an unreadable one is a UserError naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a torn or foreign file)
+        raise UserError(f"cannot read {path}: {e}") from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -72,6 +88,26 @@ def write_parquet_atomic(table, out: Path) -> None:
     tmp.replace(out)
 
 
+@dataclass
+class RunSettings:
+    """What a run's readers (`dwm eval`, `dwm analyze`) take from its config.toml, typed; the full config is
+    dwm.run.RunConfig, which readers below the run layer do not import."""
+
+    data_dir: str | None = None  # data.dir
+    split: str = "train"  # data.split
+    global_batch_tokens: int | None = None  # train.global_batch_tokens
+    weighting_mode: str = "uniform"  # weighting.mode
+    reference: str | None = None  # weighting.reference
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> RunSettings:
+        data, train, w = cfg.get("data", {}), cfg.get("train", {}), cfg.get("weighting", {})
+        gbt = train.get("global_batch_tokens")
+        return cls(data_dir=data.get("dir"), split=str(data.get("split", "train")),
+                   global_batch_tokens=gbt if isinstance(gbt, int) else None,
+                   weighting_mode=str(w.get("mode", "uniform")), reference=w.get("reference"))
+
+
 class RunDir:
     """The paths of one run directory (nothing is created or read by building it)."""
 
@@ -103,6 +139,6 @@ class RunDir:
         p = self.checkpoints / "LATEST"
         return self.checkpoints / p.read_text().strip() if p.is_file() else None
 
-    def read_config(self) -> dict[str, Any]:
-        """config.toml as a dict ({} when absent)."""
-        return read_toml(self.config) if self.config.is_file() else {}
+    def settings(self) -> RunSettings:
+        """config.toml's settings the readers use (the defaults when there is no config.toml)."""
+        return RunSettings.from_dict(read_toml(self.config) if self.config.is_file() else {})

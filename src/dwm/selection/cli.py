@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from dwm.errors import UserError
-from dwm.selection import METHODS
 from dwm.selection.engine import ENGINES, make_engine
+from dwm.selection.method import METHODS
 from dwm.selection.pool import Pool, fill_budget, log, share_table, write_scores, write_selection
 
 DEFAULT_TARGET = "data/target/reference.jsonl"
@@ -28,7 +28,7 @@ def default_target() -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory (`dwm prepare --out`)")
-    p.add_argument("--method", required=True, choices=METHODS,
+    p.add_argument("--method", required=True, choices=METHODS.names(),
                    help="random | dsir (importance resampling) | quality (score column, HF classifier or a trained "
                         "classifier) | perplexity (reference LM band) | influence (online, during `dwm train`)")
     p.add_argument("--budget-tokens", required=True, type=int, help="tokens to select (real tokens, not padding)")
@@ -75,21 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device of the model")
 
 
-def _quality_source(args: argparse.Namespace) -> str:
-    given = [n for n, v in (("column", args.score_column), ("hf", args.score_model), ("classifier", args.classifier))
-             if v]
-    if len(given) != 1:
-        raise UserError("--method quality needs exactly one of --score-column, --score-model, --classifier"
-                        + (f" (got {len(given)})" if given else ""))
-    return given[0]
-
-
 def select(args: argparse.Namespace) -> dict[str, Any]:
     """Run the method, choose to the budget, write the outputs; returns the report."""
     method = args.method
-    if method == "influence":
-        raise UserError("influence selects online, during training: run `dwm train ... selector.mode=influence` "
-                        "(options under [influence], see `dwm train --help-config`)")
+    runner = METHODS.get(method)(args)
     t0 = time.perf_counter()
     pool = Pool(args.data, args.split)
     if args.budget_tokens <= 0:
@@ -102,34 +91,7 @@ def select(args: argparse.Namespace) -> dict[str, Any]:
     target = Path(args.target) if args.target else default_target()
     engine = make_engine(args.engine, args.workers, args.ray_address)
     try:
-        if method == "random":
-            from dwm.selection import uniform
-
-            res = uniform.score(pool, args.seed)
-            keys = res["scores"]
-        elif method == "dsir":
-            from dwm.selection import dsir
-
-            t = 1.0 if args.temperature is None else args.temperature
-            opts = dsir.DSIROptions(args.dsir_ngrams, args.dsir_buckets, args.dsir_features, args.dsir_min_words,
-                                    0.0 if args.top_k else t)
-            res = dsir.score(pool, opts, target, engine)
-            keys = dsir.keys(res, opts, args.seed)
-        elif method == "quality":
-            from dwm.selection import quality
-
-            t = 2.0 if args.temperature is None else args.temperature
-            opts = quality.QualityOptions(_quality_source(args), args.score_column or "", args.score_model or "",
-                                          args.label, args.max_length, args.batch_size, args.negatives,
-                                          0.0 if args.top_k else t)
-            res = quality.score(pool, opts, target, engine, args.seed, args.device)
-            keys = quality.keys(res, opts, args.seed)
-        else:
-            from dwm.selection import perplexity
-
-            opts = perplexity.PerplexityOptions(args.ref_model or "", args.band, args.batch_size, args.max_length)
-            res = perplexity.score(pool, opts, args.device)
-            keys = perplexity.keys(res, opts, args.seed)
+        res, keys = runner.run(pool, target, engine)
     finally:
         engine.close()
     scores = res["scores"]

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dwm.errors import UserError
+from dwm.selection.method import SelectionMethod
 from dwm.selection.pool import Pool, Shard, gumbel_keys, log, shard_texts, shard_tokens
 
 U64 = np.uint64
@@ -261,3 +262,16 @@ def score(pool: Pool, opts: DSIROptions, target: str | Path, engine: Any) -> dic
 
 def keys(result: dict[str, Any], opts: DSIROptions, seed: int) -> np.ndarray:
     return gumbel_keys(result["scores"], opts.temperature, seed)
+
+
+class DSIRMethod(SelectionMethod):
+    """`--method dsir` (options --dsir-*, --temperature, --top-k)."""
+
+    name = "dsir"
+
+    def run(self, pool: Pool, target: Path, engine: Any) -> tuple[dict[str, Any], np.ndarray]:
+        a = self.args
+        t = 1.0 if a.temperature is None else a.temperature
+        opts = DSIROptions(a.dsir_ngrams, a.dsir_buckets, a.dsir_features, a.dsir_min_words, 0.0 if a.top_k else t)
+        res = score(pool, opts, target, engine)
+        return res, keys(res, opts, a.seed)

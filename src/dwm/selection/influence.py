@@ -35,6 +35,7 @@ from dwm.nn.bilevel import adam_lookahead, hypergradient
 from dwm.nn.sampling import gumbel_top_k
 from dwm.selection.config import InfluenceConfig
 from dwm.selection.dsir import _mix, ngram_buckets
+from dwm.selection.method import SelectionMethod
 from dwm.train.context import TrainContext
 from dwm.train.selector import OnlineSelector, SelectorConfig
 
@@ -157,3 +158,13 @@ class InfluenceSelector(OnlineSelector):
         if state:
             self.history = [(np.asarray(a), np.asarray(b)) for a, b in state.get("history", [])]
             self.totals.update(state.get("totals", {}))
+
+
+class InfluenceMethod(SelectionMethod):
+    """`--method influence` is online: it names the selector of `dwm train` instead."""
+
+    name = "influence"
+
+    def __init__(self, args: Any):
+        raise UserError("influence selects online, during training: run `dwm train ... selector.mode=influence` "
+                        "(options under [influence], see `dwm train --help-config`)")

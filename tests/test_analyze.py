@@ -39,9 +39,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                            for i in range(12)))
     common = [f"data.dir={data}", "model.spec=tiny", "train.global_batch_tokens=256", "train.micro_batch_size=4",
               f"train.max_steps={STEPS}", f"weighting.reference={ref}", "weighting.net.width=32",
-              "weighting.net.heads=2", "weighting.probe_size=30", "weighting.advanced.ref_batch_size=4", "weighting.advanced.lr=0.01",
-              "log.progress=false", "log.every=5", "train.device=cpu", "weighting.mode=dwm",
-              "weighting.advanced.updates_per_stage=2"]
+              "weighting.net.heads=2", "weighting.probe_size=30", "weighting.advanced.ref_batch_size=4",
+              "weighting.advanced.lr=0.01", "log.progress=false", "log.every=5", "train.device=cpu",
+              "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2",
+              "weighting.advanced.batch_size=0"]  # each update probes one global batch (8 samples)
     out = {"data": data, "root": root, "common": common}
     for name, extra in (("dwm_a", ["checkpoint.every=2", "checkpoint.keep_every=2"]),
                         ("dwm_b", ["checkpoint.every=0", "train.seed=1", "weighting.temperature=0.5"])):

@@ -20,3 +20,11 @@ order), doc_id, score; the parquet schema metadata b"dwm.selection" holds a JSON
 settings, the budget, the seed and the prepared split's fingerprint (`dwm train` refuses a manifest whose
 fingerprint is not its data's). Beside it, <out>.json: the same plus per-domain token shares of pool and selection.
 """
+
+from dwm.selection.method import METHODS
+
+for _name, _entry in (("random", "dwm.selection.uniform:RandomMethod"), ("dsir", "dwm.selection.dsir:DSIRMethod"),
+                      ("quality", "dwm.selection.quality:QualityMethod"),
+                      ("perplexity", "dwm.selection.perplexity:PerplexityMethod"),
+                      ("influence", "dwm.selection.influence:InfluenceMethod")):
+    METHODS.register(_name, _entry)

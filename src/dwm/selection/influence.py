@@ -34,7 +34,7 @@ from dwm.errors import UserError
 from dwm.nn.bilevel import adam_lookahead, hypergradient
 from dwm.nn.sampling import gumbel_top_k
 from dwm.selection.config import InfluenceConfig
-from dwm.selection.dsir import _mix, ngram_buckets
+from dwm.selection.dsir import mix64, ngram_buckets
 from dwm.selection.method import SelectionMethod
 from dwm.train.context import TrainContext
 from dwm.train.selector import OnlineSelector, SelectorConfig
@@ -47,7 +47,7 @@ def token_features(rows: np.ndarray, n_tokens: np.ndarray, domains: np.ndarray, 
     n = len(rows)
     real = np.arange(rows.shape[1])[None, :] < n_tokens[:, None]
     doc = np.repeat(np.arange(n), n_tokens)
-    h = _mix(rows[real].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+    h = mix64(rows[real].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
     b, d = ngram_buckets(h, doc, 2, buckets)
     X = np.zeros((n, buckets + n_domains))
     np.add.at(X, (d, b), 1.0)

@@ -1,7 +1,7 @@
 """The one interface of `dwm select`'s methods and their registry (like the trainer's weighters and selectors).
 
-A method is a class registered in `METHODS` under its `--method` name (lazily, "module:Class"; other packages add
-theirs with `METHODS.register` or the entry-point group `dwm.selection methods`). It is built from the parsed
+A method is a class registered in `METHODS` under its `--method` name (the built-ins lazily, "module:Class", in
+dwm/selection/__init__.py; other packages add theirs with `METHODS.register`). It is built from the parsed
 command line and `run` returns (result, keys): result = {"scores": per document, "settings": what to record in the
 manifest, optionally "eligible": a mask}, keys = what the budget is filled by (highest first; Gumbel keys for
 sampling methods).
@@ -30,9 +30,3 @@ class SelectionMethod:
     def run(self, pool: Pool, target: Path, engine: Any) -> tuple[dict[str, Any], np.ndarray]:
         raise NotImplementedError
 
-
-for _name, _entry in (("random", "dwm.selection.uniform:RandomMethod"), ("dsir", "dwm.selection.dsir:DSIRMethod"),
-                      ("quality", "dwm.selection.quality:QualityMethod"),
-                      ("perplexity", "dwm.selection.perplexity:PerplexityMethod"),
-                      ("influence", "dwm.selection.influence:InfluenceMethod")):
-    METHODS.register(_name, _entry)

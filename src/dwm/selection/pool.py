@@ -154,7 +154,7 @@ class Pool:
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _tokenizer(data_dir: str):
+def cached_tokenizer(data_dir: str):
     tok = _TOKENIZERS.get(data_dir)
     if tok is None:
         from tokenizers import Tokenizer
@@ -210,7 +210,7 @@ def _byte_table(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     bytes), or None when the tokenizer is not byte-level (then the tokenizer's own decode_batch is used)."""
     if data_dir in _BYTE_TABLES:
         return _BYTE_TABLES[data_dir]
-    tok = _tokenizer(data_dir)
+    tok = cached_tokenizer(data_dir)
     spec = json.loads(tok.to_str())
     table = None
     if (spec.get("decoder") or {}).get("type") == "ByteLevel" and (spec.get("model") or {}).get("type") == "BPE":
@@ -263,7 +263,7 @@ def decode(data_dir: str, docs: list[np.ndarray]) -> list[str]:
             i = j
         return out
     meta = read_meta(data_dir)
-    tok = _tokenizer(data_dir)
+    tok = cached_tokenizer(data_dir)
     nl = tok.encode("\n", add_special_tokens=False).ids
     eos = int(meta["eos_id"])
     out = []

@@ -31,7 +31,8 @@ import torch
 
 from dwm.data.passages import PassageSet
 from dwm.errors import UserError
-from dwm.nn.bilevel import adam_lookahead, hypergradient
+from dwm.nn.bilevel import hypergradient
+from dwm.nn.lookahead import adam_lookahead
 from dwm.nn.sampling import gumbel_top_k
 from dwm.selection.config import InfluenceConfig
 from dwm.selection.dsir import mix64, ngram_buckets

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from dwm.data.batch import Batch
-from dwm.nn.bilevel import HyperResult, adam_lookahead, hypergradient
+from dwm.nn.bilevel import HyperResult, hypergradient
+from dwm.nn.lookahead import adam_lookahead
 from dwm.weighting.scorer import Scorer
 
 

@@ -137,7 +137,8 @@ class PassageSet:
     def from_token_ids(cls, passages: Sequence[Sequence[int]], max_len: int, pad_id: int = 0) -> PassageSet:
         """Passages given as token ids (already with any BOS), every position after the first predicted."""
         self = cls.__new__(cls)
-        self.path, self.mode, self.max_len, self.pad_id, self.prefix = Path("<token ids>"), "passage", max_len, pad_id, []
+        self.path, self.mode, self.max_len, self.pad_id = Path("<token ids>"), "passage", max_len, pad_id
+        self.prefix = []
         self.ids = [[int(t) for t in p][:max_len] for p in passages if len(p) >= 2]
         self.masks = [[False] + [True] * (len(i) - 1) for i in self.ids]
         self.n_skipped = len(passages) - len(self.ids)

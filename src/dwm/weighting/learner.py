@@ -97,8 +97,8 @@ class PhiLearner:
         Never raises from the maths: a non-finite outer loss, hypergradient or phi gradient (on any rank) skips the
         update, counts it and logs why. Returns (the update's log record, whether the buffer grew)."""
         if self.n_probe % self.scorer.world:
-            raise UserError(f"weighting.advanced.batch_size {self.n_probe} must be divisible by the number of processes "
-                            f"{self.scorer.world}")
+            raise UserError(f"weighting.advanced.batch_size {self.n_probe} must be divisible by the number of "
+                            f"processes {self.scorer.world}")
         ids = self._even(self.rng.choice(pool, size=min(self.n_probe, len(pool)), replace=False))
         probed, info = self.probe.collect(ctx, ids, self.rng, lookahead_lr, step, stage)
         ok, reason, grad_norm = info["ok"], info["reason"], math.nan

@@ -307,7 +307,7 @@ def test_interleaved_schedule_updates_every_interval(data, tmp_path):
 
 def test_low_effective_sample_size_warns_and_counts(data, tmp_path, caplog):
     run = tmp_path / "ess"
-    with caplog.at_level("WARNING", logger="dwm.weighting.dwm_weighter"):
+    with caplog.at_level("WARNING", logger="dwm.weighting.diagnostics"):
         train(data, run, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=1", "weighting.advanced.min_ess_fraction=1.0",
               "weighting.temperature=0.01")
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"w_ess"' in x][-1]

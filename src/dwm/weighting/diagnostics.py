@@ -4,6 +4,7 @@ start)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 from dwm.weighting.probe import BilevelProbe
+
+log = logging.getLogger(__name__)
 
 
 def weight_stats(w: torch.Tensor, domain_ids: torch.Tensor, domains: list[str]) -> dict[str, float]:
@@ -40,6 +43,21 @@ def corr(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
         return math.nan
     return float(np.corrcoef(a, b)[0, 1])
+
+
+class EssWatch:
+    """Counts the batches whose effective sample size is below `min_fraction` of the batch, and warns on the
+    first and every 100th."""
+
+    def __init__(self, min_fraction: float):
+        self.min_fraction, self.count = min_fraction, 0
+
+    def check(self, ess: float, B: int) -> None:
+        if ess < self.min_fraction * B:
+            self.count += 1
+            if self.count == 1 or self.count % 100 == 0:
+                log.warning("DWM: effective sample size %.1f of a batch of %d (below %.0f%%; warning %d)",
+                            ess, B, 100 * self.min_fraction, self.count)
 
 
 class Diagnostics:

@@ -16,7 +16,6 @@ global batch; phi's gradients are all-reduced, so a 2-process run equals a 1-pro
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,13 @@ from dwm.errors import UserError
 from dwm.train.context import TrainContext
 from dwm.train.weighter import Weighter
 from dwm.weighting.config import WeightingConfig
-from dwm.weighting.diagnostics import Diagnostics, weight_stats
+from dwm.weighting.diagnostics import Diagnostics, EssWatch, weight_stats
 from dwm.weighting.learner import PhiLearner
 from dwm.weighting.net import WeightingNet
 from dwm.weighting.outputs import StageWriter, probe_ids
 from dwm.weighting.probe import BilevelProbe, probed_records
 from dwm.weighting.schedule import StageSchedule, StageSource
 from dwm.weighting.scorer import Scorer
-
-log = logging.getLogger(__name__)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -58,7 +55,7 @@ class DWMWeighter(Weighter):
         self.selector = None if self.in_batch else "dwm"  # resample: the "dwm" selector draws with our scorer
         self.scorer = Scorer(cfg.temperature, cfg.floor, cfg.net.use_loss_feature)
         self.stage = -1
-        self.n_ess_warnings = 0
+        self.ess = EssWatch(cfg.advanced.min_ess_fraction)
         self.learner: PhiLearner | None = None
         self.diagnostics: Diagnostics | None = None
         self._metrics: dict[str, float] = {}
@@ -196,18 +193,10 @@ class DWMWeighter(Weighter):
         else:
             W = sc.batch_weights(batch, losses)
             stats = weight_stats(W, sc.gather(batch.domain_ids), self.domains)
-            self._check_ess(stats["w_ess"], W.numel())
-            self._metrics = {**stats, **counters, "dwm_ess_warnings": float(self.n_ess_warnings),
-                             **self._update_log}
+            self.ess.check(stats["w_ess"], W.numel())
+            self._metrics = {**stats, **counters, "dwm_ess_warnings": float(self.ess.count), **self._update_log}
         self._update_log = {}
         return sc.local(W, n).float()
-
-    def _check_ess(self, ess: float, B: int) -> None:
-        if ess < self.cfg.advanced.min_ess_fraction * B:
-            self.n_ess_warnings += 1
-            if self.n_ess_warnings == 1 or self.n_ess_warnings % 100 == 0:
-                log.warning("DWM: effective sample size %.1f of a batch of %d (below %.0f%%; warning %d)",
-                            ess, B, 100 * self.cfg.advanced.min_ess_fraction, self.n_ess_warnings)
 
     def step_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
@@ -219,7 +208,7 @@ class DWMWeighter(Weighter):
         return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "optimizer": learner["optimizer"], "stage": self.stage, "rng": self.rng.bit_generator.state,
                 "n_updates": self.n_updates, "probed": learner["probed"], "n_skipped": self.n_skipped,
-                "n_ess_warnings": self.n_ess_warnings}
+                "n_ess_warnings": self.ess.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -227,7 +216,7 @@ class DWMWeighter(Weighter):
         self.net.load_state_dict(state["net"])
         self.stage = int(state["stage"])
         self.rng.bit_generator.state = state["rng"]
-        self.n_ess_warnings = int(state.get("n_ess_warnings", 0))
+        self.ess.count = int(state.get("n_ess_warnings", 0))
         if self.learner is not None:
             if state.get("optimizer") is not None:
                 self.learner.optimizer.load_state_dict(state["optimizer"])

@@ -112,7 +112,7 @@ def test_hf_trainer_raises_the_target_like_domain(tmp_path):
     weighter = dwm.DWM(model, opt, REFERENCE, domains=["counting", "noise"], micro_batch_size=16)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=16,
                              learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], use_cpu=True,
-                             remove_unused_columns=False, save_strategy="no", logging_steps=10, seed=0,
+                             remove_unused_columns=False, save_strategy="steps", save_steps=20, logging_steps=10, seed=0,
                              dataloader_num_workers=0, disable_tqdm=True)
     trainer = DWMTrainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None), dwm=weighter)
     trainer.train()
@@ -120,3 +120,5 @@ def test_hf_trainer_raises_the_target_like_domain(tmp_path):
     last = trainer.dwm_callback.last
     assert last["dwm_weight/counting"] > 1.0 > last["dwm_weight/noise"]
     assert (tmp_path / "weighting" / "stage_4.safetensors").is_file()
+    saved = torch.load(tmp_path / "checkpoint-20" / "dwm_state.pt", weights_only=False)  # with the HF checkpoint
+    assert saved["n_updates"] == 5 and saved["stage"] == 4

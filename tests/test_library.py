@@ -112,7 +112,8 @@ def test_hf_trainer_raises_the_target_like_domain(tmp_path):
     weighter = dwm.DWM(model, opt, REFERENCE, domains=["counting", "noise"], micro_batch_size=16)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=16,
                              learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], use_cpu=True,
-                             remove_unused_columns=False, save_strategy="steps", save_steps=20, logging_steps=10, seed=0,
+                             remove_unused_columns=False, save_strategy="steps", save_steps=20, logging_steps=10,
+                             seed=0,
                              dataloader_num_workers=0, disable_tqdm=True)
     trainer = DWMTrainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None), dwm=weighter)
     trainer.train()

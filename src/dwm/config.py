@@ -105,9 +105,12 @@ def help_text(cls: type) -> str:
 # ---------------------------------------------------------------- errors
 
 
-def did_you_mean(value: str, options: list[str] | tuple[str, ...], prefix: str = "") -> str:
+def did_you_mean(value: str, options: list[str] | tuple[str, ...], prefix: str = "",
+                 rename: dict[str, str] | None = None) -> str:
+    """The hint ' (did you mean PREFIX+NAME?)' for the option closest to a mistyped value ('' when none is close);
+    `rename` maps an option to what to suggest instead (a moved key's new name). The one did-you-mean of dwm."""
     close = difflib.get_close_matches(value, list(options), n=1)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return f" (did you mean {prefix}{(rename or {}).get(close[0], close[0])}?)" if close else ""
 
 
 def choice_error(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> UserError:
@@ -200,8 +203,7 @@ def _coerce(key: str, t: Any, value: Any, from_str: bool) -> Any:
 
 def _unknown(key: str, cls: type, prefix: str, command: str) -> UserError:
     moved = getattr(cls, "MOVED", {})
-    close = difflib.get_close_matches(key, [f.name for f in fields(cls)] + list(moved), n=1)
-    hint = f" (did you mean {prefix}{moved.get(close[0], close[0])}?)" if close else ""
+    hint = did_you_mean(key, [f.name for f in fields(cls)] + list(moved), prefix, dict(moved))
     return UserError(f"unknown config key {prefix}{key}{hint}; see `{command} --help-config`")
 
 
@@ -262,6 +264,15 @@ def apply_override(cfg: Any, item: str, command: str = "dwm train") -> None:
     setattr(obj, name, _coerce(key, hs[name], value, from_str=True))
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a malformed or unreadable file is a one-line UserError ("cannot parse PATH: ...").
+    The one TOML reader of dwm (configs, recipes, run directories)."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
          command: str = "dwm train") -> T:
     """Defaults of cls, then the TOML file (if any), then the overrides in order. Not yet validated."""
@@ -270,10 +281,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
         p = Path(path)
         if not p.is_file():
             raise UserError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot parse {p}: {e}") from e
+        data = read_toml(p)
         apply_dict(cfg, data, command=command)
     for item in overrides:
         apply_override(cfg, item, command)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dwm.config import read_toml
 from dwm.errors import UserError
 
 # column -> arrow type name, in file order; `lm_loss` is optional (weighting.advanced.probe_lm_loss)
@@ -53,18 +54,6 @@ def read_table(path: Path, columns: list[str] | None = None):
     try:
         return pq.read_table(path, columns=columns)
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a torn or foreign file)
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file as a dict; an unreadable or malformed file is a UserError naming it."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
 
 

@@ -258,12 +258,21 @@ def identity(cfg: Any) -> dict[str, Any]:
     return _normalised(_flat(to_dict(cfg)))
 
 
+def _renamed(flat: dict[str, Any]) -> dict[str, Any]:
+    """An older config's keys under their current names ([weighting] keys moved to [weighting.advanced])."""
+    from dwm.weighting.config import WeightingConfig
+
+    moved = {f"weighting.{k}": f"weighting.{v}" for k, v in WeightingConfig.MOVED.items()}
+    return {moved.get(k, k): v for k, v in flat.items()}
+
+
 def same_run(config_toml: Path, cfg: Any) -> bool:
     """Whether the finished run whose config.toml this is trained with `cfg`. A key the older file lacks counts as
-    equal when `cfg` holds its default: options are added with defaults that keep the earlier behaviour."""
+    equal when `cfg` holds its default: options are added with defaults that keep the earlier behaviour; a key
+    that has moved counts under its new name."""
     import tomllib
 
-    old = _normalised(_flat(tomllib.loads(config_toml.read_text())))
+    old = _normalised(_renamed(_flat(tomllib.loads(config_toml.read_text()))))
     new, default = identity(cfg), identity(type(cfg)())
     return old.keys() <= new.keys() and all(old.get(k, default.get(k)) == v for k, v in new.items())
 

@@ -9,7 +9,7 @@ its lazy allocation. Before the phase the process returns freed heap memory (mal
 (/proc/self/clear_refs); the phase's peak is then VmHWM, and "own" is that peak minus the RSS just before it (model,
 AdamW state, data: what every phase shares). Phases:
 - plain: one training step (forward + backward of 16 micro-batches, clip, AdamW step);
-- update N: one bi-level update of the DWM weighter probing N samples (weighting.batch_size = N): the lookahead's
+- update N: one bi-level update of the DWM weighter probing N samples (weighting.advanced.batch_size = N): the lookahead's
   weighted pass over the first G of them, the reference pass, two perturbed forwards of all N, phi's steps;
 - update N one-pass: the same with every pass over all samples at once (chunk = N), the memory before chunking.
 Goals: peak(update 512) <= 1.10 x peak(update 64); peak(update) <= 1.3 x peak(plain).
@@ -72,7 +72,7 @@ def child(args) -> None:
     else:
         w = tr.weighter
         if rest.endswith("one-pass"):
-            w.micro = n_probe  # every pass of the lookahead over all probed samples at once
+            w.scorer.micro = w.learner.probe.micro = n_probe  # every pass over all probed samples at once
         before = reset_peak()
         w._update(tr.ctx)
         assert w.n_updates == 1, "the update was skipped"

@@ -15,7 +15,7 @@ that the replay is faithful); the others change one thing:
 - `lr:X`: all of phi at X times its learning rate.
 - `ema:D`: rank with an exponential moving average of phi's parameters over its steps (decay D per step; Polyak
   averaging: the last few groups drawn weigh less in the model that scores).
-Needs `weighting.buffer_stages >= stages` (the default: every stage's evidence is still in the last buffer).
+Needs `weighting.advanced.buffer_stages >= stages` (the default: every stage's evidence is still in the last buffer).
 
 Answer (stop 25; novels, cpu-small seeds 6-9 and 13-17 at 150 steps and 3-7 at 300): `run` reproduces all 14 saved
 rankings; books first as run 10 of 14, shrink:16 9 of 14, shrink:64 7 of 14, domain-lr:0.1 8 of 14 (docs/METHOD.md

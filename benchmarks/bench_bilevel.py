@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from dwm.train.losses import per_sample_nll
+from dwm.nn.bilevel import adam_lookahead, adam_preconditioner, hypergradient
+from dwm.nn.losses import per_sample_nll
 from dwm.train.model import build_model, count_params
-from dwm.weighting.bilevel import adam_lookahead, adam_preconditioner, hypergradient
 
 MODES = ("plain", "fd", "fd_nolog", "exact")
 VOCAB = 8192

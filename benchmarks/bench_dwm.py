@@ -68,31 +68,31 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 
 # one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
-    "kl=0.5 (a stronger pull toward uniform: the kl-0.5 defaults of 15e6dc9)": ["weighting.kl=0.5"],
-    "probe_len=128 (the bi-level update's LM forwards half as long: a cost lever)": ["weighting.probe_len=128"],
-    "uniform_stages=1 (no update at step 0: stage 0 trains uniformly; a cost lever)": ["weighting.uniform_stages=1"],
+    "kl=0.5 (a stronger pull toward uniform: the kl-0.5 defaults of 15e6dc9)": ["weighting.advanced.kl=0.5"],
+    "probe_len=128 (the bi-level update's LM forwards half as long: a cost lever)": ["weighting.advanced.probe_len=128"],
+    "uniform_stages=1 (no update at step 0: stage 0 trains uniformly; a cost lever)": ["weighting.advanced.uniform_stages=1"],
     "frozen_stages=2 (updates at stages 0-2 only, phi kept after: 3 of 5 updates; a cost lever)": [
-        "weighting.frozen_stages=2"],
+        "weighting.advanced.frozen_stages=2"],
     "candidates=8 (a domain can reach 8x its corpus share, not 4x: speech's cap 66%, not 33%)": [
         "weighting.candidates=8"],
 }
 # ... and from the kl-0.5 defaults of 15e6dc9 (kl 0.5), where these levers were measured (rows reproducible)
-STOP21 = ["weighting.kl=0.5"]
+STOP21 = ["weighting.advanced.kl=0.5"]
 ABLATIONS.update({f"kl=0.5, {name}": STOP21 + ov for name, ov in {
-    "batch_size=64 (half the probed samples per update: the kl-0.5, batch-64 defaults (e733381))": ["weighting.batch_size=64"],
+    "batch_size=64 (half the probed samples per update: the kl-0.5, batch-64 defaults (e733381))": ["weighting.advanced.batch_size=64"],
 }.items()})
 # ... and from the kl-0.5, batch-64 defaults (e733381) (kl 0.5, batch_size 64), where these levers were measured
-STOP20 = STOP21 + ["weighting.batch_size=64"]
+STOP20 = STOP21 + ["weighting.advanced.batch_size=64"]
 ABLATIONS.update({f"batch_size=64, {name}": STOP20 + ov for name, ov in {
-    "kl=1.0 (a stronger pull toward uniform: the kl-1.0 defaults of 7faa313)": ["weighting.kl=1.0"],
-    "kl=0.35": ["weighting.kl=0.35"],
-    "kl=0.25 (weaker still)": ["weighting.kl=0.25"],
+    "kl=1.0 (a stronger pull toward uniform: the kl-1.0 defaults of 7faa313)": ["weighting.advanced.kl=1.0"],
+    "kl=0.35": ["weighting.advanced.kl=0.35"],
+    "kl=0.25 (weaker still)": ["weighting.advanced.kl=0.25"],
     "candidates=3 (a smaller pool: cheaper scoring)": ["weighting.candidates=3"],
     "net.width=64 (phi a third of the scoring cost)": ["weighting.net.width=64"],
-    "probe_len=128 (the bi-level update's LM forwards half as long)": ["weighting.probe_len=128"],
+    "probe_len=128 (the bi-level update's LM forwards half as long)": ["weighting.advanced.probe_len=128"],
 }.items()})
 # ... and from the kl-1.0 defaults of 7faa313 (kl 1.0, batch_size 64), where these levers were measured
-STOP17 = STOP20 + ["weighting.kl=1.0"]
+STOP17 = STOP20 + ["weighting.advanced.kl=1.0"]
 ABLATIONS.update({f"kl=1.0, {name}": STOP17 + ov for name, ov in {
     "apply=weights (the paper's in-batch weights, tau 1; domain input and 5-stage buffer kept)": [
         "weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1"],
@@ -101,32 +101,32 @@ ABLATIONS.update({f"kl=1.0, {name}": STOP17 + ov for name, ov in {
     "candidates=8": ["weighting.candidates=8"],
     "net.max_len=64 (phi reads 64 tokens: half the scoring cost)": ["weighting.net.max_len=64"],
     "resampling alone: temperature=0.5, no domain input, buffer_stages=1": [
-        "weighting.temperature=0.5", "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"],
+        "weighting.temperature=0.5", "weighting.net.use_domain_feature=false", "weighting.advanced.buffer_stages=1"],
 }.items()})
 
 # the defaults before resampling was adopted (7faa313): the paper's in-batch weights, no domain input, one stage's
 # buffer, with 7faa313's KL 1 and 64 probed samples. The first ablation table's levers are one change from these
 # (its rows are kept reproducible).
 WEIGHTS_DEFAULTS = [*STOP17, "weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1",
-                    "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"]
+                    "weighting.net.use_domain_feature=false", "weighting.advanced.buffer_stages=1"]
 ABLATIONS_FROM_WEIGHTS: dict[str, list[str]] = {name: WEIGHTS_DEFAULTS + ov for name, ov in {
     "paper-like: 1 update of one batch (G samples) per stage, 1 phi step of lr 1e-2, no KL, raw dL/dw": [
-        "weighting.batch_size=0", "weighting.phi_steps=1", "weighting.lr=1e-2", "weighting.kl=0",
-        "weighting.normalize=none"],
+        "weighting.advanced.batch_size=0", "weighting.advanced.phi_steps=1", "weighting.advanced.lr=1e-2", "weighting.advanced.kl=0",
+        "weighting.advanced.normalize=none"],
     "apply=resample, candidates=4 (weights choose the batch)": ["weighting.apply=resample",
                                                                "weighting.candidates=4"],
-    "kl=0 (no penalty)": ["weighting.kl=0"],
-    "kl=2": ["weighting.kl=2"],
-    "normalize=none": ["weighting.normalize=none"],
-    "phi_steps=1": ["weighting.phi_steps=1"],
-    "batch_size=G (probe one batch per update)": ["weighting.batch_size=0"],
+    "kl=0 (no penalty)": ["weighting.advanced.kl=0"],
+    "kl=2": ["weighting.advanced.kl=2"],
+    "normalize=none": ["weighting.advanced.normalize=none"],
+    "phi_steps=1": ["weighting.advanced.phi_steps=1"],
+    "batch_size=G (probe one batch per update)": ["weighting.advanced.batch_size=0"],
     "batch_size=128, probe_len=128, phi_steps=16, kl=0.5, buffer_stages=2": [
-        "weighting.batch_size=128", "weighting.probe_len=128", "weighting.phi_steps=16", "weighting.kl=0.5",
-        "weighting.buffer_stages=2"],
-    "updates_per_stage=4": ["weighting.updates_per_stage=4"],
+        "weighting.advanced.batch_size=128", "weighting.advanced.probe_len=128", "weighting.advanced.phi_steps=16", "weighting.advanced.kl=0.5",
+        "weighting.advanced.buffer_stages=2"],
+    "updates_per_stage=4": ["weighting.advanced.updates_per_stage=4"],
     "schedule=interleaved, interval 10, batch_size 32": ["weighting.schedule=interleaved", "weighting.interval=10",
-                                                         "weighting.batch_size=32"],
-    "ref_loss=target": ["weighting.ref_loss=target"],
+                                                         "weighting.advanced.batch_size=32"],
+    "ref_loss=target": ["weighting.advanced.ref_loss=target"],
     "use_domain_feature": ["weighting.net.use_domain_feature=true"],
 }.items()}
 
@@ -258,12 +258,21 @@ def identity(cfg: Any) -> dict[str, Any]:
     return _normalised(_flat(to_dict(cfg)))
 
 
+def _renamed(flat: dict[str, Any]) -> dict[str, Any]:
+    """An older config's keys under their current names ([weighting] keys moved to [weighting.advanced])."""
+    from dwm.weighting.config import WeightingConfig
+
+    moved = {f"weighting.{k}": f"weighting.{v}" for k, v in WeightingConfig.MOVED.items()}
+    return {moved.get(k, k): v for k, v in flat.items()}
+
+
 def same_run(config_toml: Path, cfg: Any) -> bool:
     """Whether the finished run whose config.toml this is trained with `cfg`. A key the older file lacks counts as
-    equal when `cfg` holds its default: options are added with defaults that keep the earlier behaviour."""
+    equal when `cfg` holds its default: options are added with defaults that keep the earlier behaviour; a key
+    that has moved counts under its new name."""
     import tomllib
 
-    old = _normalised(_flat(tomllib.loads(config_toml.read_text())))
+    old = _normalised(_renamed(_flat(tomllib.loads(config_toml.read_text()))))
     new, default = identity(cfg), identity(type(cfg)())
     return old.keys() <= new.keys() and all(old.get(k, default.get(k)) == v for k, v in new.items())
 

@@ -76,18 +76,19 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from dwm.weighting import bilevel
+    from dwm.nn import bilevel
     from dwm.weighting import dwm_weighter as dw
+    from dwm.weighting import learner, outputs, probe, resample
 
     torch.set_num_threads(args.threads)
     target = bench_dwm.prepare_targets(args.out)["novels"]
     budget = bench_dwm.Budget(args.steps, 4096, args.preset)
-    wraps = {"score candidates (every step)": (dw.DWMSelector, "score"),
+    wraps = {"score candidates (every step)": (resample.ResampleSelector, "score"),
              "bi-level update": (dw.DWMWeighter, "_update"),
-             "  LM side (hypergradient)": (dw, "hypergradient"),
-             "    its perturbed forwards (2 per update)": (bilevel._Passes, "sample_losses"),
-             "  phi's steps (forward + backward)": (dw.DWMWeighter, "_phi_backward"),
-             "probe pass (excluded)": (dw.DWMWeighter, "_save_stage")}
+             "  LM side (hypergradient)": (probe, "hypergradient"),
+             "    its perturbed forwards (2 per update)": (bilevel.Passes, "sample_losses"),
+             "  phi's steps (forward + backward)": (learner.PhiLearner, "phi_backward"),
+             "probe pass (excluded)": (outputs.StageWriter, "save_stage")}
     with tempfile.TemporaryDirectory() as tmp:
         cell = bench_dwm.Cell("novels", "uniform", 0)
         # warm-up, untimed: the first run in a process pays one-time costs (lazy imports, allocator growth)

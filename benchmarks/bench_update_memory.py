@@ -9,7 +9,7 @@ its lazy allocation. Before the phase the process returns freed heap memory (mal
 (/proc/self/clear_refs); the phase's peak is then VmHWM, and "own" is that peak minus the RSS just before it (model,
 AdamW state, data: what every phase shares). Phases:
 - plain: one training step (forward + backward of 16 micro-batches, clip, AdamW step);
-- update N: one bi-level update of the DWM weighter probing N samples (weighting.batch_size = N): the lookahead's
+- update N: one bi-level update of the DWM weighter probing N samples (weighting.advanced.batch_size = N): the lookahead's
   weighted pass over the first G of them, the reference pass, two perturbed forwards of all N, phi's steps;
 - update N one-pass: the same with every pass over all samples at once (chunk = N), the memory before chunking.
 Goals: peak(update 512) <= 1.10 x peak(update 64); peak(update) <= 1.3 x peak(plain).
@@ -48,8 +48,8 @@ def reset_peak() -> float:
 
 
 def child(args) -> None:
+    from dwm.nn.bilevel import PARAM_COPIES
     from dwm.run import build_trainer, load_config, recipe_path
-    from dwm.weighting.bilevel import PARAM_COPIES
 
     torch.set_num_threads(args.threads)
     kind, _, rest = args.phase.partition(":")
@@ -57,7 +57,7 @@ def child(args) -> None:
     ov = [f"data.dir={args.data}", f"out={args.run}", f"model.spec={args.preset}", "train.max_steps=50",
           f"train.micro_batch_size={args.micro}", f"train.global_batch_tokens={args.global_batch * 256}",
           f"weighting.reference={REPO / 'data/target/reference.jsonl'}", "log.progress=false",
-          f"weighting.batch_size={max(n_probe, 1)}", "weighting.diagnostics=false"]
+          f"weighting.advanced.batch_size={max(n_probe, 1)}", "weighting.advanced.diagnostics=false"]
     cfg = load_config(recipe_path(args.recipe), ov)
     tr = build_trainer(cfg)
     g = torch.Generator().manual_seed(0)
@@ -72,7 +72,7 @@ def child(args) -> None:
     else:
         w = tr.weighter
         if rest.endswith("one-pass"):
-            w.micro = n_probe  # every pass of the lookahead over all probed samples at once
+            w.scorer.micro = w.learner.probe.micro = n_probe  # every pass over all probed samples at once
         before = reset_peak()
         w._update(tr.ctx)
         assert w.n_updates == 1, "the update was skipped"
@@ -120,7 +120,7 @@ def main() -> int:
                 res[ph] = json.loads(p.stdout.strip().splitlines()[-1])
         print(json.dumps(res[ph]), flush=True)
     plain = res["plain"]
-    lines = [f"| phase | peak RSS MB | / plain | own MB (peak - before) | own / plain |", "|---|---|---|---|---|"]
+    lines = ["| phase | peak RSS MB | / plain | own MB (peak - before) | own / plain |", "|---|---|---|---|---|"]
     for ph in phases:
         r = res[ph]
         if "failed" in r:

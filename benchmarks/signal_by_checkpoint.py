@@ -26,9 +26,9 @@ from tokenizers import Tokenizer
 from dwm.data.dataset import PreparedData
 from dwm.data.passages import PassageSet
 from dwm.eval.export import load_run_model
+from dwm.nn.bilevel import adam_lookahead, hypergradient
 from dwm.train.config import OptimConfig
 from dwm.train.trainer import make_optimizer
-from dwm.weighting.bilevel import adam_lookahead, hypergradient
 
 try:
     import tomllib

@@ -40,11 +40,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                            for i in range(12)))
     common = [f"data.dir={data}", "model.spec=tiny", "train.global_batch_tokens=256", "train.micro_batch_size=4",
               f"train.max_steps={STEPS}", f"weighting.reference={ref}", "weighting.net.width=32",
-              "weighting.net.heads=2", "weighting.probe_size=30", "weighting.ref_batch_size=4", "weighting.lr=0.01",
-              "log.progress=false", "log.every=5", "train.device=cpu", "weighting.mode=dwm",
-              "weighting.updates_per_stage=2", "weighting.apply=weights", "weighting.batch_size=0",
-              "weighting.buffer_stages=1", "weighting.net.use_domain_feature=false"]  # in-batch weights: every
-    # step's weights are in the metrics and each stage's signal holds its own updates' samples
+              "weighting.net.heads=2", "weighting.probe_size=30", "weighting.advanced.ref_batch_size=4",
+              "weighting.advanced.lr=0.01", "log.progress=false", "log.every=5", "train.device=cpu",
+              "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2", "weighting.apply=weights",
+              "weighting.advanced.batch_size=0", "weighting.advanced.buffer_stages=1",
+              "weighting.net.use_domain_feature=false"]  # in-batch weights: every step's weights are in the
+    # metrics, each update probes one global batch (8 samples) and each stage's signal holds its own updates'
     out = {"data": data, "root": root, "common": common}
     for name, extra in (("dwm_a", ["checkpoint.every=2", "checkpoint.keep_every=2"]),
                         ("dwm_b", ["checkpoint.every=0", "train.seed=1", "weighting.temperature=0.5"])):
@@ -108,7 +109,7 @@ def test_probes_record_the_lm_loss_of_their_step(runs):
     from transformers import AutoModelForCausalLM
 
     from dwm.data.dataset import PreparedData
-    from dwm.train.losses import per_sample_nll
+    from dwm.nn.losses import per_sample_nll
 
     run = runs["dwm_a"]
     t = pq.read_table(run / "probes" / "stage_4.parquet")
@@ -126,7 +127,7 @@ def test_probe_lm_loss_off_skips_that_column_and_trains_the_same(runs):
     correlation), and nothing else changes: the same probe scores and weights, the same training losses."""
     run = runs["root"] / "dwm_b_no_lm_loss"
     build_trainer(load_config(None, [*runs["common"], f"out={run}", "checkpoint.every=0", "train.seed=1",
-                                     "weighting.temperature=0.5", "weighting.probe_lm_loss=false"])).train()
+                                     "weighting.temperature=0.5", "weighting.advanced.probe_lm_loss=false"])).train()
     for k in range(5):
         t, ref = (pq.read_table(r / "probes" / f"stage_{k}.parquet") for r in (run, runs["dwm_b"]))
         assert "lm_loss" not in t.column_names and "lm_loss" in ref.column_names

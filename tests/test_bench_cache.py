@@ -43,7 +43,7 @@ def test_same_configuration_matches_whatever_the_output_directory(bench, tmp_pat
     toml = tmp_path / "config.toml"
     toml.write_text(to_toml(_cfg(tmp_path / "a")))
     assert bench.same_run(toml, _cfg(tmp_path / "b"))
-    assert not bench.same_run(toml, _cfg(tmp_path / "b", "weighting.kl=1.0"))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b", "weighting.advanced.kl=1.0"))
     assert not bench.same_run(toml, _cfg(tmp_path / "b", "train.seed=2"))
 
 
@@ -53,7 +53,15 @@ def test_an_option_the_old_file_lacks_matches_only_at_its_default(bench, tmp_pat
     toml = tmp_path / "config.toml"
     toml.write_text(text.replace("probe_lm_loss = true\n", ""))  # a run from before the option existed
     assert bench.same_run(toml, _cfg(tmp_path / "b"))
-    assert not bench.same_run(toml, _cfg(tmp_path / "b", "weighting.probe_lm_loss=false"))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b", "weighting.advanced.probe_lm_loss=false"))
+    # a run from before [weighting.advanced]: its flat [weighting] keys count under their new names
+    head, _, rest = text.partition("[weighting.advanced]\n")
+    block, nl, tail = rest.partition("\n[")
+    flat = (head + nl + "[" + tail if nl else head).replace("[weighting]\n", "[weighting]\n" + block + "\n")
+    assert "[weighting.advanced]" not in flat and "kl = 0.25" in block
+    toml.write_text(flat)
+    assert bench.same_run(toml, _cfg(tmp_path / "b"))
+    assert not bench.same_run(toml, _cfg(tmp_path / "b", "weighting.advanced.kl=0.5"))
     # a key the current configuration no longer has is never the same run
     toml.write_text(text.replace("[weighting]\n", "[weighting]\nretired_option = 3\n"))
     assert not bench.same_run(toml, _cfg(tmp_path / "b"))
@@ -70,7 +78,7 @@ def test_cached_run_prefers_the_cells_own_then_any_finished_run_of_the_target(be
     assert bench.cached_run(cell, cfg, out) == other
     own = _finished(out / cell.key, cfg)
     assert bench.cached_run(cell, cfg, out) == own
-    assert bench.cached_run(cell, _cfg(out / cell.key, "weighting.kl=0.35"), out) is None
+    assert bench.cached_run(cell, _cfg(out / cell.key, "weighting.advanced.kl=0.35"), out) is None
     assert bench.cached_run(bench.Cell("speech", "dwm", 1), cfg, out) is None  # another target's runs
 
 
@@ -91,7 +99,7 @@ def test_rows_select_by_prefix_keep_the_baseline_and_refuse_an_unknown_row(bench
     rows = bench.ablation_rows("ablation", ["batch_size=64, kl=0.25"])
     assert list(rows) == ["**shipped defaults**", kl]
     # measured from the stop-20 defaults (kl 0.5, batch_size 64), the lever last
-    assert rows[kl] == ["weighting.kl=0.5", "weighting.batch_size=64", "weighting.kl=0.25"]
+    assert rows[kl] == ["weighting.advanced.kl=0.5", "weighting.advanced.batch_size=64", "weighting.advanced.kl=0.25"]
     assert bench.ablation_rows("ablation") == {"**shipped defaults**": [], **bench.ABLATIONS}
     assert len(bench.ablation_rows("ablation", ["batch_size=64, kl=0.3"])) == 2  # a prefix: kl=0.35
     assert len(bench.ablation_rows("ablation", ["batch_size=64"])) == 1 + 6  # the six levers of the stop-20 defaults
@@ -107,7 +115,7 @@ def test_rows_keep_their_measured_configuration_and_distinct_run_keys(bench):
     from dwm.run import load_config, recipe_path
 
     for name, ov in bench.ABLATIONS.items():
-        cfg = load_config(recipe_path("cpu-small-dwm"), ov).weighting
+        cfg = load_config(recipe_path("cpu-small-dwm"), ov).weighting.advanced
         lever = name.split(" (")[0].split(", ")[-1]
         if name.startswith(("batch_size=64", "kl=1.0", "kl=0.5, batch_size=64")):
             assert cfg.batch_size == 64, name
@@ -117,7 +125,8 @@ def test_rows_keep_their_measured_configuration_and_distinct_run_keys(bench):
             base = 1.0 if name.startswith("kl=1.0") else 0.5 if name.startswith(("kl=0.5", "batch_size=64")) else 0.25
             assert cfg.kl == base, name
     weights = load_config(recipe_path("cpu-small-dwm"), bench.WEIGHTS_DEFAULTS).weighting
-    assert (weights.apply, weights.kl, weights.batch_size, weights.buffer_stages) == ("weights", 1.0, 64, 1)
+    adv = weights.advanced
+    assert (weights.apply, adv.kl, adv.batch_size, adv.buffer_stages) == ("weights", 1.0, 64, 1)
     for part in ("ablation", "ablation-weights"):
         keys = [bench.Cell("novels", f"ablation:{n}", 0).key for n in bench.ablation_rows(part)]
         assert len(set(keys)) == len(keys), part

@@ -17,8 +17,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from dwm.data.passages import passage_nll
 from dwm.errors import UserError
-from dwm.train.losses import per_sample_nll
-from dwm.weighting.bilevel import adam_preconditioner, hypergradient
+from dwm.nn.bilevel import adam_preconditioner, hypergradient
+from dwm.nn.losses import per_sample_nll
 from dwm.weighting.config import WeightingNetConfig
 from dwm.weighting.net import WeightingNet, weights_from_scores
 
@@ -258,7 +258,7 @@ def test_adam_lookahead_is_adamw_next_step():
     L_ref after a real step on the weighted loss, and the two backends agree on dL/dw."""
     import copy
 
-    from dwm.weighting.bilevel import adam_lookahead
+    from dwm.nn.bilevel import adam_lookahead
 
     model = tiny_lm()
     ids, n, w, ref, mask = data()
@@ -315,7 +315,7 @@ def test_chunked_passes_equal_one_pass(backend):
     """Every pass in chunks (the weighted gradient over 3 chunks of 2, the reference over chunks of 2 passages, the
     perturbed forwards or the double backward likewise) gives the hypergradient of one pass over everything, in
     float64 to rounding, with the AdamW lookahead; the model comes back bit-identical with its .grad untouched."""
-    from dwm.weighting.bilevel import adam_lookahead
+    from dwm.nn.bilevel import adam_lookahead
 
     model = tiny_lm()
     ids, n, w, ref, mask = data()

@@ -78,15 +78,16 @@ def test_toml_types_checked(tmp_path):
     ("weighting.mode=softmax", "weighting.mode"),
     ("weighting.backend=autograd", "weighting.backend"),
     ("weighting.schedule=weekly", "weighting.schedule"),
-    ("weighting.ref_loss=word", "weighting.ref_loss"),
-    ("weighting.precondition=newton", "weighting.precondition"),
+    ("weighting.advanced.ref_loss=word", "weighting.advanced.ref_loss"),
+    ("weighting.advanced.precondition=newton", "weighting.advanced.precondition"),
     ("weighting.temperature=0", "weighting.temperature"),
     ("weighting.floor=2", "weighting.floor"),
     ("weighting.stages=0", "weighting.stages"),
-    ("weighting.uniform_stages=5", "weighting.uniform_stages \\+ weighting.frozen_stages: must be below"),
-    ("weighting.frozen_stages=5", "got 0 \\+ 5: phi would never learn"),
-    ("weighting.frozen_stages=-1", "weighting.frozen_stages"),
-    ("weighting.uniform_stages=-1", "weighting.uniform_stages"),
+    ("weighting.advanced.uniform_stages=5",
+     "weighting.advanced.uniform_stages \\+ weighting.advanced.frozen_stages: must be below"),
+    ("weighting.advanced.frozen_stages=5", "got 0 \\+ 5: phi would never learn"),
+    ("weighting.advanced.frozen_stages=-1", "weighting.advanced.frozen_stages"),
+    ("weighting.advanced.uniform_stages=-1", "weighting.advanced.uniform_stages"),
     ("weighting.net.heads=3", "divisible"),
     ("weighting.keep_learning=true", "keep_learning"),
 ])
@@ -110,8 +111,8 @@ def test_choices_are_types_with_did_you_mean(item, hint):
 def test_literal_choices_checked_once_for_programmatic_configs():
     """A config built in code (no parsing) is still checked, by the one generic Literal check."""
     cfg = load_config(None, ["train.max_steps=10"])
-    cfg.weighting.precondition = "newtn"  # type: ignore[assignment]
-    with pytest.raises(UserError, match=r"weighting.precondition: 'newtn' is not one of adam, sgd"):
+    cfg.weighting.advanced.precondition = "newtn"  # type: ignore[assignment]
+    with pytest.raises(UserError, match=r"weighting.advanced.precondition: 'newtn' is not one of adam, sgd"):
         validate(cfg, check_paths=False)
 
 
@@ -240,11 +241,12 @@ def test_paper_recipes_carry_the_validated_weighting(name, prepared_dir):
     paper = load_config(recipe_path(name), [f"data.dir={prepared_dir}"]).weighting
     small = load_config(recipe_path("cpu-small-dwm")).weighting
     lib = RunConfig().weighting
-    for key in ("apply", "candidates", "temperature", "kl", "phi_steps", "buffer_stages", "updates_per_stage",
-                "stages", "backend", "schedule", "lr"):
+    for key in ("apply", "candidates", "temperature", "stages", "backend", "schedule"):
         assert getattr(paper, key) == getattr(small, key) == getattr(lib, key), key
+    for key in ("kl", "phi_steps", "buffer_stages", "updates_per_stage", "lr"):
+        assert getattr(paper.advanced, key) == getattr(small.advanced, key) == getattr(lib.advanced, key), key
     assert paper.net == small.net == lib.net
-    assert paper.batch_size == 2 * 2048 and small.batch_size == 2 * 64  # 2 x the global batch, as validated
+    assert paper.advanced.batch_size == 2 * 2048 and small.advanced.batch_size == 2 * 64  # 2 x the global batch
     assert not paper.net.init_from_lm_embedding
 
 
@@ -276,3 +278,23 @@ def test_python_dash_m_dwm_is_the_dwm_command(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         runpy.run_module("dwm", run_name="__main__")
     assert done.value.code == 2
+def test_weighting_research_keys_moved_to_advanced_old_names_still_read(caplog):
+    """The research levers live in [weighting.advanced]; a [weighting] key of the old layout (TOML or override)
+    still sets the new key, with one warning line; a typo suggests the new key."""
+    from dwm.errors import UserError
+    from dwm.run import load_config
+
+    with caplog.at_level("WARNING", logger="dwm.config"):
+        cfg = load_config(None, ["weighting.kl=0.7", "weighting.advanced.phi_steps=3"])
+    assert cfg.weighting.advanced.kl == 0.7 and cfg.weighting.advanced.phi_steps == 3
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["config key weighting.kl is now weighting.advanced.kl (the old name still works; please update)"]
+    import dwm.config as C
+
+    cfg = load_config(None, [])
+    C.apply_dict(cfg, {"weighting": {"lr": 5e-4, "net": {"width": 64}}})
+    assert cfg.weighting.advanced.lr == 5e-4 and cfg.weighting.net.width == 64
+    with pytest.raises(UserError, match=r"did you mean weighting\.advanced\.phi_steps\?"):
+        load_config(None, ["weighting.phi_step=3"])
+    with pytest.raises(UserError, match=r"did you mean weighting\.temperature\?"):
+        load_config(None, ["weighting.temprature=3"])

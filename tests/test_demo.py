@@ -29,7 +29,8 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     rc = main(["demo", "--out", str(out), "--corpus", str(corpus), "--reference", str(tmp_path / "reference.jsonl"),
                "--heldout", str(tmp_path / "heldout.jsonl"), "--preset", "tiny", "--steps", "5", "--vocab-size",
                "300", "--seq-len", "32", "--batch-tokens", "256", "--max-passages", "6", "--jobs", "1",
-               "--threads", "1", "log.progress=false", "weighting.probe_size=20", "weighting.net.width=32", "weighting.ref_batch_size=4"])
+               "--threads", "1", "log.progress=false", "weighting.probe_size=20", "weighting.net.width=32",
+               "weighting.advanced.ref_batch_size=4"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "uniform" in text and "dwm" in text and "oracle (books=1.0)" in text and "LAMBADA acc" in text

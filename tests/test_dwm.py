@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from dwm.run import build_trainer, load_config
 from dwm.testing import make_synthetic_prepared
 from dwm.train.trainer import Trainer
-from dwm.weighting.dwm_weighter import probe_ids, probed_records, weight_stats
+from dwm.weighting.diagnostics import weight_stats
+from dwm.weighting.outputs import probe_ids
+from dwm.weighting.probe import probed_records
 
 STEPS = 20
 
@@ -42,8 +44,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
 # The mechanics below are tested on the paper's in-batch variant with one phi step per update (every weight is in
 # the metrics, phi moves measurably in one step); the library's validated defaults run in
 # test_library_defaults_run_and_move_the_weights and in the demo's test.
-IN_BATCH = ("weighting.apply=weights", "weighting.kl=0", "weighting.phi_steps=1", "weighting.buffer_stages=1",
-            "weighting.temperature=1", "weighting.batch_size=0", "weighting.updates_per_stage=0",
+IN_BATCH = ("weighting.apply=weights", "weighting.advanced.kl=0", "weighting.advanced.phi_steps=1", "weighting.advanced.buffer_stages=1",
+            "weighting.temperature=1", "weighting.advanced.batch_size=0", "weighting.advanced.updates_per_stage=0",
             "weighting.net.use_domain_feature=false", "weighting.net.max_len=256")
 
 
@@ -51,7 +53,7 @@ def overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [f"data.dir={data['data']}", f"out={out}", "model.spec=tiny", "train.global_batch_tokens=256",
             "train.micro_batch_size=4", f"train.max_steps={STEPS}", f"weighting.reference={data['ref']}",
             "weighting.net.width=32", "weighting.net.heads=2", "weighting.probe_size=30",
-            "weighting.ref_batch_size=4", "weighting.lr=0.01", "log.progress=false", "log.every=1",
+            "weighting.advanced.ref_batch_size=4", "weighting.advanced.lr=0.01", "log.progress=false", "log.every=1",
             "checkpoint.every=5", *IN_BATCH, *extra]
 
 
@@ -60,7 +62,7 @@ def test_library_defaults_run_and_move_the_weights(data, tmp_path):
     at each of the 5 stage starts probing 128 samples (here all 96 of the pool), the batches drawn by phi, and
     phi's stage models move."""
     run = tmp_path / "defaults"
-    base = [o for o in overrides(data, run) if o not in IN_BATCH and not o.startswith("weighting.lr=")]
+    base = [o for o in overrides(data, run) if o not in IN_BATCH and not o.startswith("weighting.advanced.lr=")]
     t = build_trainer(load_config(None, [*base, "weighting.mode=dwm"]))
     t.train()
     bilevel = events(run, "bilevel")
@@ -110,7 +112,7 @@ def test_probe_ids_stratified_and_fixed():
 
 def test_dwm_run_stages_probes_and_metrics(data, tmp_path):
     run = tmp_path / "run"
-    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=2")
+    train(data, run, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2")
     for k in range(5):
         meta = json.loads((run / "weighting" / f"stage_{k}.json").read_text())
         assert meta["dwm"]["stage"] == k and meta["dwm"]["step"] == k * STEPS // 5
@@ -138,8 +140,8 @@ def test_uniform_stages_train_uniformly_then_learn(data, tmp_path):
     uni, dwm = tmp_path / "uni", tmp_path / "dwm"
     keep = ("checkpoint.every=4", "checkpoint.keep_every=8")
     train(data, uni, *keep)
-    train(data, dwm, "weighting.mode=dwm", "weighting.updates_per_stage=2", "weighting.uniform_stages=2",
-          "weighting.batch_size=16", *keep)
+    train(data, dwm, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2", "weighting.advanced.uniform_stages=2",
+          "weighting.advanced.batch_size=16", *keep)
     bilevel = events(dwm, "bilevel")
     assert [e["step"] for e in bilevel] == [8, 8, 12, 12, 16, 16] and all(e["ok"] for e in bilevel)
     assert [e["stage"] for e in bilevel] == [2, 2, 3, 3, 4, 4]
@@ -158,8 +160,8 @@ def test_uniform_stages_train_uniformly_then_learn(data, tmp_path):
 def test_frozen_stages_keep_phi(data, tmp_path):
     """frozen_stages = 2: updates in stages 0-2 only; the last two stages keep stage 2's phi."""
     run = tmp_path / "frozen"
-    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=2", "weighting.frozen_stages=2",
-          "weighting.batch_size=16")
+    train(data, run, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2", "weighting.advanced.frozen_stages=2",
+          "weighting.advanced.batch_size=16")
     assert [e["step"] for e in events(run, "bilevel")] == [0, 0, 4, 4, 8, 8]
     s = [load_file(str(run / "weighting" / f"stage_{k}.safetensors")) for k in range(5)]
     assert all(torch.equal(s[2][k], s[j][k]) for j in (3, 4) for k in s[2])
@@ -171,7 +173,7 @@ def test_interleaved_schedule_skips_uniform_and_frozen_stages(data, tmp_path):
     stage 4 (frozen) take none."""
     run = tmp_path / "inter"
     train(data, run, "weighting.mode=dwm", "weighting.schedule=interleaved", "weighting.interval=2",
-          "weighting.uniform_stages=1", "weighting.frozen_stages=1", "weighting.batch_size=16")
+          "weighting.advanced.uniform_stages=1", "weighting.advanced.frozen_stages=1", "weighting.advanced.batch_size=16")
     assert [e["step"] for e in events(run, "bilevel")] == [4, 6, 8, 10, 12, 14]
 
 
@@ -180,7 +182,7 @@ def test_floor_one_is_exactly_uniform_training(data, tmp_path):
     uni = tmp_path / "uni"
     dwm = tmp_path / "dwm"
     train(data, uni)
-    train(data, dwm, "weighting.mode=dwm", "weighting.floor=1.0", "weighting.updates_per_stage=2")
+    train(data, dwm, "weighting.mode=dwm", "weighting.floor=1.0", "weighting.advanced.updates_per_stage=2")
     assert len(events(dwm, "bilevel")) == 10
     a, b = final_params(uni), final_params(dwm)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -207,7 +209,7 @@ def test_dwm_kill_and_resume_is_exact(data, tmp_path):
     selector's generator and the weighter's all come back from the checkpoint."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     common = ["weighting.mode=dwm", "weighting.schedule=interleaved", "weighting.interval=2",
-              "weighting.apply=resample", "weighting.batch_size=12", "weighting.phi_steps=2"]
+              "weighting.apply=resample", "weighting.advanced.batch_size=12", "weighting.advanced.phi_steps=2"]
     r = _cli(overrides(data, full, *common))
     assert r.returncode == 0, r.stderr
     r = _cli(overrides(data, killed, *common), kill_after=11)
@@ -228,7 +230,7 @@ def test_dwm_kill_and_resume_is_exact(data, tmp_path):
 
 def test_replay_matches_stages_by_fraction_without_updates(data, tmp_path):
     src = tmp_path / "src"
-    train(data, src, "weighting.mode=dwm", "weighting.updates_per_stage=2")
+    train(data, src, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2")
     # a run twice as long (another length) replays stage k over the same fraction of its training
     rep = tmp_path / "rep"
     t = build_trainer(load_config(None, overrides(data, rep, f"weighting.mode={src}",
@@ -249,13 +251,13 @@ def test_replay_matches_stages_by_fraction_without_updates(data, tmp_path):
         assert all(torch.equal(seen[step][n], want[n]) for n in want), (step, k)
     # keep-learning: the replayed model is the start of more bi-level updates
     kl = tmp_path / "kl"
-    train(data, kl, f"weighting.mode={src}", "weighting.keep_learning=true", "weighting.updates_per_stage=1")
+    train(data, kl, f"weighting.mode={src}", "weighting.keep_learning=true", "weighting.advanced.updates_per_stage=1")
     assert len(events(kl, "bilevel")) == 5
 
 
 def test_non_finite_outer_loss_skips_update_and_continues(data, tmp_path):
     run = tmp_path / "nan"
-    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=1", "weighting.lookahead_lr=1e30")
+    train(data, run, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=1", "weighting.advanced.lookahead_lr=1e30")
     ev = events(run, "bilevel")
     assert len(ev) == 5 and not any(e["ok"] for e in ev) and ev[-1]["skipped"] == 5
     s0 = load_file(str(run / "weighting" / "stage_0.safetensors"))
@@ -272,8 +274,8 @@ def test_ddp_two_processes_equal_one(data, tmp_path, free_port):
     one, two = tmp_path / "one", tmp_path / "two"
     # one phi step per update: Adam's first steps on phi's near-zero gradients take the sign of 1e-17 rounding
     # noise, so with the default 8 steps two processes part by ~1e-4 although every sum agrees to rounding
-    common = ["weighting.mode=dwm", "weighting.updates_per_stage=2", "train.max_steps=10", "weighting.batch_size=4",
-              "train.precision=fp64", "weighting.phi_steps=1"]
+    common = ["weighting.mode=dwm", "weighting.advanced.updates_per_stage=2", "train.max_steps=10", "weighting.advanced.batch_size=4",
+              "train.precision=fp64", "weighting.advanced.phi_steps=1"]
     r = _cli(overrides(data, one, *common))
     assert r.returncode == 0, r.stderr
     r = _cli(overrides(data, two, *common), nproc=2, port=free_port())
@@ -307,8 +309,8 @@ def test_interleaved_schedule_updates_every_interval(data, tmp_path):
 
 def test_low_effective_sample_size_warns_and_counts(data, tmp_path, caplog):
     run = tmp_path / "ess"
-    with caplog.at_level("WARNING", logger="dwm.weighting.dwm_weighter"):
-        train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=1", "weighting.min_ess_fraction=1.0",
+    with caplog.at_level("WARNING", logger="dwm.weighting.diagnostics"):
+        train(data, run, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=1", "weighting.advanced.min_ess_fraction=1.0",
               "weighting.temperature=0.01")
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"w_ess"' in x][-1]
     assert last["w_ess"] < 8 and last["dwm_ess_warnings"] >= 1
@@ -320,7 +322,7 @@ def test_replay_on_another_selection(data, tmp_path):
     import pyarrow as pa
 
     src = tmp_path / "src"
-    train(data, src, "weighting.mode=dwm", "weighting.updates_per_stage=1", "weighting.temperature=0.5")
+    train(data, src, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=1", "weighting.temperature=0.5")
     sel = tmp_path / "sel.parquet"
     pq.write_table(pa.table({"sample_id": pa.array(np.arange(95, 47, -1), pa.int64())}), sel)
     rep = tmp_path / "rep"
@@ -336,47 +338,52 @@ def test_replay_on_another_selection(data, tmp_path):
 
 # --- the levers of "a phi that learns the signal" -------------------------------------------------------------
 class _Ctx:
-    """The few TrainContext members DWMWeighter._phi_loss uses."""
+    """The few TrainContext members PhiLearner.phi_backward uses."""
 
     def __init__(self, data_dir):
         from dwm.data.dataset import PreparedData
 
         self.data = PreparedData(data_dir, "train")
+        self.model = None
 
 
-def _weighter(data, *extra):
-    from dwm.weighting.dwm_weighter import DWMWeighter
+def _learner(data, micro, *extra):
+    """phi's learner on its own: a scorer bound to a float64 phi with non-uniform scores, no trainer."""
+    from dwm.weighting.learner import PhiLearner
+    from dwm.weighting.net import WeightingNet
+    from dwm.weighting.probe import BilevelProbe
+    from dwm.weighting.scorer import Scorer
 
     cfg = load_config(None, overrides(data, Path("/nonexistent"), "weighting.mode=dwm", *extra)).weighting
-    w = DWMWeighter(cfg)
-    w.device, w.world, w.rank, w.temperature, w.floor = torch.device("cpu"), 1, 0, cfg.temperature, cfg.floor
-    from dwm.weighting.net import WeightingNet
-
     torch.manual_seed(0)
-    w.net = WeightingNet(cfg.net, 300, 3).double()
-    torch.nn.init.normal_(w.net.head[-1].weight, std=0.5)  # non-uniform scores
-    return w
+    net = WeightingNet(cfg.net, 300, 3).double()
+    torch.nn.init.normal_(net.head[-1].weight, std=0.5)  # non-uniform scores
+    sc = Scorer(cfg.temperature, cfg.floor, loss_feature=False)
+    sc.bind(net, torch.device("cpu"), micro)
+    return PhiLearner.from_config(sc, BilevelProbe(sc, None, micro=micro), np.random.default_rng(0), cfg.advanced,
+                                  global_batch=8)
 
 
 def test_phi_loss_is_the_hand_computed_objective(data):
     """sum_i w_i t_i / n + kl * KL(w/n || uniform), w = n softmax(s / tau); its gradient into phi, computed over
     chunks of the micro-batch, equals the one-pass gradient."""
-    w = _weighter(data, "weighting.kl=0.7", "weighting.temperature=2.0")
+    # phi's passes in chunks of 4 and 2: the gradient must be the one-pass gradient
+    learner = _learner(data, 4, "weighting.advanced.kl=0.7", "weighting.temperature=2.0")
+    net = learner.scorer.net
     ctx = _Ctx(data["data"])
     ids = np.array([3, 10, 17, 40, 41, 77])
     t = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3, 1.1], dtype=torch.float64)
-    w.micro = 4  # phi's passes in chunks of 4 and 2: the gradient must be the one-pass gradient
-    w.net.zero_grad(set_to_none=True)
-    got = w._phi_backward(ctx, ids, t)
-    chunked = [p.grad.clone() for p in w.net.parameters()]
+    net.zero_grad(set_to_none=True)
+    got = learner.phi_backward(ctx, ids, t)
+    chunked = [p.grad.clone() for p in net.parameters()]
     b = ctx.data.batch(ids)
-    w.net.zero_grad(set_to_none=True)
-    s = w.net(b.input_ids, b.n_tokens, b.domain_ids).double()
+    net.zero_grad(set_to_none=True)
+    s = net(b.input_ids, b.n_tokens, b.domain_ids).double()
     p = torch.softmax(s / 2.0, 0)
     loss = (6 * p * t).sum() / 6 + 0.7 * (p * torch.log(p * 6)).sum()
     loss.backward()
     assert got == pytest.approx(float(loss.detach()), rel=1e-9)
-    for a, p in zip(chunked, w.net.parameters()):
+    for a, p in zip(chunked, net.parameters()):
         torch.testing.assert_close(a, p.grad.to(a.dtype), rtol=1e-5, atol=1e-9)
 
 
@@ -404,11 +411,11 @@ def test_kl_optimum_is_exp_of_minus_target_over_lambda(data):
 def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_path, monkeypatch):
     """Every dL/dw scaled by 1000 (as a 1000x lookahead lr would, to first order) leaves phi's trajectory
     unchanged under normalize = 'std', and changes it under 'none'."""
-    from dwm.weighting.dwm_weighter import DWMWeighter
+    from dwm.weighting.probe import BilevelProbe
 
-    probe = DWMWeighter._probe
-    common = ["weighting.mode=dwm", "weighting.updates_per_stage=2", "weighting.kl=0.5", "weighting.phi_steps=2",
-              "weighting.batch_size=16", "train.precision=fp64", "train.max_steps=5"]
+    probe = BilevelProbe.measure
+    common = ["weighting.mode=dwm", "weighting.advanced.updates_per_stage=2", "weighting.advanced.kl=0.5", "weighting.advanced.phi_steps=2",
+              "weighting.advanced.batch_size=16", "train.precision=fp64", "train.max_steps=5"]
     def scaled(factor):
         def _probe(self, *args):
             dL_dw, res = probe(self, *args)
@@ -420,8 +427,8 @@ def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_
 
     stages = {}
     for name, scale, norm in (("a", 1.0, "std"), ("b", 1000.0, "std"), ("c", 1.0, "none"), ("d", 1000.0, "none")):
-        monkeypatch.setattr(DWMWeighter, "_probe", scaled(scale))
-        train(data, tmp_path / name, *common, f"weighting.normalize={norm}")
+        monkeypatch.setattr(BilevelProbe, "measure", scaled(scale))
+        train(data, tmp_path / name, *common, f"weighting.advanced.normalize={norm}")
         stages[name] = load_file(str(tmp_path / name / "weighting" / "stage_1.safetensors"))
     assert same(stages["a"], stages["b"])
     assert not same(stages["c"], stages["d"])
@@ -430,8 +437,8 @@ def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_
 @pytest.mark.slow
 def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
     run = tmp_path / "buf"
-    train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=3", "weighting.batch_size=24",
-          "weighting.phi_steps=2")
+    train(data, run, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=3", "weighting.advanced.batch_size=24",
+          "weighting.advanced.phi_steps=2")
     ev = events(run, "bilevel")
     assert [e["probed"] for e in ev] == [24] * 15
     assert [e["buffer"] for e in ev] == [24, 48, 72] * 5  # reset at every stage start
@@ -448,14 +455,14 @@ def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
             assert np.allclose(sig, -raw / e["hypergrad_std"], rtol=1e-12, atol=0)
             assert raw.std(ddof=1) == pytest.approx(e["hypergrad_std"], rel=1e-9)  # torch.std: unbiased
     run2 = tmp_path / "buf2"  # the last two stages' probes, and hypergradients of the first 16 tokens only
-    import dwm.weighting.dwm_weighter as W
+    import dwm.weighting.probe as W
 
     widths = []
     orig = W.hypergradient
     W.hypergradient = lambda model, ids, *a, **k: (widths.append(ids.shape[1]), orig(model, ids, *a, **k))[1]
     try:
-        train(data, run2, "weighting.mode=dwm", "weighting.updates_per_stage=3", "weighting.batch_size=24",
-              "weighting.phi_steps=2", "weighting.buffer_stages=2", "weighting.probe_len=16")
+        train(data, run2, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=3", "weighting.advanced.batch_size=24",
+              "weighting.advanced.phi_steps=2", "weighting.advanced.buffer_stages=2", "weighting.advanced.probe_len=16")
     finally:
         W.hypergradient = orig
     assert [e["buffer"] for e in events(run2, "bilevel")] == [24, 48, 72] + [96, 120, 144] * 4
@@ -491,12 +498,13 @@ def test_resample_draws_batches_by_the_scores(data, tmp_path):
     from dwm.run import build_trainer
 
     cfg = load_config(None, overrides(data, tmp_path / "res", "weighting.mode=dwm", "weighting.apply=resample",
-                                      "weighting.candidates=3", "weighting.updates_per_stage=0",
-                                      "weighting.update_fraction=0.01", "data.shuffle=false"))
+                                      "weighting.candidates=3", "weighting.advanced.updates_per_stage=0",
+                                      "weighting.advanced.update_fraction=0.01", "data.shuffle=false"))
     t = build_trainer(cfg)
     assert t.selector.name == "dwm" and t.selector.n_cand == 24
+    assert t.selector.scorer is t.weighter.scorer  # one scorer, held by both
     target = t.train_data.domains.index("c")  # a weighting model that scores domain c 20 higher than the rest
-    t.weighter.score_samples = lambda ctx, ids: 20.0 * (t.train_data.domain_ids[ids] == target)
+    t.weighter.scorer.score_ids = lambda rows, ids, model=None: 20.0 * (t.train_data.domain_ids[ids] == target)
     seen = []
     orig_w = t.weighter.weights
     t.weighter.weights = lambda b, losses=None: (seen.append(b.sample_ids.tolist()), orig_w(b, losses))[1]

@@ -56,7 +56,7 @@ def grid(tmp_path_factory) -> dict[str, Path]:
         batch_tokens = 256
         overrides = ["train.micro_batch_size=4", "optim.warmup_steps=1", "log.every=1", "train.device=cpu",
                      "weighting.net.width=32", "weighting.net.heads=2", "weighting.net.max_len=32",
-                     "weighting.probe_size=20", "weighting.ref_batch_size=4", "weighting.batch_size=8"]
+                     "weighting.probe_size=20", "weighting.advanced.ref_batch_size=4", "weighting.advanced.batch_size=8"]
         [selections]
         random = ""
     """))

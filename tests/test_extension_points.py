@@ -15,7 +15,7 @@ import torch
 
 from dwm.cli import main
 from dwm.data.batch import Batch
-from dwm.train.losses import per_sample_nll
+from dwm.nn.losses import per_sample_nll
 from dwm.train.selector import SELECTORS, OnlineSelector, SelectorConfig, SequentialSelector
 from dwm.train.trainer import Trainer
 from dwm.train.weighter import WEIGHTERS, Weighter
@@ -187,12 +187,67 @@ def test_walls_between_packages():
         if m.startswith("dwm.train"):
             assert not {d for d in deps if d.startswith(("dwm.weighting", "dwm.eval", "dwm.run",
                                                           "dwm.selection", "dwm.analysis"))}, m
-        if m.startswith("dwm.selection"):  # data, train's interfaces and the bi-level hypergradient only
-            assert not {d for d in deps if d.startswith(("dwm.eval", "dwm.run", "dwm.demo"))
-                        or (d.startswith("dwm.weighting") and d != "dwm.weighting.bilevel")}, m
-        if m.startswith("dwm.eval"):
-            assert not {d for d in deps if d.startswith("dwm.weighting")}, m
+        if m.startswith("dwm.selection"):  # data, nn (the hypergradient) and train's interfaces only
+            assert not {d for d in deps if d.startswith(("dwm.eval", "dwm.run", "dwm.demo", "dwm.weighting"))}, m
+        if m.startswith("dwm.eval"):  # the loss it shares with training lives in dwm.nn
+            assert not {d for d in deps if d.startswith(("dwm.weighting", "dwm.train", "dwm.selection"))}, m
+        if m.startswith(("dwm.nn", "dwm.rundir")):  # the shared bottom layer: data, config and errors at most
+            assert not {d for d in deps if not d.startswith(("dwm.nn", "dwm.data", "dwm.errors", "dwm.config"))}, m
         if m.startswith("dwm.analysis"):  # reads run directories and prepared data, not the code that wrote them
             assert not {d for d in deps if d.startswith(("dwm.weighting", "dwm.train", "dwm.eval", "dwm.run"))}, m
     cycles = sorted((a, b) for a in graph for b in graph[a] if a in graph.get(b, ()) and a < b)
     assert cycles == []
+
+
+def _registered_names() -> tuple[set[str], set[str]]:
+    """The weighters and selectors registered outside train (their names as a config would write them, their
+    classes' names)."""
+    import dwm.run  # noqa: F401  (registers the built-in weighters and selectors)
+    from dwm.train.selector import SELECTORS
+    from dwm.train.weighter import WEIGHTERS
+
+    own = {"uniform", "sequential"}  # train's own
+    names = (set(WEIGHTERS.names()) | set(SELECTORS.names())) - own
+    classes = {WEIGHTERS.get(n).__name__ for n in WEIGHTERS.names() if n not in own}
+    classes |= {SELECTORS.get(n).__name__ for n in SELECTORS.names() if n not in own}
+    return names, classes
+
+
+def test_data_train_eval_know_no_weighter_or_selector_by_name():
+    """data, train and eval never compare a mode with a registered weighter's or selector's name, nor name their
+    classes: they reach them through the registries and interfaces only."""
+    names, classes = _registered_names()
+    assert {"dwm", "domains", "influence"} <= names and "ResampleSelector" in classes
+    for p in SRC.rglob("*.py"):
+        mod = ".".join(p.relative_to(SRC.parent).with_suffix("").parts)
+        if not mod.startswith(("dwm.data", "dwm.train", "dwm.eval")):
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c.value for c in (node.left, *node.comparators) if isinstance(c, ast.Constant)]
+                consts += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                           for e in c.elts if isinstance(e, ast.Constant)]
+                assert not set(consts) & names, (mod, node.lineno, set(consts) & names)
+            if isinstance(node, ast.Name | ast.Attribute):
+                assert getattr(node, "id", getattr(node, "attr", None)) not in classes, (mod, node.lineno)
+
+
+def test_no_private_name_crosses_a_module():
+    """`from dwm.x import _name` and `module._name` of another dwm module are refused: what a module offers the
+    others is its public names."""
+    mods = {".".join(p.relative_to(SRC.parent).with_suffix("").parts): p for p in SRC.rglob("*.py")}
+    bad = []
+    for m, p in mods.items():
+        tree = ast.parse(p.read_text())
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dwm"):
+                bad += [(m, node.module, a.name) for a in node.names if a.name.startswith("_")]
+                aliases |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in mods}
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name for a in node.names if a.name.startswith("dwm")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append((m, node.value.id, node.attr))
+    assert bad == []

@@ -148,7 +148,7 @@ def test_activation_checkpointing_same_gradients(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", HF_MODEL_TYPES)
 def test_fd_and_exact_hypergradients_agree(arch, tmp_path):
-    from dwm.weighting.bilevel import hypergradient
+    from dwm.nn.bilevel import hypergradient
 
     V, B, T = 97, 6, 14
     m = build_model(str(model_dir(tmp_path, arch, V)), V, seed=0, dtype=torch.float64)
@@ -223,8 +223,8 @@ def test_dwm_weighting_fd_trains(arch, data, tmp_path):
     run = tmp_path / "run"
     train(data["data"], run, str(model_dir(tmp_path, arch, data["vocab"])), "weighting.mode=dwm",
           "weighting.backend=fd", f"weighting.reference={data['ref']}", "train.max_steps=5",
-          "weighting.stages=5", "weighting.updates_per_stage=1", "weighting.net.width=32", "weighting.net.heads=2",
-          "weighting.probe_size=16", "weighting.ref_batch_size=4", "weighting.lr=0.01")
+          "weighting.stages=5", "weighting.advanced.updates_per_stage=1", "weighting.net.width=32", "weighting.net.heads=2",
+          "weighting.probe_size=16", "weighting.advanced.ref_batch_size=4", "weighting.advanced.lr=0.01")
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     bilevel = [r for r in recs if r.get("event") == "bilevel"]
     assert len(bilevel) == 5 and all(r["ok"] for r in bilevel)

@@ -53,9 +53,10 @@ def test_tensorboard_has_every_number_of_metrics_jsonl(make_cfg, ref, tmp_path):
 
     run = tmp_path / "tb_run"
     cfg = make_cfg("log.tracker=tensorboard", "weighting.mode=dwm", f"weighting.reference={ref}",
-                   "weighting.updates_per_stage=1", "weighting.probe_size=16", "weighting.ref_batch_size=4",
-                   "weighting.net.width=32", "weighting.net.heads=2", "weighting.diagnostics=true",
-                   "weighting.diagnostics_size=8", "weighting.stages=2", "weighting.apply=weights", out=run)
+                   "weighting.advanced.updates_per_stage=1", "weighting.probe_size=16",
+                   "weighting.advanced.ref_batch_size=4", "weighting.net.width=32", "weighting.net.heads=2",
+                   "weighting.advanced.diagnostics=true", "weighting.advanced.diagnostics_size=8", "weighting.stages=2",
+                   "weighting.apply=weights", out=run)  # in-batch weights: the w_* statistics are logged
     build_trainer(cfg).train()
     files = list((run / "tb").glob("events.out.tfevents.*"))
     assert files

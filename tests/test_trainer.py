@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData
 from dwm.errors import UserError
+from dwm.nn.losses import per_sample_nll
 from dwm.run import load_config
-from dwm.train.losses import per_sample_nll
 from dwm.train.model import build_model
 from dwm.train.trainer import Trainer
 from dwm.train.weighter import Weighter

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from dwm.data.dataset import PreparedData
 from dwm.data.passages import PassageSet
 from dwm.run import load_config
+from dwm.rundir import RunDir
 from dwm.train.model import build_model
 from dwm.train.trainer import make_optimizer
 
@@ -31,10 +32,10 @@ class Checkpoint:
 
 def load_checkpoint(ckpt: Path) -> Checkpoint:
     """CKPT_DIR = RUN_DIR/checkpoints/step_N: its model (eval mode), its AdamW state, the run's data and config."""
-    run = ckpt.parent.parent
-    cfg = load_config(str(run / "config.toml"), [])
+    run = RunDir(ckpt.parent.parent)
+    cfg = load_config(str(run.config), [])
     data = PreparedData(cfg.data.dir, "train")
-    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(run.tokenizer))
     model = build_model(str(ckpt / "model"), tok.get_vocab_size()).eval()
     opt = make_optimizer(model, cfg.optim)
     opt.load_state_dict(torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"])

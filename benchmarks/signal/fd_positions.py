@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from _checkpoint import load_checkpoint
 
-from dwm.weighting import bilevel
+from dwm.nn import bilevel
 
 
 def strided_losses(stride: int, seed: int):

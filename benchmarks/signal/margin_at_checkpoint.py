@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from _checkpoint import load_checkpoint
 
-from dwm.weighting.bilevel import adam_lookahead, hypergradient
+from dwm.nn.bilevel import adam_lookahead, hypergradient
 from dwm.weighting.net import load_weighting_net, weights_from_scores
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from _checkpoint import load_checkpoint
 
-from dwm.weighting.bilevel import adam_lookahead, hypergradient
+from dwm.nn.bilevel import adam_lookahead, hypergradient
 
 
 def main() -> None:

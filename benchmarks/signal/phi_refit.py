@@ -23,8 +23,10 @@ import torch
 
 from dwm.data.dataset import PreparedData
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import phi_objective, probe_ids, probed_records
+from dwm.weighting.learner import phi_objective
 from dwm.weighting.net import load_weighting_net, weights_from_scores
+from dwm.weighting.outputs import probe_ids
+from dwm.weighting.probe import probed_records
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
         steps, group = (int(x) for x in fit.split("x"))
         for rep in range(a.reps):
             net = load_weighting_net(stems[-2].with_suffix(""))
-            opt = torch.optim.AdamW(net.parameters(), lr=wc.lr, weight_decay=wc.weight_decay)
+            opt = torch.optim.AdamW(net.parameters(), lr=wc.advanced.lr, weight_decay=wc.advanced.weight_decay)
             rng = np.random.default_rng(rep)
             net.train()
             for _ in range(steps):
@@ -81,15 +83,15 @@ def main() -> None:
                 for j in range(0, group, G):
                     W = weights_from_scores(net(b.input_ids[j:j + G], b.n_tokens[j:j + G], b.domain_ids[j:j + G]),
                                             wc.temperature, wc.floor)
-                    loss = loss + phi_objective(W, torch.from_numpy(t[pick[j:j + G]]), 0.0 if a.anchor_kl else wc.kl)
+                    loss = loss + phi_objective(W, torch.from_numpy(t[pick[j:j + G]]), 0.0 if a.anchor_kl else wc.advanced.kl)
                 loss = loss / (group // G)
                 if a.anchor_kl:
                     ab = data.batch(anchor[rng.choice(len(anchor), a.anchor_kl, replace=False)])
                     Wa = weights_from_scores(net(ab.input_ids, ab.n_tokens, ab.domain_ids), wc.temperature, wc.floor)
-                    loss = loss + phi_objective(Wa, torch.zeros_like(Wa), wc.kl)  # the KL term alone
+                    loss = loss + phi_objective(Wa, torch.zeros_like(Wa), wc.advanced.kl)  # the KL term alone
                 opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), wc.grad_clip)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), wc.advanced.grad_clip)
                 opt.step()
             how = f", KL over {a.anchor_kl} anchor samples" if a.anchor_kl else ""
             print(f"refit {fit}{how} from {stems[-2].stem}, draw {rep}: {ranking(net)}", flush=True)

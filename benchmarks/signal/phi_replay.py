@@ -15,7 +15,7 @@ that the replay is faithful); the others change one thing:
 - `lr:X`: all of phi at X times its learning rate.
 - `ema:D`: rank with an exponential moving average of phi's parameters over its steps (decay D per step; Polyak
   averaging: the last few groups drawn weigh less in the model that scores).
-Needs `weighting.buffer_stages >= stages` (the default: every stage's evidence is still in the last buffer).
+Needs `weighting.advanced.buffer_stages >= stages` (the default: every stage's evidence is still in the last buffer).
 
 Answer (95d9bd4; novels, cpu-small seeds 6-9 and 13-17 at 150 steps and 3-7 at 300): `run` reproduces all 14 saved
 rankings; books first as run 10 of 14, shrink:16 9 of 14, shrink:64 7 of 14, domain-lr:0.1 8 of 14
@@ -35,8 +35,10 @@ from tokenizers import Tokenizer
 from dwm.data.dataset import PreparedData
 from dwm.data.passages import PassageSet
 from dwm.run import load_config
-from dwm.weighting.dwm_weighter import phi_objective, probe_ids, probed_records
+from dwm.weighting.learner import phi_objective
 from dwm.weighting.net import WeightingNet, load_weighting_net, weights_from_scores
+from dwm.weighting.outputs import probe_ids
+from dwm.weighting.probe import probed_records
 
 
 def shrunk(t: np.ndarray, dom: np.ndarray, K: float) -> np.ndarray:
@@ -61,17 +63,17 @@ def replay(run: Path, variant: str) -> tuple[dict[str, float], dict[str, float]]
         raise SystemExit(f"{run}: the last buffer does not hold every stage (buffer_stages < stages?)")
     rng = np.random.default_rng([cfg.train.seed, 0xD3])  # the weighter's generator: ids, reference batch, groups
     tok = Tokenizer.from_file(str(run / "tokenizer.json"))
-    n_ref = len(PassageSet(wc.reference, tok, max_len=data.seq_len, mode=wc.ref_loss, pad_id=data.pad_id))
+    n_ref = len(PassageSet(wc.reference, tok, max_len=data.seq_len, mode=wc.advanced.ref_loss, pad_id=data.pad_id))
     G = cfg.train.global_batch_tokens // data.seq_len  # the run's global batch: phi's group size
     with torch.random.fork_rng(devices=[]):  # phi's init, as the weighter draws it
         torch.manual_seed(cfg.train.seed + 1)
         net = WeightingNet(wc.net, tok.get_vocab_size(), len(names))
     kind, _, arg = variant.partition(":")
-    lr = wc.lr * (float(arg) if kind == "lr" else 1.0)
+    lr = wc.advanced.lr * (float(arg) if kind == "lr" else 1.0)
     domain = list(net.domain.parameters()) if net.domain is not None else []
     groups = [{"params": [p for n, p in net.named_parameters() if not n.startswith("domain.")]},
               {"params": domain, "lr": lr * (float(arg) if kind == "domain-lr" else 1.0)}]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wc.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wc.advanced.weight_decay)
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(float(arg))) if kind == "ema" else None
     buf: list[tuple[np.ndarray, np.ndarray]] = []
@@ -80,21 +82,21 @@ def replay(run: Path, variant: str) -> tuple[dict[str, float], dict[str, float]]
         drawn = rng.choice(pool, size=len(r.ids), replace=False)
         if not np.array_equal(drawn, r.ids):
             raise SystemExit(f"{run}: the replayed draw differs from the run's at stage {r.stage} (another pool?)")
-        rng.choice(n_ref, size=min(wc.ref_batch_size, n_ref), replace=False)
+        rng.choice(n_ref, size=min(wc.advanced.ref_batch_size, n_ref), replace=False)
         buf.append((r.ids, r.target))
         all_ids = np.concatenate([b[0] for b in buf])
         all_t = np.concatenate([b[1] for b in buf])
         if kind == "shrink":
             all_t = shrunk(all_t, data.domain_ids[all_ids], float(arg))
         net.train()
-        for _ in range(wc.phi_steps):
+        for _ in range(wc.advanced.phi_steps):
             pick = rng.choice(len(all_ids), size=min(G, len(all_ids)), replace=False)
             b = data.batch(all_ids[pick])
             W = weights_from_scores(net(b.input_ids, b.n_tokens, b.domain_ids), wc.temperature, wc.floor)
-            loss = phi_objective(W, torch.from_numpy(all_t[pick]), wc.kl)
+            loss = phi_objective(W, torch.from_numpy(all_t[pick]), wc.advanced.kl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), wc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), wc.advanced.grad_clip)
             opt.step()
             if ema is not None:
                 ema.update_parameters(net)

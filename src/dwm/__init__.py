@@ -41,8 +41,10 @@ _LAZY = {
     "EvalResult": "dwm.eval.cli:EvalResult",
     "Summary": "dwm.analysis.cli:Summary",
     "UserError": "dwm.errors:UserError",
+    "DWM": "dwm.weighting.loop:DWM",
 }
 __all__ = [
+    "DWM",
     "EvalResult",
     "PreparedInfo",
     "RunConfig",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
     from dwm.run import RunConfig, TrainResult, load_config
     from dwm.selection.cli import Selection
     from dwm.selection.cli import select_documents as select
+    from dwm.weighting.loop import DWM
 
 
 def __getattr__(name: str) -> "Any":

@@ -15,6 +15,7 @@ import difflib
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from dwm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -105,9 +108,12 @@ def help_text(cls: type) -> str:
 # ---------------------------------------------------------------- errors
 
 
-def did_you_mean(value: str, options: list[str] | tuple[str, ...], prefix: str = "") -> str:
+def did_you_mean(value: str, options: list[str] | tuple[str, ...], prefix: str = "",
+                 rename: dict[str, str] | None = None) -> str:
+    """The hint ' (did you mean PREFIX+NAME?)' for the option closest to a mistyped value ('' when none is close);
+    `rename` maps an option to what to suggest instead (a moved key's new name). The one did-you-mean of dwm."""
     close = difflib.get_close_matches(value, list(options), n=1)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return f" (did you mean {prefix}{(rename or {}).get(close[0], close[0])}?)" if close else ""
 
 
 def choice_error(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> UserError:
@@ -199,14 +205,33 @@ def _coerce(key: str, t: Any, value: Any, from_str: bool) -> Any:
 
 
 def _unknown(key: str, cls: type, prefix: str, command: str) -> UserError:
-    hint = did_you_mean(key, [f.name for f in fields(cls)], prefix)
+    moved = getattr(cls, "MOVED", {})
+    hint = did_you_mean(key, [f.name for f in fields(cls)] + list(moved), prefix, dict(moved))
     return UserError(f"unknown config key {prefix}{key}{hint}; see `{command} --help-config`")
 
 
+def _moved(obj: Any, key: str, prefix: str) -> str | None:
+    """The new dotted name (relative to obj) of a key a section has moved (its class's `MOVED` map), with a
+    one-line deprecation warning; None for a key that never existed."""
+    new = getattr(type(obj), "MOVED", {}).get(key)
+    if new is not None:
+        log.warning("config key %s%s is now %s%s (the old name still works; please update)", prefix, key, prefix,
+                    new)
+    return new
+
+
 def apply_dict(obj: Any, data: dict[str, Any], prefix: str = "", command: str = "dwm train") -> None:
-    """Set obj's fields (recursively, sections as sub-dicts) from parsed TOML."""
+    """Set obj's fields (recursively, sections as sub-dicts) from parsed TOML; a moved key (the section's
+    `MOVED`) is set at its new place, with a warning."""
     hs = hints(type(obj))
     for k, v in data.items():
+        if k not in hs and (new := _moved(obj, k, prefix)) is not None:
+            *path, name = new.split(".")
+            sub = {name: v}
+            for part in reversed(path):
+                sub = {part: sub}
+            apply_dict(obj, sub, prefix, command)
+            continue
         if k not in hs:
             raise _unknown(k, type(obj), prefix, command)
         t = hs[k]
@@ -259,6 +284,8 @@ def set_key(cfg: Any, key: str, value: Any, command: str = "dwm train", from_str
             raise _unknown(p, type(obj), prefix, command)
         obj, prefix = getattr(obj, p), f"{prefix}{p}."
     name, hs = parts[-1], hints(type(obj))
+    if name not in hs and (moved := _moved(obj, name, prefix)) is not None:
+        return apply_override(cfg, f"{'.'.join([*parts[:-1], moved])}={value}", command)
     if name not in hs:
         raise _unknown(name, type(obj), prefix, command)
     if is_dataclass(hs[name]):
@@ -272,6 +299,15 @@ def set_key(cfg: Any, key: str, value: Any, command: str = "dwm train", from_str
     setattr(obj, name, _coerce(key, hs[name], value, from_str=from_str))
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a malformed or unreadable file is a one-line UserError ("cannot parse PATH: ...").
+    The one TOML reader of dwm (configs, recipes, run directories)."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Any = (), command: str = "dwm train") -> T:
     """Defaults of cls, then the TOML file (if any), then the overrides in order (`apply_overrides`: key=value
     strings and/or mappings of keys to typed values). Not yet validated."""
@@ -280,10 +316,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Any = (), comm
         p = Path(path)
         if not p.is_file():
             raise UserError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot parse {p}: {e}") from e
+        data = read_toml(p)
         apply_dict(cfg, data, command=command)
     apply_overrides(cfg, overrides, command)
     return cfg

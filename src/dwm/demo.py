@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dwm import rundir
 from dwm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _finished(run: Path, steps: int) -> bool:
-    latest = run / "checkpoints" / "LATEST"
-    return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}"
+    latest = rundir.RunDir(run).latest_checkpoint()
+    return latest is not None and latest.name == f"step_{steps:08d}"
 
 
 def _cores() -> int:
@@ -103,37 +104,31 @@ def train_and_eval(arm: str, run: Path, overrides: list, steps: int, heldout: st
     if not _finished(run, steps):
         print(f"[demo] train {arm} -> {run} ({threads} thread{'s' * (threads > 1)})", file=sys.stderr, flush=True)
         train(recipe_path("cpu-small-dwm" if arm == "dwm" else "cpu-small-uniform"), overrides=overrides,
-              resume=(run / "checkpoints" / "LATEST").is_file())
+              resume=rundir.RunDir(run).latest_checkpoint() is not None)
     return evaluate(run, target=heldout, max_passages=max_passages, device="cpu")
+
+
+def _stage_means(files: dict[int, Path], column: str) -> dict[int, dict[str, float]]:
+    """Mean of a column per domain in each stage file (probes/ or signal/, dwm.rundir)."""
+    from dwm.analysis.measures import group_means
+
+    out = {}
+    for k, f in files.items():
+        t = rundir.read_table(f, columns=["domain", column]).to_pydict()
+        out[k] = {d: g["mean"] for d, g in group_means(t["domain"], t[column]).items()}
+    return out
 
 
 def stage_weights(run: Path) -> list[dict[str, float]]:
     """Mean probe weight per domain at each stage, from the run's probes/stage_k.parquet."""
-    import pyarrow.parquet as pq
-
-    out = []
-    for k in range(len(list((run / "probes").glob("stage_*.parquet")))):
-        t = pq.read_table(run / "probes" / f"stage_{k}.parquet", columns=["domain", "weight"]).to_pydict()
-        sums: dict[str, list[float]] = {}
-        for d, w in zip(t["domain"], t["weight"], strict=True):
-            sums.setdefault(d, []).append(w)
-        out.append({d: sum(v) / len(v) for d, v in sorted(sums.items())})
-    return out
+    return list(_stage_means(rundir.stage_map(rundir.RunDir(run).probes, ".parquet"), "weight").values())
 
 
 def stage_signal(run: Path) -> dict[int, dict[str, float]]:
     """Mean hypergradient signal (-dL/dw on phi's scale) per domain of the samples each stage's bi-level updates
     probed, from the run's signal/stage_k.parquet: what the weighting model learned from (stages without an update
     have no file)."""
-    import pyarrow.parquet as pq
-
-    from dwm.analysis.measures import group_means
-
-    out = {}
-    for f in sorted((run / "signal").glob("stage_*.parquet"), key=lambda q: int(q.stem.split("_")[1])):
-        t = pq.read_table(f, columns=["domain", "signal"]).to_pydict()
-        out[int(f.stem.split("_")[1])] = {d: g["mean"] for d, g in group_means(t["domain"], t["signal"]).items()}
-    return out
+    return _stage_means(rundir.stage_map(rundir.RunDir(run).signal, ".parquet"), "signal")
 
 
 def signal_table(signal: dict[int, dict[str, float]], domains: list[str]) -> str:
@@ -209,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     own: dict[str, dict[str, Any]] = {a: {"out": out / a} for a in arms}
     # the stage table needs the probes' weights only; their LM loss (for `dwm analyze`) would add a no-grad LM
     # forward of the probe set at every stage to the longest arm; training is the same either way
-    own["dwm"]["weighting.probe_lm_loss"] = False
+    own["dwm"]["weighting.advanced.probe_lm_loss"] = False
     data = PreparedData(out / "data", "train")
     if "oracle" in arms:
         ids = mixture_ids(data.domain_ids, data.domains, parse_shares(args.oracle),

@@ -8,11 +8,11 @@ name is not registered in-process. Unknown names are one-line errors with a did-
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
 
+from dwm.config import did_you_mean
 from dwm.errors import UserError
 
 
@@ -51,8 +51,7 @@ class Registry:
         if obj is None:
             ep = self._entry_points().get(name)
             if ep is None:
-                close = difflib.get_close_matches(name, self.names(), n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
+                hint = did_you_mean(name, self.names())
                 raise UserError(f"config key {self.config_key}: no {self.kind} named {name!r}{hint}; "
                                 f"known: {', '.join(self.names())}")
             obj = ep.load()

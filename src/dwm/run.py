@@ -37,6 +37,7 @@ from dwm.weighting.config import WeightingConfig
 WEIGHTERS.register("dwm", "dwm.weighting.dwm_weighter:DWMWeighter")
 WEIGHTERS.register("domains", "dwm.weighting.domains:DomainWeighter")
 SELECTORS.register("influence", "dwm.selection.influence:InfluenceSelector")
+SELECTORS.register("dwm", "dwm.weighting.resample:ResampleSelector")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -101,24 +102,32 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> P
 
 
 def build_weighter(cfg: RunConfig) -> Weighter:
-    """The weighter `weighting.mode` names, constructed with the weighting section; a run directory replays its
-    learned weighting models (the Data Weighting Model's transfer)."""
+    """The weighter `weighting.mode` names, constructed with its config section (`config_section`); a run
+    directory replays its learned weighting models (the Data Weighting Model's transfer)."""
     mode = cfg.weighting.mode
     cls = WEIGHTERS.get(mode if mode in WEIGHTERS else "dwm")
-    return cls(cfg.weighting)
+    return cls(getattr(cfg, getattr(cls, "config_section", "weighting")))
 
 
 def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector:
-    """The selector `selector.mode` names, unless the weighter draws the batches itself (make_selector)."""
-    own = weighter.make_selector() if weighter is not None else None
-    if own is not None:
-        if cfg.selector.mode != "sequential":
-            raise UserError(f"the {weighter.name} weighter draws the batches itself (weighting.apply = resample); "
-                            f"selector.mode must stay 'sequential', not {cfg.selector.mode!r}")
-        return own
-    cls = SELECTORS.get(cfg.selector.mode)
-    section = getattr(cls, "config_section", None)  # a selector with its own section of the run config
-    return cls(cfg.selector, getattr(cfg, section)) if section else cls(cfg.selector)
+    """The selector `selector.mode` names, or the one the weighter's batches must be drawn with (its `selector`),
+    constructed with `selector` config, its own section (`config_section`) and, when it `uses_scorer`, the
+    weighter's scorer: one object both hold."""
+    mode = cfg.selector.mode
+    wanted = getattr(weighter, "selector", None)
+    if wanted and wanted != mode:
+        if mode != "sequential":
+            raise UserError(f"the {weighter.name} weighter draws its batches with the {wanted!r} selector "
+                            f"(weighting.apply = resample); selector.mode must stay 'sequential', not {mode!r}")
+        mode = wanted
+    cls = SELECTORS.get(mode)
+    args = [cfg.selector] + ([getattr(cfg, cls.config_section)] if getattr(cls, "config_section", None) else [])
+    if not getattr(cls, "uses_scorer", False):
+        return cls(*args)
+    if getattr(weighter, "scorer", None) is None:
+        raise UserError(f"selector.mode = {mode!r} draws by a weighter's scores; weighting.mode = "
+                        f"{cfg.weighting.mode!r} has none (use weighting.mode = dwm)")
+    return cls(*args, scorer=weighter.scorer)
 
 
 def bilevel_param_copies(cfg: RunConfig) -> int:

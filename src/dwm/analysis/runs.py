@@ -9,23 +9,17 @@ one the run trained on) is a one-line UserError.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from dwm import rundir
 from dwm.analysis.measures import bigram_novelty
 from dwm.data.dataset import PreparedData
 from dwm.errors import UserError
 from dwm.metrics import read_metrics
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 @dataclass
@@ -72,28 +66,11 @@ class RunData:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+            self._tokenizer = Tokenizer.from_file(str(rundir.RunDir(self.dir).tokenizer))
         assert self._data is not None
         n = int(self._data.n_tokens[sample_id])
         text = self._tokenizer.decode(np.asarray(self._data.tokens[sample_id, :n]).tolist())
         return text if len(text) <= chars else text[:chars] + "…"
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from e
-
-
-def _stage_files(d: Path, pattern: str) -> dict[int, Path]:
-    out = {}
-    for p in d.glob(pattern):
-        try:
-            out[int(p.stem.split("_", 1)[1])] = p
-        except (IndexError, ValueError):
-            continue
-    return dict(sorted(out.items()))
 
 
 def _resolve_data_dir(run: Path, configured: str, override: str | Path | None) -> Path:
@@ -114,7 +91,7 @@ def trained_shares(run_dir: str | Path) -> dict[str, float]:
     resample: its share of the samples trained on), from RUN_DIR/metrics.jsonl; a domain absent from a logged step
     counts 0 there. {} when the run logged no weighted steps (uniform, static, or no metrics.jsonl); a line that
     is not JSON (the torn last line of a killed run) is skipped, as `dwm eval` does."""
-    steps = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r and "dwm_stage" in r]
+    steps = [r for r in read_metrics(rundir.RunDir(run_dir).metrics) if "loss" in r and "dwm_stage" in r]
     doms = sorted({k.removeprefix("share/") for r in steps for k in r if k.startswith("share/")})
     return {d: sum(r.get(f"share/{d}", 0.0) for r in steps) / len(steps) for d in doms} if steps else {}
 
@@ -124,33 +101,29 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, label: str
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist")
-    cfg_path = run / "config.toml"
-    if not cfg_path.is_file():
+    rd = rundir.RunDir(run)
+    if not rd.config.is_file():
         raise UserError(f"{run} is not a run directory (no config.toml; `dwm train --out` writes one)")
-    cfg = _read_toml(cfg_path)
-    mode = str(cfg.get("weighting", {}).get("mode", "uniform"))
-    metas = _stage_files(run / "weighting", "stage_*.json")
-    probes = _stage_files(run / "probes", "stage_*.parquet")
+    cfg = rd.settings()
+    mode = cfg.weighting_mode
+    metas = rundir.stage_map(rd.weighting, ".json")
+    probes = rundir.stage_map(rd.probes, ".parquet")
     if not metas and not probes:
         why = "it was trained with weighting.mode = uniform" if mode == "uniform" else "it has no weighting/ stages"
         raise UserError(f"{run} is not a DWM run ({why}): nothing to analyze")
     if not probes:
         raise UserError(f"{run} has no probes/stage_*.parquet (weighting.probe_size = 0, or the run stopped before "
                         f"its first stage)")
-    data_cfg = cfg.get("data", {})
-    ddir = _resolve_data_dir(run, str(data_cfg.get("dir", "data/prepared")), data_dir)
-    split = str(data_cfg.get("split", "train"))
+    ddir = _resolve_data_dir(run, cfg.data_dir or "data/prepared", data_dir)
+    split = cfg.split
     data = PreparedData(ddir, split)
-    if not (run / "tokenizer.json").is_file():
+    if not rd.tokenizer.is_file():
         raise UserError(f"{run}: missing tokenizer.json")
 
     notes: list[str] = []
     tables = {}
     for k, p in probes.items():
-        try:
-            t = pq.read_table(p)
-        except Exception as e:
-            raise UserError(f"cannot read {p}: {e}") from e
+        t = rundir.read_table(p)
         missing = {"sample_id", "domain", "weight"} - set(t.column_names)
         if missing:
             raise UserError(f"{p}: missing column(s) {sorted(missing)}")
@@ -191,17 +164,15 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None, label: str
             score=aligned("score") if "score" in t.column_names else np.full(len(ids), np.nan),
             lm_loss=aligned("lm_loss") if "lm_loss" in t.column_names else None))
     for st in stages:
-        path = run / "signal" / f"stage_{st.k}.parquet"
+        path = rd.signal_file(st.k)
         if path.is_file():
-            try:
-                t = pq.read_table(path, columns=["domain", "signal"])
-            except Exception as e:
-                raise UserError(f"cannot read {path}: {e}") from e
+            t = rundir.read_table(path, columns=["domain", "signal"])
             st.signal = (np.asarray(t.column("domain").to_pylist(), dtype=object),
                          t.column("signal").to_numpy().astype(np.float64))
     if not all(s.lm_loss is not None for s in stages):
-        notes.append("its probes have no lm_loss column (trained with weighting.probe_lm_loss = false, or from "
-                     "before probes recorded the LM's per-sample loss): the weight-vs-LM-loss correlation is skipped")
+        notes.append("its probes have no lm_loss column (trained with weighting.advanced.probe_lm_loss = false, or "
+                     "from before probes recorded the LM's per-sample loss): the weight-vs-LM-loss correlation is "
+                     "skipped")
 
     rows = np.asarray(data.tokens[ids], dtype=np.int64)
     n_tok = data.n_tokens[ids]

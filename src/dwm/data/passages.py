@@ -95,15 +95,19 @@ class PassageSet:
     loss_mask[n, j] is True when token j of passage n is a predicted position (j >= 1) that the loss counts.
     """
 
-    def __init__(self, path: str | Path, tokenizer: Any, max_len: int, mode: LossMode = "passage", pad_id: int = 0):
+    def __init__(self, path: str | Path | Sequence[str], tokenizer: Any, max_len: int, mode: LossMode = "passage",
+                 pad_id: int = 0):
+        """`path`: a LAMBADA-format JSONL file, or the passages' texts themselves (a list of strings)."""
         if max_len < 2:
             raise UserError(f"passage max_len must be >= 2, got {max_len}")
-        self.path, self.mode, self.max_len, self.pad_id = Path(path), mode, max_len, pad_id
+        texts = None if isinstance(path, (str, Path)) else [str(t) for t in path]
+        self.path = Path(path) if texts is None else Path("<texts>")
+        self.mode, self.max_len, self.pad_id = mode, max_len, pad_id
         self.ids: list[list[int]] = []
         self.masks: list[list[bool]] = []
         self.n_skipped = 0  # passages with nothing to predict within max_len
         self.prefix = special_prefix(tokenizer)  # [BOS] when the tokenizer's policy puts one before every text
-        for text in load_passages(self.path):  # UserError naming file:line on a malformed line
+        for text in load_passages(self.path) if texts is None else texts:  # file: UserError naming file:line
             item = self._tokenize(tokenizer, text)
             if item is None:
                 self.n_skipped += 1
@@ -128,6 +132,19 @@ class PassageSet:
             return None
         ctx = ctx[-(self.max_len - len(tgt)):]  # keep the end of the context next to the target
         return ctx + tgt, [False] * len(ctx) + [True] * len(tgt)
+
+    @classmethod
+    def from_token_ids(cls, passages: Sequence[Sequence[int]], max_len: int, pad_id: int = 0) -> PassageSet:
+        """Passages given as token ids (already with any BOS), every position after the first predicted."""
+        self = cls.__new__(cls)
+        self.path, self.mode, self.max_len, self.pad_id = Path("<token ids>"), "passage", max_len, pad_id
+        self.prefix = []
+        self.ids = [[int(t) for t in p][:max_len] for p in passages if len(p) >= 2]
+        self.masks = [[False] + [True] * (len(i) - 1) for i in self.ids]
+        self.n_skipped = len(passages) - len(self.ids)
+        if not self.ids:
+            raise UserError("reference: no usable passages (each needs at least 2 tokens)")
+        return self
 
     def __len__(self) -> int:
         return len(self.ids)

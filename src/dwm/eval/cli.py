@@ -23,26 +23,12 @@ from dwm.errors import UserError
 from dwm.eval.export import export_run, load_run_model, load_run_tokenizer, resolve_checkpoint
 from dwm.host import keep_freed_memory
 from dwm.metrics import read_metrics
+from dwm.rundir import RunDir, RunSettings
 
 DEFAULT_TARGET = "data/target/heldout.jsonl"
 
 
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/config.toml as a dict ({} when absent: eval needs it only for defaults)."""
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        return {}
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def _step_and_tokens(run_dir: Path, ckpt_name: str, cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+def _step_and_tokens(run_dir: Path, ckpt_name: str, cfg: RunSettings) -> tuple[int | None, int | None]:
     """Training step of a checkpoint (from its name) and tokens seen by then: the metrics.jsonl record of that
     step if it has a token count, else step * train.global_batch_tokens. trainer_state.pt is not read: it holds
     the optimizer state, twice the model's size."""
@@ -51,19 +37,19 @@ def _step_and_tokens(run_dir: Path, ckpt_name: str, cfg: dict[str, Any]) -> tupl
     if step is None:
         return None, None
     found = None
-    for rec in read_metrics(run_dir / "metrics.jsonl"):  # skips a torn last line of a killed run
+    for rec in read_metrics(RunDir(run_dir).metrics):  # skips a torn last line of a killed run
         if rec.get("step") == step:
             for key in ("tokens_seen", "tokens"):
                 if isinstance(rec.get(key), int):
                     found = rec[key]
     if found is not None:
         return step, found
-    gbt = cfg.get("train", {}).get("global_batch_tokens")
-    return step, step * gbt if isinstance(gbt, int) else None
+    gbt = cfg.global_batch_tokens
+    return step, step * gbt if gbt is not None else None
 
 
-def _is_reference(target: Path, cfg: dict[str, Any]) -> bool:
-    ref = cfg.get("weighting", {}).get("reference")
+def _is_reference(target: Path, cfg: RunSettings) -> bool:
+    ref = cfg.reference
     if ref and Path(ref).resolve() == target.resolve():
         return True
     return target.stem == "reference"
@@ -83,7 +69,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
 
     run = Path(run_dir)
     ckpt, name = resolve_checkpoint(run, checkpoint)
-    cfg = _read_config(run)
+    cfg = RunDir(run).settings()
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_passages is not None and max_passages < 1:
@@ -96,7 +82,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
             raise UserError(f"{target_path} is the reference set the weighting model optimised against; "
                             "report on the heldout set (or pass --allow-reference)")
     if data_dir is None:
-        data_dir = cfg.get("data", {}).get("dir")
+        data_dir = cfg.data_dir
         if data_dir is None:
             raise UserError(f"{run / 'config.toml'} names no data.dir: pass --data")
     data_path = Path(data_dir)

@@ -1,6 +1,6 @@
 """Held-out language-modelling loss and perplexity per domain on a prepared directory's `val` split.
 
-The per-sample loss is `dwm.train.losses.per_sample_nll` (the quantity the weighters weight), so held-out and
+The per-sample loss is `dwm.nn.losses.per_sample_nll` (the quantity the weighters weight), so held-out and
 training losses are on the same footing. Aggregation is token-weighted: a domain's loss is its summed token NLL
 over its predicted tokens (n_tokens - 1 per sample), i.e. per-sample means weighted by their token counts, so a
 domain's perplexity is exp(mean NLL per token) whatever its row lengths. "overall" pools every domain the same way.
@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData
 from dwm.errors import UserError
-from dwm.train.losses import per_sample_nll
+from dwm.nn.losses import nll_no_grad
 
 
 @torch.no_grad()
@@ -33,15 +34,15 @@ def sample_losses(model: torch.nn.Module, data: PreparedData, batch_size: int = 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    losses = np.zeros(n, dtype=np.float64)
-    try:
+
+    def batches():
         for start in range(0, n, batch_size):
             b = data.batch(np.arange(start, min(start + batch_size, n))).to(device)
             # Trim trailing all-padding columns: causal attention makes the real positions' logits unchanged.
-            width = max(int(b.n_tokens.max()), 2)
-            ids = b.input_ids[:, :width]
-            logits = model(ids).logits
-            losses[start:start + len(b)] = per_sample_nll(logits, ids, b.n_tokens).double().cpu().numpy()
+            yield Batch(b.input_ids[:, :max(int(b.n_tokens.max()), 2)], b.n_tokens, b.sample_ids, b.domain_ids)
+
+    try:
+        losses = nll_no_grad(model, batches()).double().cpu().numpy() if n else np.zeros(0)
     finally:
         model.train(was_training)
     counts = np.clip(data.n_tokens[:n] - 1, 0, None).astype(np.int64)

@@ -154,7 +154,7 @@ def lambada_eval(model: torch.nn.Module, tokenizer: Any, path_or_passages: str |
 def passage_loss(model: torch.nn.Module, tokenizer: Any, path: str | Path, batch_size: int = 16,
                  max_passages: int | None = None) -> float:
     """Mean over passages of the mean next-token NLL of every passage token: the weighting model's outer objective
-    (`weighting.ref_loss = "passage"`) measured on another split. A smoother LAMBADA-style loss than the target
+    (`weighting.advanced.ref_loss = "passage"`) measured on another split. A smoother LAMBADA-style loss than the target
     word's perplexity, which for small models is dominated by a few unguessable words."""
     ref = PassageSet(path, tokenizer, max_len=model_max_length(model), mode="passage")
     idx = list(range(len(ref)))[:max_passages]

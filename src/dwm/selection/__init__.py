@@ -12,6 +12,7 @@ budget, the manifest), run by an engine over the pool's shards (engine.py: local
   perplexity.py  `perplexity`: a reference LM's perplexity band
   influence.py   `influence`: MATES-style model-aware online selection, a selector of `dwm train`
                  (selector.mode = influence), built on the trainer's online-selection hook
+  method.py      the interface every method implements and METHODS, the registry `--method` names
   cli.py         `dwm select`
 
 Manifest (parquet): sample_id (int64, the training order: shuffled by seed, since `dwm train` keeps a manifest's
@@ -20,4 +21,10 @@ settings, the budget, the seed and the prepared split's fingerprint (`dwm train`
 fingerprint is not its data's). Beside it, <out>.json: the same plus per-domain token shares of pool and selection.
 """
 
-METHODS = ("random", "dsir", "quality", "perplexity", "influence")
+from dwm.selection.method import METHODS
+
+for _name, _entry in (("random", "dwm.selection.uniform:RandomMethod"), ("dsir", "dwm.selection.dsir:DSIRMethod"),
+                      ("quality", "dwm.selection.quality:QualityMethod"),
+                      ("perplexity", "dwm.selection.perplexity:PerplexityMethod"),
+                      ("influence", "dwm.selection.influence:InfluenceMethod")):
+    METHODS.register(_name, _entry)

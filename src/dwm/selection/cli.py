@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dwm.errors import UserError
-from dwm.selection import METHODS
 from dwm.selection.engine import ENGINES, make_engine
+from dwm.selection.method import METHODS
 from dwm.selection.pool import Pool, fill_budget, log, share_table, write_selection
 from dwm.selection.pool import write_scores as write_scores_file
 
@@ -32,7 +32,7 @@ def default_target() -> Path:
 
 def add_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="prepared data directory (`dwm prepare --out`)")
-    p.add_argument("--method", required=required, choices=METHODS,
+    p.add_argument("--method", required=required, choices=METHODS.names(),
                    help="random | dsir (importance resampling) | quality (score column, HF classifier or a trained "
                         "classifier) | perplexity (reference LM band) | influence (online, during `dwm train`)")
     p.add_argument("--budget-tokens", required=required, type=int, help="tokens to select (real tokens, not padding)")
@@ -124,8 +124,9 @@ def select_documents(data: str | Path, method: str, budget_tokens: int, out: str
     classifier; default data/target/reference.jsonl), top_k / temperature (dsir, quality), dsir_* (dsir),
     score_column / score_model / classifier (quality: exactly one), ref_model / band (perplexity). Same inputs,
     same seed: the same manifest. Bad input raises UserError."""
+    given = dict(locals())  # the options, for the method (a SelectionMethod reads them as attributes)
     data = os.fspath(data)  # a PreparedInfo stands for its directory
-    _check_choice("--method", method, METHODS)
+    _check_choice("--method", method, tuple(METHODS.names()))
     if method == "influence":
         raise UserError("influence selects online, during training: run `dwm train ... selector.mode=influence` "
                         "(options under [influence], see `dwm train --help-config`)")
@@ -145,37 +146,9 @@ def select_documents(data: str | Path, method: str, budget_tokens: int, out: str
     target = Path(target) if target else default_target()
     eng = make_engine(engine, workers, ray_address)
     try:
-        if method == "random":
-            from dwm.selection import uniform
-
-            res = uniform.score(pool, seed)
-            keys = res["scores"]
-        elif method == "dsir":
-            from dwm.selection import dsir
-
-            t = 1.0 if temperature is None else temperature
-            opts = dsir.DSIROptions(dsir_ngrams, dsir_buckets, dsir_features, dsir_min_words, 0.0 if top_k else t,
-                                    dsir_score)
-            res = dsir.score(pool, opts, target, eng)
-            keys = dsir.keys(res, opts, seed)
-        elif method == "quality":
-            from dwm.selection import quality
-
-            given = [n for n, v in (("column", score_column), ("hf", score_model), ("classifier", classifier)) if v]
-            if len(given) != 1:
-                raise UserError("--method quality needs exactly one of --score-column, --score-model, --classifier"
-                                + (f" (got {len(given)})" if given else ""))
-            t = 2.0 if temperature is None else temperature
-            opts = quality.QualityOptions(given[0], score_column or "", os.fspath(score_model or ""), label,
-                                          max_length, batch_size, negatives, 0.0 if top_k else t)
-            res = quality.score(pool, opts, target, eng, seed, device)
-            keys = quality.keys(res, opts, seed)
-        else:
-            from dwm.selection import perplexity
-
-            opts = perplexity.PerplexityOptions(os.fspath(ref_model or ""), band, batch_size, max_length)
-            res = perplexity.score(pool, opts, device)
-            keys = perplexity.keys(res, opts, seed)
+        options = {k: v for k, v in given.items() if k in OPTIONS}
+        options.update(score_model=os.fspath(score_model or ""), ref_model=os.fspath(ref_model or ""))
+        res, keys = METHODS.get(method)(argparse.Namespace(**options)).run(pool, target, eng)
     finally:
         eng.close()
     scores = res["scores"]

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dwm.errors import UserError
+from dwm.selection.method import SelectionMethod
 from dwm.selection.pool import Pool, Shard, gumbel_keys, log, shard_texts, shard_tokens
 
 U64 = np.uint64
@@ -84,7 +85,7 @@ class DSIROptions:
 
 
 # ------------------------------------------------------------------------------------------ hashing
-def _mix(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
     x = x ^ (x >> U64(30))
     x = x * _C1
@@ -93,7 +94,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> U64(31))
 
 
-_POW = _mix(np.arange(1, (1 << _POW_BITS) + 1, dtype=U64)) | U64(1)  # an odd random multiplier per position
+_POW = mix64(np.arange(1, (1 << _POW_BITS) + 1, dtype=U64)) | U64(1)  # an odd random multiplier per position
 _CLASSES: np.ndarray | None = None
 
 
@@ -130,7 +131,7 @@ def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     v = (cp[inside].astype(U64) + U64(1)) * _POW[rel & ((1 << _POW_BITS) - 1)]
     h = np.add.reduceat(v, first)
     length = np.diff(np.append(first, len(inside))).astype(U64)
-    h = _mix(h ^ (length << U64(40)))
+    h = mix64(h ^ (length << U64(40)))
     doc_start = np.concatenate([[0], np.cumsum(lens)[:-1]])
     doc = np.searchsorted(doc_start, pos, side="right") - 1
     return h, doc
@@ -146,7 +147,7 @@ def ngram_buckets(h: np.ndarray, doc: np.ndarray, n: int, buckets: int) -> tuple
     for k in range(1, n):
         if len(h) <= k:
             break
-        g = _mix(g[: len(h) - k] * _GOLD + h[k:])
+        g = mix64(g[: len(h) - k] * _GOLD + h[k:])
         same = doc[k:] == doc[: len(h) - k]
         out_b.append((g[same] % nb).astype(np.int32))
         out_d.append(doc[: len(h) - k][same])
@@ -178,7 +179,7 @@ def token_features(tokens: np.ndarray, offsets: np.ndarray, opts: DSIROptions
     """The same from token ids (features = "tokens"): a token is a word."""
     counts = np.diff(offsets)
     doc = np.repeat(np.arange(len(counts)), counts)
-    h = _mix(tokens.astype(U64) + _GOLD)
+    h = mix64(tokens.astype(U64) + _GOLD)
     b, d = ngram_buckets(h, doc, opts.ngrams, opts.buckets)
     return b, d, counts.astype(np.int64)
 
@@ -251,9 +252,9 @@ def read_target_texts(path: str | Path) -> list[str]:
 
 def target_counts(texts: list[str], opts: DSIROptions, data_dir: str | Path) -> np.ndarray:
     if opts.features == "tokens":
-        from dwm.selection.pool import _tokenizer
+        from dwm.selection.pool import cached_tokenizer
 
-        enc = _tokenizer(str(data_dir)).encode_batch(texts, add_special_tokens=False)
+        enc = cached_tokenizer(str(data_dir)).encode_batch(texts, add_special_tokens=False)
         ids = [np.asarray(e.ids, np.int64) for e in enc]
         off = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
         b, _, _ = token_features(np.concatenate(ids) if ids else np.zeros(0, np.int64), off, opts)
@@ -295,3 +296,17 @@ def score(pool: Pool, opts: DSIROptions, target: str | Path, engine: Any) -> dic
 
 def keys(result: dict[str, Any], opts: DSIROptions, seed: int) -> np.ndarray:
     return gumbel_keys(result["scores"], opts.temperature, seed)
+
+
+class DSIRMethod(SelectionMethod):
+    """`--method dsir` (options --dsir-*, --temperature, --top-k)."""
+
+    name = "dsir"
+
+    def run(self, pool: Pool, target: Path, engine: Any) -> tuple[dict[str, Any], np.ndarray]:
+        a = self.args
+        t = 1.0 if a.temperature is None else a.temperature
+        opts = DSIROptions(a.dsir_ngrams, a.dsir_buckets, a.dsir_features, a.dsir_min_words, 0.0 if a.top_k else t,
+                           getattr(a, "dsir_score", "mean"))
+        res = score(pool, opts, target, engine)
+        return res, keys(res, opts, a.seed)

@@ -9,7 +9,7 @@ dropped candidate is never forwarded by the LM.
 Score = the sample's first-order influence on the reference loss at the current model, -dL_ref(theta')/dw_i: how
 much giving it weight in the next (AdamW) step lowers the loss on the LAMBADA-format reference passages. MATES probes
 this by one-step training per sample and fits a small model to predict it for the whole pool; here the probe is the
-bi-level hypergradient dwm already computes (dwm.weighting.bilevel.hypergradient with every weight 0: the lookahead
+bi-level hypergradient dwm already computes (dwm.nn.bilevel.hypergradient with every weight 0: the lookahead
 is AdamW's momentum step alone, and each probed sample costs two no-grad forwards of the LM). `influence.probe` of
 the candidates (25%) are probed; the influence model, a ridge regression on hashed token unigram + bigram features
 and the domain (no LM compute), is fitted on the last `influence.history` probe rounds (standardised per round, so
@@ -31,11 +31,14 @@ import torch
 
 from dwm.data.passages import PassageSet
 from dwm.errors import UserError
+from dwm.nn.bilevel import hypergradient
+from dwm.nn.lookahead import adam_lookahead
+from dwm.nn.sampling import gumbel_top_k
 from dwm.selection.config import InfluenceConfig
-from dwm.selection.dsir import _mix, ngram_buckets
+from dwm.selection.dsir import mix64, ngram_buckets
+from dwm.selection.method import SelectionMethod
 from dwm.train.context import TrainContext
 from dwm.train.selector import OnlineSelector, SelectorConfig
-from dwm.weighting.bilevel import adam_lookahead, hypergradient
 
 
 def token_features(rows: np.ndarray, n_tokens: np.ndarray, domains: np.ndarray, n_domains: int, buckets: int
@@ -45,7 +48,7 @@ def token_features(rows: np.ndarray, n_tokens: np.ndarray, domains: np.ndarray, 
     n = len(rows)
     real = np.arange(rows.shape[1])[None, :] < n_tokens[:, None]
     doc = np.repeat(np.arange(n), n_tokens)
-    h = _mix(rows[real].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+    h = mix64(rows[real].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
     b, d = ngram_buckets(h, doc, 2, buckets)
     X = np.zeros((n, buckets + n_domains))
     np.add.at(X, (d, b), 1.0)
@@ -141,13 +144,8 @@ class InfluenceSelector(OnlineSelector):
 
     def keep(self, ctx: TrainContext, ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
         """Gumbel top-k: n candidates without replacement, probability proportional to exp(score / T)."""
-        T = self.icfg.temperature
-        keys = scores.copy()
-        if T > 0:
-            rng = np.random.default_rng([ctx.seed, 0x6B, ctx.step // self.cfg.every])
-            keys = scores / T + rng.gumbel(size=len(scores))
-        best = np.sort(np.argsort(-keys, kind="stable")[:n])
-        return ids[best]
+        rng = np.random.default_rng([ctx.seed, 0x6B, ctx.step // self.cfg.every])
+        return ids[gumbel_top_k(scores, n, rng, self.icfg.temperature)]
 
     def step_metrics(self) -> dict[str, float]:
         return {**super().step_metrics(), "select_seconds_total": self.totals["seconds"]}
@@ -161,3 +159,13 @@ class InfluenceSelector(OnlineSelector):
         if state:
             self.history = [(np.asarray(a), np.asarray(b)) for a, b in state.get("history", [])]
             self.totals.update(state.get("totals", {}))
+
+
+class InfluenceMethod(SelectionMethod):
+    """`--method influence` is online: it names the selector of `dwm train` instead."""
+
+    name = "influence"
+
+    def __init__(self, args: Any):
+        raise UserError("influence selects online, during training: run `dwm train ... selector.mode=influence` "
+                        "(options under [influence], see `dwm train --help-config`)")

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dwm.errors import UserError
+from dwm.selection.method import SelectionMethod
 from dwm.selection.pool import Pool, shard_rows, shard_texts
 
 BANDS = ("lowest", "middle", "highest")
@@ -57,18 +58,18 @@ def _row_nll(model, rows: np.ndarray, n_tok: np.ndarray, bs: int, device: str) -
     """(sum of token NLLs, predicted tokens) per row."""
     import torch
 
-    from dwm.train.losses import per_sample_nll
+    from dwm.data.batch import Batch
+    from dwm.nn.losses import nll_no_grad
 
-    sums, counts = [], []
-    with torch.no_grad():
+    def batches():
         for i in range(0, len(rows), bs):
             ids = torch.from_numpy(rows[i:i + bs].astype(np.int64)).to(device)
             nt = torch.from_numpy(n_tok[i:i + bs].astype(np.int64)).to(device)
-            mean = per_sample_nll(model(input_ids=ids).logits, ids, nt).double().cpu().numpy()
-            k = np.maximum(n_tok[i:i + bs] - 1, 0)
-            sums.append(mean * k)
-            counts.append(k)
-    return np.concatenate(sums), np.concatenate(counts)
+            yield Batch(ids, nt, nt, nt)  # the loss reads input_ids and n_tokens only
+
+    mean = nll_no_grad(model, batches()).double().cpu().numpy() if len(rows) else np.zeros(0)
+    k = np.maximum(n_tok - 1, 0)
+    return mean * k, k
 
 
 def score(pool: Pool, opts: PerplexityOptions, device: str = "cpu") -> dict[str, Any]:
@@ -123,3 +124,15 @@ def keys(result: dict[str, Any], opts: PerplexityOptions, seed: int) -> np.ndarr
         return np.where(np.isfinite(nll), nll, -np.inf)
     med = float(np.median(nll[np.isfinite(nll)])) if np.isfinite(nll).any() else 0.0
     return -np.abs(nll - med)
+
+
+class PerplexityMethod(SelectionMethod):
+    """`--method perplexity` (--ref-model, --band)."""
+
+    name = "perplexity"
+
+    def run(self, pool: Pool, target: Path, engine: Any) -> tuple[dict[str, Any], np.ndarray]:
+        a = self.args
+        opts = PerplexityOptions(a.ref_model or "", a.band, a.batch_size, a.max_length)
+        res = score(pool, opts, a.device)
+        return res, keys(res, opts, a.seed)

@@ -30,6 +30,7 @@ from dwm.data import dataset
 from dwm.data.dataset import data_fingerprint, iter_split_batches, read_meta, split_parts
 from dwm.data.mixture import write_manifest
 from dwm.errors import UserError
+from dwm.nn import sampling
 
 MANIFEST_KEY = b"dwm.selection"
 SHARD_TOKENS = 1 << 21  # ~2M tokens of text per engine task: small enough for memory, large for overheads
@@ -153,7 +154,7 @@ class Pool:
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _tokenizer(data_dir: str):
+def cached_tokenizer(data_dir: str):
     tok = _TOKENIZERS.get(data_dir)
     if tok is None:
         from tokenizers import Tokenizer
@@ -209,7 +210,7 @@ def _byte_table(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     bytes), or None when the tokenizer is not byte-level (then the tokenizer's own decode_batch is used)."""
     if data_dir in _BYTE_TABLES:
         return _BYTE_TABLES[data_dir]
-    tok = _tokenizer(data_dir)
+    tok = cached_tokenizer(data_dir)
     spec = json.loads(tok.to_str())
     table = None
     if (spec.get("decoder") or {}).get("type") == "ByteLevel" and (spec.get("model") or {}).get("type") == "BPE":
@@ -262,7 +263,7 @@ def decode(data_dir: str, docs: list[np.ndarray]) -> list[str]:
             i = j
         return out
     meta = read_meta(data_dir)
-    tok = _tokenizer(data_dir)
+    tok = cached_tokenizer(data_dir)
     nl = tok.encode("\n", add_special_tokens=False).ids
     eos = int(meta["eos_id"])
     out = []
@@ -282,13 +283,10 @@ def shard_texts(shard: Shard) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ choosing
 def gumbel_keys(scores: np.ndarray, temperature: float, seed: int) -> np.ndarray:
-    """scores / temperature + Gumbel(0, 1) noise: sorting by these keys draws without replacement with
-    probability proportional to exp(score / temperature) (the Gumbel top-k trick). temperature 0: the scores."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if temperature <= 0:
-        return scores.copy()
-    g = np.random.default_rng([seed, 0x6B]).gumbel(size=len(scores))
-    return scores / temperature + g
+    """scores / temperature + Gumbel(0, 1) noise from the seed (dwm.nn.sampling.gumbel_keys): sorting by these keys
+    draws without replacement with probability proportional to exp(score / temperature). temperature 0: the
+    scores."""
+    return sampling.gumbel_keys(scores, temperature, np.random.default_rng([seed, 0x6B]))
 
 
 def fill_budget(keys: np.ndarray, unit_tokens: np.ndarray, budget: int, eligible: np.ndarray | None = None,

@@ -25,6 +25,7 @@ import numpy as np
 
 from dwm.data.dataset import read_split_table
 from dwm.errors import UserError
+from dwm.selection.method import SelectionMethod
 from dwm.selection.pool import Pool, Shard, gumbel_keys, log, shard_texts
 
 QURATING = ("writing_style", "required_expertise", "facts_and_trivia", "educational_value")
@@ -169,3 +170,21 @@ def score(pool: Pool, opts: QualityOptions, target: str | Path, engine: Any, see
 
 def keys(result: dict[str, Any], opts: QualityOptions, seed: int) -> np.ndarray:
     return gumbel_keys(np.nan_to_num(result["scores"], nan=-np.inf), opts.temperature, seed)
+
+
+class QualityMethod(SelectionMethod):
+    """`--method quality`: exactly one of --score-column, --score-model, --classifier."""
+
+    name = "quality"
+
+    def run(self, pool: Pool, target: Path, engine: Any) -> tuple[dict[str, Any], np.ndarray]:
+        a = self.args
+        given = [n for n, v in (("column", a.score_column), ("hf", a.score_model), ("classifier", a.classifier)) if v]
+        if len(given) != 1:
+            raise UserError("--method quality needs exactly one of --score-column, --score-model, --classifier"
+                            + (f" (got {len(given)})" if given else ""))
+        t = 2.0 if a.temperature is None else a.temperature
+        opts = QualityOptions(given[0], a.score_column or "", a.score_model or "", a.label, a.max_length,
+                              a.batch_size, a.negatives, 0.0 if a.top_k else t)
+        res = score(pool, opts, target, engine, a.seed, a.device)
+        return res, keys(res, opts, a.seed)

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from dwm.errors import UserError
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
+from dwm.nn.sharding import LOW_PRECISION, compute_dtype, global_norm, is_sharded, reshard  # noqa: F401
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, *, bf16: bool) -> torch.nn.Module:
@@ -50,34 +49,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     (`_no_split_modules`: LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, ...)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when `model` (or a submodule) was passed to fully_shard."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype FSDP casts the gathered parameters to for compute (None: no cast, or not sharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            return m._get_fsdp_state()._mp_policy.param_dtype
-    return None
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP unit back in its sharded state (the root unit stays gathered after a forward until its
-    backward; a forward without backward leaves it so). After this, `model.parameters()` are the DTensor shards and
-    the next forward all-gathers them again, so an in-place edit of the shards is seen."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -170,19 +141,3 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- for a component's own passes (bi-level updates)
-
-
-def global_norm(tensors: list[torch.Tensor]) -> float:
-    """2-norm over a list of tensors, DTensor shards included (their local parts' squares summed over ranks; a
-    collective when there are any). Per-tensor norms in the tensors' dtype, combined in float64."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    plain = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors if not isinstance(t, DTensor))
-    shards = [t.to_local() for t in tensors if isinstance(t, DTensor)]
-    if shards:
-        sq = torch.stack([torch.linalg.vector_norm(s).double() ** 2 for s in shards]).sum()
-        if dist.is_initialized():
-            dist.all_reduce(sq)
-        plain += float(sq)
-    return plain ** 0.5

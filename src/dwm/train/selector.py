@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from dwm.config import check_positive
 from dwm.errors import UserError
+from dwm.nn.sampling import top_k
 from dwm.registry import Registry
 from dwm.train.context import Component, TrainContext
 
@@ -49,6 +50,9 @@ class SelectorConfig:
 
 
 class Selector(Component):
+    config_section: str | None = None  # a run config section the selector is also constructed with
+    uses_scorer: bool = False  # constructed with the weighter's `scorer` (keyword `scorer`)
+
     def __init__(self, cfg: SelectorConfig | None = None):
         super().__init__(cfg or SelectorConfig())
 
@@ -115,8 +119,7 @@ class OnlineSelector(SequentialSelector):
 
     def keep(self, ctx: TrainContext, ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
         """The n best-scoring candidates (ties: earlier in the stream first), in stream order."""
-        best = np.sort(np.argsort(-scores, kind="stable")[:n])
-        return ids[best]
+        return ids[top_k(scores, n)]
 
     def _select(self, ctx: TrainContext, chunk: int) -> np.ndarray:
         ids = self.stream(chunk * self.n_cand, self.n_cand)

@@ -36,14 +36,19 @@ from dwm.data.dataset import PreparedData, data_fingerprint
 from dwm.data.tokenizer import load_prepared_tokenizer
 from dwm.errors import UserError
 from dwm.host import keep_freed_memory
+from dwm.nn.losses import per_sample_nll
 from dwm.train import distributed as dist_utils
 from dwm.train import fsdp as fsdp_utils
 from dwm.train.callbacks import Callback
 from dwm.train.checkpoint import load_latest, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
-from dwm.train.losses import per_sample_nll
-from dwm.train.model import build_model, enable_activation_checkpointing, saved_state_dict, tied_parameter_names
+from dwm.train.model import (
+    build_model,
+    enable_activation_checkpointing,
+    saved_state_dict,
+    tied_parameter_names,
+)
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
 

@@ -19,34 +19,36 @@ Contract (the trainer relies on it):
   extra forward; measured in benchmarks/results/train.md;
 - `state_dict()` / `load_state_dict()` round-trip everything needed to resume exactly (saved in checkpoints);
 - `step_metrics()` returns scalars to log for the last `weights` call (cheap, already-computed values);
-- `make_selector()` may return a `Selector` when the weighter decides the batches' composition itself (e.g. the
-  DWM drawing each batch from a candidate pool in proportion to its weights); the caller then trains with it.
+- `selector` (class or instance attribute) may name the selector this weighter's batches must be drawn with
+  (e.g. the DWM with apply = resample draws them by its scores: "dwm"); the run then builds that selector, and a
+  selector with `uses_scorer` gets the weighter's `scorer` (one object both hold: no call back into the weighter);
+- `config_section` names the run config's section the weighter is constructed with ("weighting").
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from dwm.data.batch import Batch
 from dwm.registry import Registry
 from dwm.train.context import Component, TrainContext
-from dwm.train.selector import Selector
 
 WEIGHTERS = Registry("weighter", "weighting.mode")
 
 
 class Weighter(Component):
     needs_losses: bool = False
+    config_section: str = "weighting"
+    selector: str | None = None  # the selector this weighter's batches are drawn with (None: the configured one)
+    scorer: Any = None  # what a `uses_scorer` selector draws with (the weighter's own, shared object)
 
     def before_step(self, ctx: TrainContext, step: int) -> None:
         """Called before each LM optimizer step."""
 
     def weights(self, batch: Batch, losses: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
-
-    def make_selector(self) -> Selector | None:
-        """A selector this weighter draws the batches with, or None (the configured selector is used)."""
-        return None
 
 
 @WEIGHTERS.register("uniform")

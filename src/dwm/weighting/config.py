@@ -22,8 +22,9 @@ the measurements behind each choice). The defaults are the settings validated on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 from dwm.config import check_positive, check_range
@@ -65,34 +66,10 @@ class WeightingNetConfig:
 
 
 @dataclass
-class WeightingConfig:
-    """How the batch is weighted: uniform, a learned DWM, or a replayed DWM from another run."""
+class WeightingAdvancedConfig:
+    """[weighting.advanced]: the research levers of the bi-level update, phi's optimisation, the schedule's cost
+    levers and the diagnostics. The defaults are the validated settings; docs/DECISIONS.md has the measurements."""
 
-    mode: str = "uniform"
-    """'uniform', 'dwm' (learn a weighting model by bi-level optimisation), 'domains' (hand-set per-domain weights,
-    `domain_weights`), or a RUN_DIR whose stage models to replay"""
-    domain_weights: str = ""
-    """with mode = domains: raw weight per domain, e.g. "books=2,code=0.5" (unnamed domains 1), normalised within
-    each batch to sum to its size: the in-batch counterpart of a static mixture (dwm.weighting.domains)"""
-    keep_learning: bool = False
-    """with mode=RUN_DIR: keep updating the replayed model by bi-level updates"""
-    net: WeightingNetConfig = field(default_factory=WeightingNetConfig)
-    apply: Literal["weights", "resample"] = "resample"
-    """how the scores act on training: 'resample' (default; each batch is drawn from the next `candidates` x B
-    samples of the data stream with probability softmax(s / tau) mixed with the floor, without replacement
-    (Gumbel top-k), and trained at weight 1: no loss of effective batch size; the stream must hold `candidates` x
-    the token budget) or 'weights' (the paper's in-batch variant: w = B softmax(s / tau) within each batch; at
-    64-sample batches it recovered 16-19% of the uniform -> target-domain gap against resample's 55-79%,
-    docs/DECISIONS.md)"""
-    candidates: float = 4.0
-    """with apply = resample: candidates scored per sample trained (8 gained on the reference side at 300 steps
-    within noise, at +0.07x cost)"""
-    temperature: float = 0.25
-    """tau in w = B * softmax(s / tau); picked on the reference side from 0.5, 0.25, 0.125"""
-    floor: float = 0.0
-    """lambda in w = (1 - lambda) w + lambda: mixes in uniform weighting"""
-    reference: str = "data/target/reference.jsonl"
-    """LAMBADA-format JSONL the weighting model optimises against (never the heldout split)"""
     ref_loss: Literal["passage", "target"] = "passage"
     """outer loss on reference passages: 'passage' (mean NLL of every token) or 'target' (NLL of the last word)"""
     batch_size: int = 128
@@ -121,18 +98,12 @@ class WeightingConfig:
     """held-back training samples of the diagnostics"""
     ref_batch_size: int = 16
     """reference passages per bi-level update"""
-    backend: Literal["fd", "exact"] = "fd"
-    """hypergradient backend: 'fd' (finite differences, default) or 'exact' (double backward, math attention)"""
     fd_eps: float = 1e-2
     """finite-difference step: the perturbation eps*v has norm fd_eps * max(1, ||theta||/sqrt(n)) (see METHOD.md)"""
     precondition: Literal["adam", "sgd"] = "adam"
     """the lookahead: 'adam' (AdamW's real next step, see METHOD.md section 3) or 'sgd' (theta - eta g)"""
     lookahead_lr: float = 0.0
     """eta of the lookahead; 0 = the LM's current learning rate"""
-    schedule: Literal["staged", "interleaved"] = "staged"
-    """'staged': K stages, M updates at each stage start then frozen; 'interleaved': one update every `interval` steps"""
-    stages: int = 5
-    """K, number of stages (the paper's 5)"""
     uniform_stages: int = 0
     """the first this many stages take no bi-level update and train with phi's initial scores (all 0: exactly
     uniform): one update fewer per stage, a cost lever; 1 lost a fifth of speech's gain (docs/DECISIONS.md)"""
@@ -144,16 +115,12 @@ class WeightingConfig:
     max(1, round(update_fraction * steps per stage))"""
     update_fraction: float = 0.04
     """with updates_per_stage=0, M as a fraction of the stage's LM steps"""
-    interval: int = 25
-    """interleaved schedule: LM steps between weighting-model updates"""
     lr: float = 1e-3
     """weighting model AdamW learning rate"""
     weight_decay: float = 0.01
     """weighting model AdamW weight decay"""
     grad_clip: float = 1.0
     """clip of the weighting model's gradient norm"""
-    probe_size: int = 2000
-    """training samples (stratified by domain, fixed) scored at every stage boundary for dwm analyze"""
     probe_lm_loss: bool = True
     """also record the LM's per-sample loss on the probe set at each stage (dwm analyze correlates weights with it);
     it is a no-grad LM forward of probe_size samples per stage, most of the probe pass's cost; training is the same
@@ -162,33 +129,82 @@ class WeightingConfig:
     """warn when effective sample size / B falls below this"""
 
     def validate(self, prefix: str) -> None:
+        for k in ("fd_eps", "lr"):
+            check_positive(f"{prefix}{k}", getattr(self, k))
+        check_positive(f"{prefix}grad_clip", self.grad_clip, allow_zero=True)
+        check_range(f"{prefix}update_fraction", self.update_fraction, 0, 1, lo_open=True)
+        check_range(f"{prefix}min_ess_fraction", self.min_ess_fraction, 0, 1)
+        check_positive(f"{prefix}ref_batch_size", self.ref_batch_size)
+        for k in ("updates_per_stage", "lookahead_lr", "weight_decay", "batch_size", "kl", "probe_len",
+                  "uniform_stages", "frozen_stages"):
+            check_positive(f"{prefix}{k}", getattr(self, k), allow_zero=True)
+        for k in ("phi_steps", "buffer_stages", "diagnostics_size"):
+            check_positive(f"{prefix}{k}", getattr(self, k))
+
+
+@dataclass
+class WeightingConfig:
+    """How the batch is weighted: uniform, a learned DWM, or a replayed DWM from another run."""
+
+    mode: str = "uniform"
+    """'uniform', 'dwm' (learn a weighting model by bi-level optimisation), 'domains' (hand-set per-domain weights,
+    `domain_weights`), or a RUN_DIR whose stage models to replay"""
+    domain_weights: str = ""
+    """with mode = domains: raw weight per domain, e.g. "books=2,code=0.5" (unnamed domains 1), normalised within
+    each batch to sum to its size: the in-batch counterpart of a static mixture (dwm.weighting.domains)"""
+    keep_learning: bool = False
+    """with mode=RUN_DIR: keep updating the replayed model by bi-level updates"""
+    net: WeightingNetConfig = field(default_factory=WeightingNetConfig)
+    apply: Literal["weights", "resample"] = "resample"
+    """how the scores act on training: 'resample' (default; each batch is drawn from the next `candidates` x B
+    samples of the data stream with probability softmax(s / tau) mixed with the floor, without replacement
+    (Gumbel top-k), and trained at weight 1: no loss of effective batch size; the stream must hold `candidates` x
+    the token budget) or 'weights' (the paper's in-batch variant: w = B softmax(s / tau) within each batch; at
+    64-sample batches it recovered 16-19% of the uniform -> target-domain gap against resample's 55-79%,
+    docs/DECISIONS.md)"""
+    candidates: float = 4.0
+    """with apply = resample: candidates scored per sample trained (8 gained on the reference side at 300 steps
+    within noise, at +0.07x cost)"""
+    temperature: float = 0.25
+    """tau in w = B * softmax(s / tau); picked on the reference side from 0.5, 0.25, 0.125"""
+    floor: float = 0.0
+    """lambda in w = (1 - lambda) w + lambda: mixes in uniform weighting"""
+    reference: str = "data/target/reference.jsonl"
+    """LAMBADA-format JSONL the weighting model optimises against (never the heldout split)"""
+    backend: Literal["fd", "exact"] = "fd"
+    """hypergradient backend: 'fd' (finite differences, default) or 'exact' (double backward, math attention)"""
+    schedule: Literal["staged", "interleaved"] = "staged"
+    """'staged': K stages, M updates at each stage start then frozen; 'interleaved': one update every `interval` steps"""
+    stages: int = 5
+    """K, number of stages (the paper's 5)"""
+    interval: int = 25
+    """interleaved schedule: LM steps between weighting-model updates"""
+    probe_size: int = 2000
+    """training samples (stratified by domain, fixed) scored at every stage boundary for dwm analyze"""
+    advanced: WeightingAdvancedConfig = field(default_factory=WeightingAdvancedConfig)
+    """the research levers (a sub-section: [weighting.advanced])"""
+    # every [weighting.advanced] key was a [weighting] key before the sub-section: the old names are still read,
+    # with a one-line warning (dwm.config)
+    MOVED = MappingProxyType({f.name: f"advanced.{f.name}" for f in fields(WeightingAdvancedConfig)})
+
+    def validate(self, prefix: str) -> None:
         """Ranges and cross-field rules; `mode` itself (a registered weighter or a run directory) is resolved
         where the weighters are wired (dwm.run)."""
         if self.mode == "domains" and not self.domain_weights.strip():
             raise UserError(f"{prefix}mode = domains needs {prefix}domain_weights, e.g. \"books=2\"")
         if self.keep_learning and self.mode in ("uniform", "dwm", "domains"):
             raise UserError(f"{prefix}keep_learning needs {prefix}mode = a RUN_DIR whose weighting model to replay")
-        for k in ("temperature", "fd_eps", "lr"):
-            check_positive(f"{prefix}{k}", getattr(self, k))
-        check_positive(f"{prefix}grad_clip", self.grad_clip, allow_zero=True)
+        check_positive(f"{prefix}temperature", self.temperature)
         check_range(f"{prefix}floor", self.floor, 0, 1)
         if self.candidates < 1:
             raise UserError(f"config key {prefix}candidates: must be >= 1, got {self.candidates}")
-        check_range(f"{prefix}update_fraction", self.update_fraction, 0, 1, lo_open=True)
-        check_range(f"{prefix}min_ess_fraction", self.min_ess_fraction, 0, 1)
-        for k in ("ref_batch_size", "stages", "interval"):
+        for k in ("stages", "interval"):
             check_positive(f"{prefix}{k}", getattr(self, k))
-        for k in ("probe_size", "updates_per_stage", "lookahead_lr", "weight_decay", "batch_size", "kl"):
-            check_positive(f"{prefix}{k}", getattr(self, k), allow_zero=True)
-        check_positive(f"{prefix}phi_steps", self.phi_steps)
-        check_positive(f"{prefix}buffer_stages", self.buffer_stages)
-        check_positive(f"{prefix}probe_len", self.probe_len, allow_zero=True)
-        check_positive(f"{prefix}diagnostics_size", self.diagnostics_size)
-        check_positive(f"{prefix}uniform_stages", self.uniform_stages, allow_zero=True)
-        check_positive(f"{prefix}frozen_stages", self.frozen_stages, allow_zero=True)
-        if self.uniform_stages + self.frozen_stages >= self.stages:
-            raise UserError(f"config keys {prefix}uniform_stages + {prefix}frozen_stages: must be below "
-                            f"{prefix}stages ({self.stages}), got {self.uniform_stages} + {self.frozen_stages}: "
+        check_positive(f"{prefix}probe_size", self.probe_size, allow_zero=True)
+        adv, ap = self.advanced, f"{prefix}advanced."
+        if adv.uniform_stages + adv.frozen_stages >= self.stages:
+            raise UserError(f"config keys {ap}uniform_stages + {ap}frozen_stages: must be below "
+                            f"{prefix}stages ({self.stages}), got {adv.uniform_stages} + {adv.frozen_stages}: "
                             "phi would never learn")
 
     def check_paths(self, prefix: str = "weighting.") -> None:

@@ -86,7 +86,7 @@ def main() -> int:
     wraps = {"score candidates (every step)": (resample.ResampleSelector, "score"),
              "bi-level update": (dw.DWMWeighter, "_update"),
              "  LM side (hypergradient)": (probe, "hypergradient"),
-             "    its perturbed forwards (2 per update)": (bilevel._Passes, "sample_losses"),
+             "    its perturbed forwards (2 per update)": (bilevel.Passes, "sample_losses"),
              "  phi's steps (forward + backward)": (learner.PhiLearner, "phi_backward"),
              "probe pass (excluded)": (outputs.StageWriter, "save_stage")}
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dwm.train.losses import per_sample_nll
-from dwm.weighting.ghost import GhostScores, reference_direction
+from dwm.nn.ghost import GhostScores, reference_direction
 from test_bilevel import V, data, tiny_lm
 
 

@@ -96,7 +96,7 @@ def all_reduce_(tensors: list[torch.Tensor], average: bool = False) -> None:
                 off += b.numel()
 
 
-def _scalar_mean(x: float, device: torch.device) -> float:
+def scalar_mean(x: float, device: torch.device) -> float:
     if _world() == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64, device=device)
@@ -126,7 +126,7 @@ def _global_batch(n_local: int, device: torch.device) -> int:
     return int(t.item())
 
 
-class _Passes:
+class Passes:
     """The chunked passes of one hypergradient: model, chunk size and the training step's autocast."""
 
     def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], chunk: int,
@@ -219,8 +219,8 @@ def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: tor
                         "use backend 'fd'")
     device = input_ids.device
     B = global_batch_size or _global_batch(input_ids.shape[0], device)
-    passes = _Passes(model, params, chunk_size or max(input_ids.shape[0], ref_input_ids.shape[0]), autocast_dtype)
-    before = _scalar_mean(passes.ref_loss(ref_input_ids, ref_mask), device) if measure_before else math.nan
+    passes = Passes(model, params, chunk_size or max(input_ids.shape[0], ref_input_ids.shape[0]), autocast_dtype)
+    before = scalar_mean(passes.ref_loss(ref_input_ids, ref_mask), device) if measure_before else math.nan
     orig = [p.detach().clone() for p in params]  # exact restore: copy back, never add-then-subtract
 
     def restore() -> None:
@@ -250,7 +250,7 @@ def _failed(n: int, device: torch.device, before: float, after: float, reason: s
     return HyperResult(torch.zeros(n, device=device), before, after, ok=False, reason=reason, backend=backend, **kw)
 
 
-def _lookahead(passes: _Passes, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, precond, B, restore
+def _lookahead(passes: Passes, named, input_ids, n_tokens, weights, ref_ids, ref_mask, lr, precond, B, restore
                ) -> tuple[list[torch.Tensor], float]:
     """u = P grad L_ref(theta') (averaged over ranks) and L_ref(theta'); theta is restored on return.
 
@@ -294,7 +294,7 @@ def _lookahead(passes: _Passes, named, input_ids, n_tokens, weights, ref_ids, re
 
     v, after = passes.grad(reference, n_ref)
     restore()
-    after = _scalar_mean(after, ref_ids.device)
+    after = scalar_mean(after, ref_ids.device)
     all_reduce_(v, average=True)
     with torch.no_grad():
         for vi, Pi in zip(v, P):
@@ -303,7 +303,7 @@ def _lookahead(passes: _Passes, named, input_ids, n_tokens, weights, ref_ids, re
     return v, after
 
 
-def _fd(passes: _Passes, u, u_norm, orig, restore, input_ids, n_tokens, lr, B, before, after, fd_eps
+def _fd(passes: Passes, u, u_norm, orig, restore, input_ids, n_tokens, lr, B, before, after, fd_eps
         ) -> HyperResult:
     device = input_ids.device
     theta_norm = _norm(orig)
@@ -331,7 +331,7 @@ def _fd(passes: _Passes, u, u_norm, orig, restore, input_ids, n_tokens, lr, B, b
                        extra={"perturbation_norm": eps * u_norm})
 
 
-def _exact(passes: _Passes, model, u, u_norm, input_ids, n_tokens, weights, lr, B, before, after) -> HyperResult:
+def _exact(passes: Passes, model, u, u_norm, input_ids, n_tokens, weights, lr, B, before, after) -> HyperResult:
     """dL/dw_c = -lr * d/dw_c < u, grad_theta (sum_{i in c} w_i l_i / B) > for each chunk c: a double backward
     whose graph spans one chunk (eager attention: SDPA kernels have no double backward)."""
     prev_attn = getattr(model.config, "_attn_implementation", None)

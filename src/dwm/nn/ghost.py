@@ -31,6 +31,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from dwm.data.passages import passage_nll
+from dwm.nn.bilevel import Passes, all_reduce_, scalar_mean
+from dwm.nn.lookahead import adam_preconditioner, trainable
+
 
 def _is_conv1d(m: nn.Module) -> bool:  # transformers.pytorch_utils.Conv1D: y = x W + b, W [in, out]
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
@@ -178,12 +182,9 @@ def reference_direction(model: nn.Module, ref_input_ids: torch.Tensor, ref_mask:
     """M = P * grad L_ref(theta) per trainable parameter (P = AdamW's current diagonal 1 / (sqrt(v_hat) + eps),
     1 before its first step) and L_ref(theta), over chunks of `chunk_size` passages; the parameters' .grad is left
     as it was. Averaged over ranks under torch.distributed, like the lookahead's reference gradient."""
-    from dwm.weighting.bilevel import _Passes, _trainable, adam_preconditioner, all_reduce_, _scalar_mean
-    from dwm.data.passages import passage_nll
-
-    named = _trainable(model)
+    named = trainable(model)
     params = [p for _, p in named]
-    passes = _Passes(model, params, chunk_size or ref_input_ids.shape[0], autocast_dtype)
+    passes = Passes(model, params, chunk_size or ref_input_ids.shape[0], autocast_dtype)
     n = ref_input_ids.shape[0]
 
     def reference(a: int, b: int) -> torch.Tensor:
@@ -198,4 +199,4 @@ def reference_direction(model: nn.Module, ref_input_ids: torch.Tensor, ref_mask:
         if P is not None:
             for (name, _), vi in zip(named, v):
                 vi.mul_(P[name])
-    return {name: vi for (name, _), vi in zip(named, v)}, _scalar_mean(loss, ref_input_ids.device)
+    return {name: vi for (name, _), vi in zip(named, v)}, scalar_mean(loss, ref_input_ids.device)

@@ -45,8 +45,9 @@ class GhostScores:
 
     Usage: `ghost = GhostScores(model)`; `ghost.set_direction({name: M})` (M per trainable parameter name, e.g.
     P * grad L_ref); then for each micro-batch, `with ghost.capture(): loss.backward()` (the forward must run inside
-    the same `capture`, or inside `ghost.recording()`); `ghost.collect(scale)` returns the step's scores [n] in the
-    order of the micro-batches' rows and clears them. `remove()` detaches the hooks.
+    the same `capture`), or `start()` before a training step's forwards and `stop()` after its backward;
+    `ghost.collect(scale)` returns the step's scores [n] in the order of the micro-batches' rows and clears them.
+    Forwards without grad record nothing. `remove()` detaches the hooks.
     """
 
     def __init__(self, model: nn.Module):
@@ -69,6 +70,18 @@ class GhostScores:
     def set_direction(self, M: dict[str, torch.Tensor]) -> None:
         """M per trainable parameter name (a name missing from M counts as 0)."""
         self.M = {k: v.detach() for k, v in M.items()}
+
+    def start(self) -> None:
+        """Record from now on: the next forwards' backward adds their rows' scores (until `stop`)."""
+        self._active = True
+
+    def stop(self) -> None:
+        self._active = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether scores were recorded since the last collect."""
+        return bool(self._parts)
 
     @contextmanager
     def recording(self) -> Iterator[None]:

@@ -121,6 +121,11 @@ class WeightingAdvancedConfig:
     """weighting model AdamW weight decay"""
     grad_clip: float = 1.0
     """clip of the weighting model's gradient norm"""
+    draw: Literal["gumbel", "systematic"] = "gumbel"
+    """apply = resample: how a batch is drawn from the candidates. 'gumbel' (the measured default): G distinct
+    candidates by Gumbel top-k, inclusion probabilities capped at 1, so the trained mixture is flatter than w.
+    'systematic': expected counts G * p_i exactly (a candidate whose weight asks for two copies gets them), and the
+    lookahead models that expected step (w over the whole candidate chunk). Not yet measured against 'gumbel'"""
     ref_every: int = 10
     """backend ghost: LM steps between refreshes of the reference direction P grad L_ref (one reference forward +
     backward each)"""

@@ -179,6 +179,7 @@ class DWMWeighter(Weighter):
         s = self.schedule
         return {"stage": k, "stages": s.n_stages, "step": step, "total_steps": s.total_steps,
                 "fraction": s.fraction(k), "temperature": self.scorer.temperature, "floor": self.scorer.floor,
+                "apply": self.cfg.apply, "candidates": self.cfg.candidates, "draw": self.cfg.advanced.draw,
                 "domains": self.domains, "tokenizer_sha256": self.tokenizer_sha, "updates": self.n_updates,
                 "skipped": self.n_skipped, "source": str(self.cfg.mode) if self.replay else None}
 

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_ghost.py --preset tiny --repeats 2   # quick smoke run
 
 Modes (same model, AdamW state and batch): `plain` = forward + backward + AdamW step; `ghost` = the same with
-dwm.weighting.ghost hooks reading every sample's < P grad L_ref, grad l_i > out of the backward; `refresh` = one
+dwm.nn.ghost hooks reading every sample's < P grad L_ref, grad l_i > out of the backward; `refresh` = one
 reference direction (M = P grad L_ref over the reference batch), paid once every `ref_every` steps. Time: median of
 interleaved repeats in one process, process CPU time (the load-robust figure on a shared machine) and wall.
 Memory: each mode in its own process, peak RSS (VmHWM after a reset) minus the RSS before the step.
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_bilevel import setup  # noqa: E402  (model, AdamW state, batch, reference batch)
+from bench_bilevel import setup
 
-from dwm.train.losses import per_sample_nll  # noqa: E402
-from dwm.weighting.ghost import GhostScores, reference_direction  # noqa: E402
+from dwm.nn.ghost import GhostScores, reference_direction
+from dwm.train.losses import per_sample_nll
 
 MODES = ("plain", "ghost", "refresh")
 
@@ -116,7 +116,7 @@ def main() -> int:
     t_ratio, m_ratio = c["ghost"] / c["plain"], mem["ghost"]["own_mb"] / mem["plain"]["own_mb"]
     tot = (mem["ghost"]["before_mb"] + mem["ghost"]["own_mb"]) / (mem["plain"]["before_mb"] + mem["plain"]["own_mb"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+                            cwd=Path(__file__).parent, check=False).stdout.strip()
     from datetime import date
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -112,7 +112,7 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--phase", ph, "--data", str(data), "--run", str(Path(run) / "r"),
                    "--recipe", args.recipe, "--preset", args.preset, "--micro", str(args.micro),
                    "--global-batch", str(args.global_batch), "--threads", str(args.threads)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if p.returncode != 0:
                 res[ph] = {"phase": ph, "failed": (p.stderr.strip().splitlines() or ["killed"])[-1],
                            "rc": p.returncode}
@@ -135,7 +135,7 @@ def main() -> int:
     import subprocess as sp
 
     commit = sp.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                    text=True).stdout.strip()
+                    text=True, check=False).stdout.strip()
     cmd = " ".join([".venv/bin/python benchmarks/bench_update_memory.py", *sys.argv[1:]])
     text = "\n".join([
         f"## Peak memory of a bi-level update (recipe {args.recipe}, model {args.preset}, micro-batch {args.micro})",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bilevel import V, data, tiny_lm
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from dwm.nn.ghost import GhostScores, reference_direction
 from dwm.train.losses import per_sample_nll
-from dwm.weighting.ghost import GhostScores, reference_direction
-from test_bilevel import V, data, tiny_lm
 
 
 def brute(model, ids, n, M):
@@ -85,7 +85,7 @@ def test_reference_direction_is_preconditioned_reference_gradient():
     from dwm.weighting.bilevel import adam_preconditioner
 
     model = tiny_lm()
-    ids, n, w, ref, mask = data()
+    ids, n, _, ref, mask = data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     per_sample_nll(model(input_ids=ids).logits, ids, n).mean().backward()
     opt.step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dwm.weighting.sampling import draw, stream_coverage
+from dwm.nn.sampling import draw, stream_coverage
 
 
 def toy():

@@ -5,7 +5,7 @@ hypergradient (grad L_ref at theta') on the same samples, at the learning rates 
 
 Trains cpu-small uniformly for --steps steps on the prepared DIR (so the AdamW state is a real one), then, for 128
 training samples and one reference batch, compares
-- ghost: -(lr/B) < P grad L_ref(theta), grad l_i(theta) >, P = AdamW's current diagonal (dwm.weighting.ghost);
+- ghost: -(lr/B) < P grad L_ref(theta), grad l_i(theta) >, P = AdamW's current diagonal (dwm.nn.ghost);
 - exact lookahead, same P: dL_ref(theta')/dw_i with theta' = theta - lr P g (the difference is theta vs theta' alone);
 - fd lookahead with AdamW's real next step (adam_lookahead: what the DWM weighter uses),
 at lr = the run's lr x {1, 10, 100}. Prints Pearson / Spearman correlations and the relative difference.
@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dwm.data.passages import PassageSet
+from dwm.nn.bilevel import hypergradient
+from dwm.nn.ghost import GhostScores, reference_direction
+from dwm.nn.lookahead import adam_lookahead, adam_preconditioner
 from dwm.run import build_trainer, load_config, recipe_path
 from dwm.train.losses import per_sample_nll
-from dwm.weighting.bilevel import adam_lookahead, adam_preconditioner, hypergradient
-from dwm.weighting.ghost import GhostScores, reference_direction
 
 
 def spearman(a, b):

@@ -101,6 +101,25 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> P
     return plan
 
 
+def adopt_replay_settings(cfg: RunConfig) -> list[str]:
+    """A replayed DWM (weighting.mode = RUN_DIR) acts as it was learned: the source's apply, candidates, draw,
+    temperature and floor replace this config's (stage files written before they were recorded keep this config's
+    apply, candidates and draw). Returns the keys that changed, as `key: this -> source`."""
+    w = cfg.weighting
+    stage0 = Path(w.mode) / "weighting" / "stage_0.json"
+    if w.mode in WEIGHTERS or not stage0.is_file():
+        return []
+    import json
+
+    src = json.loads(stage0.read_text()).get("dwm", {})
+    changed = []
+    for key, obj in (("apply", w), ("candidates", w), ("temperature", w), ("floor", w), ("draw", w.advanced)):
+        if key in src and src[key] != getattr(obj, key):
+            changed.append(f"{key}: {getattr(obj, key)} -> {src[key]}")
+            setattr(obj, key, type(getattr(obj, key))(src[key]))
+    return changed
+
+
 def build_weighter(cfg: RunConfig) -> Weighter:
     """The weighter `weighting.mode` names, constructed with its config section (`config_section`); a run
     directory replays its learned weighting models (the Data Weighting Model's transfer)."""
@@ -146,6 +165,8 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
     validate(cfg, check_paths=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_memory(cfg, plan_for_data(cfg, world), world, bilevel_param_copies(cfg))  # before anything is written
+    for change in adopt_replay_settings(cfg):
+        print(f"dwm train: replaying {cfg.weighting.mode} as it was learned: weighting.{change}", file=sys.stderr)
     tracker = make_tracker(cfg.log, config=C.to_dict(cfg))
     weighter = build_weighter(cfg)
     return Trainer(cfg, resume=resume, weighter=weighter, selector=build_selector(cfg, weighter),

@@ -127,7 +127,7 @@ def _global_batch(n_local: int, device: torch.device) -> int:
     return int(t.item())
 
 
-class _Sharded:
+class Sharded:
     """What an update does differently when the LM is sharded (train.parallel=fsdp, dwm/train/fsdp.py): its
     parameters are DTensor shards, edited in place shard by shard; a forward computes with gathered copies, so the
     gradients come from a plain backward into .grad, which FSDP reduce-scatters as the *mean* over ranks; every rank
@@ -178,7 +178,7 @@ class Passes:
     with fewer chunks than another runs the difference on its first sample, discarded (at weight 0 in a gradient)."""
 
     def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], chunk: int,
-                 autocast_dtype: torch.dtype | None, sharded: _Sharded):
+                 autocast_dtype: torch.dtype | None, sharded: Sharded):
         self.model, self.params, self.chunk, self.autocast_dtype = model, params, max(1, chunk), autocast_dtype
         self.sharded = sharded
 
@@ -266,7 +266,7 @@ def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: tor
     if weights.shape != (input_ids.shape[0],) or n_tokens.shape != (input_ids.shape[0],):
         raise UserError(f"weights {tuple(weights.shape)} and n_tokens {tuple(n_tokens.shape)} must be "
                         f"[{input_ids.shape[0]}] like the batch")
-    sharded = _Sharded(model)  # (resharded first: trainable() then lists the shards, not gathered copies)
+    sharded = Sharded(model)  # (resharded first: trainable() then lists the shards, not gathered copies)
     named = trainable(model)
     params = [p for _, p in named]
     if backend == "fd" and sharded.low_precision:

@@ -54,6 +54,11 @@ class TrainContext:
         return self._t.autocast()
 
     @property
+    def compiled(self) -> bool:
+        """Whether the training forward runs through torch.compile (module hooks on the LM are then bypassed)."""
+        return bool(self._t.cfg.train.compile)
+
+    @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The training forward's autocast dtype (None: full precision), for a component's own chunked passes."""
         return self._t.autocast_dtype

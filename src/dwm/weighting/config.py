@@ -121,6 +121,16 @@ class WeightingAdvancedConfig:
     """weighting model AdamW weight decay"""
     grad_clip: float = 1.0
     """clip of the weighting model's gradient norm"""
+    draw: Literal["gumbel", "systematic"] = "gumbel"
+    """apply = resample: how a batch is drawn from the candidates. 'gumbel' (the measured default): G distinct
+    candidates by Gumbel top-k, inclusion probabilities capped at 1, so the trained mixture is flatter than w.
+    'systematic': expected counts G * p_i exactly (a candidate whose weight asks for two copies gets them), and the
+    lookahead models that expected step (w over the whole candidate chunk). Not yet measured against 'gumbel'"""
+    ref_every: int = 10
+    """backend ghost: LM steps between refreshes of the reference direction P grad L_ref (one reference forward +
+    backward each)"""
+    holdout: float = 0.1
+    """backend ghost: share of the labelled samples held back from phi's fit, to report how well phi predicts them"""
     probe_lm_loss: bool = True
     """also record the LM's per-sample loss on the probe set at each stage (dwm analyze correlates weights with it);
     it is a no-grad LM forward of probe_size samples per stage, most of the probe pass's cost; training is the same
@@ -135,6 +145,8 @@ class WeightingAdvancedConfig:
         check_range(f"{prefix}update_fraction", self.update_fraction, 0, 1, lo_open=True)
         check_range(f"{prefix}min_ess_fraction", self.min_ess_fraction, 0, 1)
         check_positive(f"{prefix}ref_batch_size", self.ref_batch_size)
+        check_positive(f"{prefix}ref_every", self.ref_every)
+        check_range(f"{prefix}holdout", self.holdout, 0, 1, hi_open=True)
         for k in ("updates_per_stage", "lookahead_lr", "weight_decay", "batch_size", "kl", "probe_len",
                   "uniform_stages", "frozen_stages"):
             check_positive(f"{prefix}{k}", getattr(self, k), allow_zero=True)
@@ -171,8 +183,11 @@ class WeightingConfig:
     """lambda in w = (1 - lambda) w + lambda: mixes in uniform weighting"""
     reference: str = "data/target/reference.jsonl"
     """LAMBADA-format JSONL the weighting model optimises against (never the heldout split)"""
-    backend: Literal["fd", "exact"] = "fd"
-    """hypergradient backend: 'fd' (finite differences, default) or 'exact' (double backward, math attention)"""
+    backend: Literal["fd", "exact", "ghost"] = "fd"
+    """where phi's evidence comes from: 'fd' (default: the lookahead hypergradient of `advanced.batch_size` probed
+    samples at each update, by finite differences), 'exact' (the same by double backward, math attention), or
+    'ghost' (every sample the LM trains on, labelled in its own backward with < P grad L_ref(theta), grad l_i >:
+    thousands a stage instead of 128 an update; docs/METHOD.md section 10)"""
     schedule: Literal["staged", "interleaved"] = "staged"
     """'staged': K stages, M updates at each stage start then frozen; 'interleaved': one update every `interval` steps"""
     stages: int = 5

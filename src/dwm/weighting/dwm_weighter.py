@@ -30,6 +30,7 @@ from dwm.train.context import TrainContext
 from dwm.train.weighter import Weighter
 from dwm.weighting.config import WeightingConfig
 from dwm.weighting.diagnostics import Diagnostics, EssWatch, weight_stats
+from dwm.weighting.ghost_probe import GhostProbe
 from dwm.weighting.learner import PhiLearner
 from dwm.weighting.net import WeightingNet
 from dwm.weighting.outputs import StageWriter, probe_ids
@@ -58,6 +59,7 @@ class DWMWeighter(Weighter):
         self.stage = -1
         self.ess = EssWatch(cfg.advanced.min_ess_fraction)
         self.learner: PhiLearner | None = None
+        self.ghost: GhostProbe | None = None  # backend ghost: the training backward labels every sample
         self.diagnostics: Diagnostics | None = None
         self._metrics: dict[str, float] = {}
         self._update_log: dict[str, float] = {}
@@ -66,6 +68,7 @@ class DWMWeighter(Weighter):
 
     def attach(self, ctx: TrainContext) -> None:
         cfg, world = self.cfg, ctx.world_size
+        self._ctx = ctx
         self.domains = list(ctx.data.domains)
         self.tokenizer_sha = file_sha256(ctx.data.tokenizer_path)
         self.source = StageSource(cfg.mode, self.tokenizer_sha) if self.replay else None
@@ -104,10 +107,16 @@ class DWMWeighter(Weighter):
             if adv.ref_batch_size % world:
                 raise UserError(f"weighting.advanced.ref_batch_size {adv.ref_batch_size} must be divisible by the "
                                 f"number of processes {world}")
-            probe = BilevelProbe.from_config(self.scorer, reference, cfg, micro, G)
+            if cfg.backend == "ghost":
+                probe = self.ghost = GhostProbe.from_config(self.scorer, reference, cfg, micro, G)
+                self.ghost.attach(ctx)
+            else:
+                probe = BilevelProbe.from_config(self.scorer, reference, cfg, micro, G)
             self.learner = PhiLearner.from_config(self.scorer, probe, self.rng, adv, G)
-            if diag_ids is not None:
-                self.diagnostics = Diagnostics(probe, diag_ids, self.domains)
+            if diag_ids is not None:  # measured by the lookahead (fd) whatever the evidence
+                diag_probe = probe if self.ghost is None else BilevelProbe(
+                    self.scorer, reference, ref_batch_size=adv.ref_batch_size, micro=micro, global_batch=G)
+                self.diagnostics = Diagnostics(diag_probe, diag_ids, self.domains)
         probes = probe_ids(ctx.data.domain_ids, min(cfg.probe_size, len(ctx.data)))
         self.writer = StageWriter(self.scorer, self.domains, probes, probe_lm_loss=adv.probe_lm_loss, micro=micro)
         if world > 1 and cfg.net.batch_context:
@@ -130,10 +139,27 @@ class DWMWeighter(Weighter):
 
     def before_step(self, ctx: TrainContext, step: int) -> None:
         k = self.schedule.stage_of(step)
+        if self.ghost is not None:
+            self._harvest(ctx)
         if k != self.stage:
             self._enter_stage(ctx, k, step)
         elif self.learner is not None and self.schedule.updates_within(step) and self.schedule.learns(k):
             self._update(ctx)
+        if self.ghost is not None and self.schedule.learns(k):
+            if self.ghost.M is None or step % self.cfg.advanced.ref_every == 0:
+                self.ghost.refresh(ctx, self.rng)
+            self.ghost.arm(step, k, self._lookahead_lr(ctx))
+
+    def _harvest(self, ctx: TrainContext) -> None:
+        """Backend ghost: the finished step's labelled samples into phi's buffer, and every ref_every steps (and at
+        a stage's end) the stage's records into signal/. Every rank calls it (the scores are gathered)."""
+        assert self.ghost is not None and self.learner is not None
+        rec = self.ghost.harvest()
+        if rec is None:
+            return
+        self.learner.add(rec)
+        if (rec.step + 1) % self.cfg.advanced.ref_every == 0 or self.schedule.stage_of(rec.step + 1) != rec.stage:
+            self.writer.save_signal(ctx, self.learner.buffer, rec.stage)
 
     def _enter_stage(self, ctx: TrainContext, k: int, step: int) -> None:
         if self.source is not None and self.source.n_stages > 1 and k > 0:
@@ -146,6 +172,9 @@ class DWMWeighter(Weighter):
             for _ in range(self.schedule.updates_at_boundary(step)):
                 self._update(ctx)
             self._diagnose(ctx, "after")
+            if self.ghost is not None and self.ghost.heldout:
+                ctx.log(self.ghost.holdout_report(
+                    k - 1, lambda ids: self.scorer.score_ids(ctx.data, ids, ctx.model)))
         self.stage = k
         self.writer.save_stage(ctx, k, step, self._stage_meta(k, step))
 
@@ -153,6 +182,7 @@ class DWMWeighter(Weighter):
         s = self.schedule
         return {"stage": k, "stages": s.n_stages, "step": step, "total_steps": s.total_steps,
                 "fraction": s.fraction(k), "temperature": self.scorer.temperature, "floor": self.scorer.floor,
+                "apply": self.cfg.apply, "candidates": self.cfg.candidates, "draw": self.cfg.advanced.draw,
                 "domains": self.domains, "tokenizer_sha256": self.tokenizer_sha, "updates": self.n_updates,
                 "skipped": self.n_skipped, "source": str(self.cfg.mode) if self.replay else None}
 
@@ -202,7 +232,10 @@ class DWMWeighter(Weighter):
             self.ess.check(stats["w_ess"], W.numel())
             self._metrics = {**stats, **counters, "dwm_ess_warnings": float(self.ess.count), **self._update_log}
         self._update_log = {}
-        return sc.local(W, n).float()
+        w_local = sc.local(W, n).float()
+        if self.ghost is not None:
+            self.ghost.note(batch.sample_ids, w_local)
+        return w_local
 
     def step_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
@@ -210,8 +243,11 @@ class DWMWeighter(Weighter):
     # ------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict[str, Any]:
+        if self.ghost is not None:  # the finished step's labels belong to this checkpoint (a collective)
+            self._harvest(self._ctx)
         learner = self.learner.state_dict() if self.learner is not None else {"optimizer": None, "probed": []}
-        return {"net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+        return {"ghost": self.ghost.state_dict() if self.ghost is not None else None,
+                "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
                 "optimizer": learner["optimizer"], "stage": self.stage, "rng": self.rng.bit_generator.state,
                 "n_updates": self.n_updates, "probed": learner["probed"], "n_skipped": self.n_skipped,
                 "n_ess_warnings": self.ess.count}
@@ -223,6 +259,8 @@ class DWMWeighter(Weighter):
         self.stage = int(state["stage"])
         self.rng.bit_generator.state = state["rng"]
         self.ess.count = int(state.get("n_ess_warnings", 0))
+        if self.ghost is not None and state.get("ghost"):
+            self.ghost.load_state_dict(state["ghost"], self.scorer.device)
         if self.learner is not None:
             if state.get("optimizer") is not None:
                 self.learner.optimizer.load_state_dict(state["optimizer"])

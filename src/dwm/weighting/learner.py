@@ -60,6 +60,10 @@ class PhiLearner:
                    grad_clip=adv.grad_clip, buffer_stages=adv.buffer_stages, batch_size=adv.batch_size,
                    global_batch=global_batch)
 
+    def add(self, probed: Probed) -> None:
+        """Evidence labelled elsewhere (the training backward, backend ghost)."""
+        self.buffer.append(probed)
+
     def enter_stage(self, k: int) -> None:
         """phi learns from the hypergradients of the last `buffer_stages` stages' LMs (the signal moves)."""
         self.buffer = [b for b in self.buffer if b.stage > k - self.buffer_stages]
@@ -99,11 +103,17 @@ class PhiLearner:
         if self.n_probe % self.scorer.world:
             raise UserError(f"weighting.advanced.batch_size {self.n_probe} must be divisible by the number of "
                             f"processes {self.scorer.world}")
-        ids = self._even(self.rng.choice(pool, size=min(self.n_probe, len(pool)), replace=False))
+        streams = getattr(self.probe, "streams", False)  # the training steps label the samples (ghost)
+        ids = (np.zeros(0, np.int64) if streams
+               else self._even(self.rng.choice(pool, size=min(self.n_probe, len(pool)), replace=False)))
         probed, info = self.probe.collect(ctx, ids, self.rng, lookahead_lr, step, stage)
         ok, reason, grad_norm = info["ok"], info["reason"], math.nan
         if probed is not None:
             self.buffer.append(probed)
+        if streams and not self.buffer:  # the first boundary: nothing labelled yet, phi keeps its start
+            return {"event": "bilevel", "stage": stage, **info, "phi_grad_norm": math.nan, "probed": 0,
+                    "buffer": 0, "updates": self.n_updates, "skipped": self.n_skipped}, False
+        if probed is not None or streams:
             all_ids = np.concatenate([b.ids for b in self.buffer])
             all_t = np.concatenate([b.target for b in self.buffer])
             net = self.scorer.net

@@ -55,8 +55,9 @@ class BilevelProbe:
 
     def __init__(self, scorer: Scorer, reference: Any, *, backend: str = "fd", fd_eps: float = 1e-2,
                  precondition: str = "adam", probe_len: int = 0, ref_batch_size: int = 16, normalize: str = "std",
-                 micro: int = 1, global_batch: int = 1):
+                 micro: int = 1, global_batch: int = 1, expected_draw: float = 0.0):
         self.scorer, self.reference = scorer, reference
+        self.expected_draw = expected_draw  # > 0: the LM's step is a systematic draw of G from this x G candidates
         self.backend, self.fd_eps, self.precondition = backend, fd_eps, precondition
         self.probe_len, self.ref_batch_size, self.normalize = probe_len, ref_batch_size, normalize
         self.micro, self.G = micro, global_batch
@@ -67,7 +68,8 @@ class BilevelProbe:
         a = cfg.advanced
         return cls(scorer, reference, backend=cfg.backend, fd_eps=a.fd_eps, precondition=a.precondition,
                    probe_len=a.probe_len, ref_batch_size=a.ref_batch_size, normalize=a.normalize, micro=micro,
-                   global_batch=global_batch)
+                   global_batch=global_batch,
+                   expected_draw=cfg.candidates if cfg.apply == "resample" and a.draw == "systematic" else 0.0)
 
     def local(self, ids: np.ndarray) -> np.ndarray:
         """This rank's contiguous share of a global list of sample ids."""
@@ -85,7 +87,8 @@ class BilevelProbe:
     def measure(self, ctx: Any, ids: np.ndarray, ref: tuple[torch.Tensor, torch.Tensor],
                 lookahead_lr: float) -> tuple[torch.Tensor, HyperResult]:
         """dL_ref(theta')/dw_i for every sample of `ids` (global list, len a multiple of the world size): the
-        lookahead is the LM's next step on the first G of them weighted by phi (a batch as the LM would see it);
+        lookahead is the LM's next step on the first G of them weighted by phi (a batch as the LM would see it; with
+        systematic resampling, the expected step: the first candidates x G weighted G p_i);
         the others have weight 0 there and get the influence of weighting them in that step. Returns (the global
         dL/dw [n] float64 on the CPU, the HyperResult of this rank)."""
         sc = self.scorer
@@ -97,7 +100,11 @@ class BilevelProbe:
         sc.net.eval()
         S = sc.gather(sc.scores_no_grad(batch, sc.lm_losses(ctx.model, batch)))
         w = torch.zeros_like(S)
-        w[:G] = sc.weights(S[:G])
+        if self.expected_draw > 0:  # the step a systematic draw takes in expectation: G p_i over the candidates
+            C = min(len(ids), round(self.expected_draw * G))
+            w[:C] = sc.weights(S[:C]) * (G / C)
+        else:  # a batch as the LM sees it with in-batch weights (and, approximately, a Gumbel draw)
+            w[:G] = sc.weights(S[:G])
         precond = adam_lookahead(ctx.optimizer, ctx.model) if self.precondition == "adam" else None
         res = hypergradient(ctx.model, batch.input_ids, batch.n_tokens, self.local(w).detach(), *ref,
                             lr=lookahead_lr, precond=precond, backend=self.backend, fd_eps=self.fd_eps,

@@ -31,6 +31,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from dwm.data.passages import passage_nll
+from dwm.nn.bilevel import Passes, Sharded, all_reduce_, scalar_mean
+from dwm.nn.lookahead import adam_preconditioner, trainable
+
 
 def _is_conv1d(m: nn.Module) -> bool:  # transformers.pytorch_utils.Conv1D: y = x W + b, W [in, out]
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
@@ -41,8 +45,9 @@ class GhostScores:
 
     Usage: `ghost = GhostScores(model)`; `ghost.set_direction({name: M})` (M per trainable parameter name, e.g.
     P * grad L_ref); then for each micro-batch, `with ghost.capture(): loss.backward()` (the forward must run inside
-    the same `capture`, or inside `ghost.recording()`); `ghost.collect(scale)` returns the step's scores [n] in the
-    order of the micro-batches' rows and clears them. `remove()` detaches the hooks.
+    the same `capture`), or `start()` before a training step's forwards and `stop()` after its backward;
+    `ghost.collect(scale)` returns the step's scores [n] in the order of the micro-batches' rows and clears them.
+    Forwards without grad record nothing. `remove()` detaches the hooks.
     """
 
     def __init__(self, model: nn.Module):
@@ -65,6 +70,18 @@ class GhostScores:
     def set_direction(self, M: dict[str, torch.Tensor]) -> None:
         """M per trainable parameter name (a name missing from M counts as 0)."""
         self.M = {k: v.detach() for k, v in M.items()}
+
+    def start(self) -> None:
+        """Record from now on: the next forwards' backward adds their rows' scores (until `stop`)."""
+        self._active = True
+
+    def stop(self) -> None:
+        self._active = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether scores were recorded since the last collect."""
+        return bool(self._parts)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -178,19 +195,9 @@ def reference_direction(model: nn.Module, ref_input_ids: torch.Tensor, ref_mask:
     """M = P * grad L_ref(theta) per trainable parameter (P = AdamW's current diagonal 1 / (sqrt(v_hat) + eps),
     1 before its first step) and L_ref(theta), over chunks of `chunk_size` passages; the parameters' .grad is left
     as it was. Averaged over ranks under torch.distributed, like the lookahead's reference gradient."""
-    from dwm.data.passages import passage_nll
-    from dwm.weighting.bilevel import (
-        _Passes,
-        _scalar_mean,
-        _Sharded,
-        _trainable,
-        adam_preconditioner,
-        all_reduce_,
-    )
-
-    named = _trainable(model)
+    named = trainable(model)
     params = [p for _, p in named]
-    passes = _Passes(model, params, chunk_size or ref_input_ids.shape[0], autocast_dtype, _Sharded(model))
+    passes = Passes(model, params, chunk_size or ref_input_ids.shape[0], autocast_dtype, Sharded(model))
     n = ref_input_ids.shape[0]
 
     def reference(a: int, b: int) -> torch.Tensor:
@@ -205,4 +212,4 @@ def reference_direction(model: nn.Module, ref_input_ids: torch.Tensor, ref_mask:
         if P is not None:
             for (name, _), vi in zip(named, v):
                 vi.mul_(P[name])
-    return {name: vi for (name, _), vi in zip(named, v)}, _scalar_mean(loss, ref_input_ids.device)
+    return {name: vi for (name, _), vi in zip(named, v)}, scalar_mean(loss, ref_input_ids.device)

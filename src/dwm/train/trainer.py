@@ -12,6 +12,12 @@ The trainer never imports a particular weighter or selector: the caller (dwm.run
 Determinism: the default selector's order is a pure function of (seed, epoch) (or the selection manifest's order),
 and step s consumes positions [s*G, (s+1)*G) of that stream; rank r takes the r-th contiguous B_local slice, so the
 union over ranks of a step's samples is the 1-process global batch, and a resumed run sees exactly the same batches.
+
+Preemption: SIGTERM (what a cluster sends) or SIGINT during `train()` lets the current optimizer step finish, writes
+a checkpoint (atomically), logs a `preempted` event and returns with `stopped_by` set to the signal's name; `dwm
+train` then exits with PREEMPTED_EXIT (75, EX_TEMPFAIL: "try again") and `--resume` continues bit-identically. A
+second signal interrupts at once (the previous checkpoint is intact). Under DDP the ranks agree on the step to stop
+at (one all-reduce of a flag per step).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import json
 import math
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,13 +47,16 @@ from dwm.errors import UserError
 from dwm.host import keep_freed_memory
 from dwm.train import distributed as dist_utils
 from dwm.train.callbacks import Callback
-from dwm.train.checkpoint import load_latest, save_checkpoint
+from dwm.train.checkpoint import load_latest, remove_stale_tmp, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
 from dwm.train.model import build_model, enable_activation_checkpointing, saved_state_dict, tied_parameter_names
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
+
+PREEMPTED_EXIT = 75  # `dwm train` stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL): --resume it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -159,6 +171,13 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.ctx = TrainContext(self)
         self.last_metrics: dict[str, Any] = {}
+        self.stopped_by: str | None = None  # the signal's name when train() returned early on SIGTERM / SIGINT
+        self._stop_requested: int | None = None
+        if self.is_main:
+            gone = remove_stale_tmp(self.ckpt_root)
+            if gone:
+                print(f"dwm train: warning: removed {len(gone)} incomplete checkpoint temp file(s) left by an "
+                      f"interrupted save: {', '.join(gone)}", file=sys.stderr)
         state = self._resume() if resume else None
         if not resume:
             self._start_fresh()
@@ -207,7 +226,12 @@ class Trainer:
                             f"{self.plan.global_batch_size} x {self.plan.seq_len}")
         if set(model_sd) - set(self.model.state_dict()):  # names save_pretrained renamed (GPT-NeoX's lm_head)
             model_sd = saved_state_dict(self.model, path / "model")
-        missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
+        try:
+            missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
+        except RuntimeError as e:  # shapes differ: another model size or vocabulary
+            first = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
+            raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
+                            f"({first.rstrip('.')})") from None
         # save_pretrained writes one name of each tied group (LLaMA: model.embed_tokens.weight, GPT-2:
         # transformer.wte.weight); the others may be missing when one of their group was loaded
         tied = set().union(*(g for g in tied_parameter_names(self.model) if g - set(missing)))
@@ -348,6 +372,40 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
+    # ------------------------------------------------------------ preemption
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training: SIGTERM / SIGINT ask the loop to stop after the current step (a second one interrupts at
+        once). Handlers can only be set from the main thread; elsewhere signals keep their usual effect."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+        def handler(signum, frame):
+            if self._stop_requested is not None:  # the second one: stop now (the last checkpoint is complete)
+                raise KeyboardInterrupt
+            self._stop_requested = signum
+            if self.is_main:
+                print(f"\ndwm train: {signal.Signals(signum).name} received: finishing step {self.step + 1}, then "
+                      "saving a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _should_stop(self) -> bool:
+        """Whether a stop signal arrived (on any rank: the ranks must stop at the same step)."""
+        flag = 1.0 if self._stop_requested is not None else 0.0
+        if self.world_size > 1:
+            flag = dist_utils.all_max(flag, self.device)
+        return flag > 0
+
     def save(self) -> None:
         """Checkpoint the current step (all ranks call it; rank 0 writes)."""
         state = self._state()
@@ -357,7 +415,19 @@ class Trainer:
         dist_utils.barrier()
 
     def train(self) -> dict[str, Any]:
-        """Run to total_steps; returns the last logged metrics."""
+        """Run to total_steps (or to the step a SIGTERM / SIGINT arrived in: `stopped_by` says so); returns the last
+        logged metrics."""
+        with self._stop_on_signals():
+            return self._train()
+
+    def _stop_after_step(self, saved: bool) -> None:
+        """A stop signal arrived: checkpoint this step (unless just done), log it, and let the loop end."""
+        if not saved:
+            self.save()
+        self.stopped_by = signal.Signals(self._stop_requested).name if self._stop_requested else "a stop signal"
+        self.log({"event": "preempted", "signal": self.stopped_by})
+
+    def _train(self) -> dict[str, Any]:
         p, cfg = self.plan, self.cfg
         tokens_per_step = p.global_batch_size * p.seq_len
         bar = None
@@ -390,10 +460,14 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             every = cfg.checkpoint.every
-            if (every and self.step % every == 0) or self.step == self.total_steps:
+            saved = (every and self.step % every == 0) or self.step == self.total_steps
+            if saved:
                 self.save()
             for cb in self.callbacks:
                 cb.on_step_end(self.ctx, rec)
+            if self.step < self.total_steps and self._should_stop():
+                self._stop_after_step(saved)
+                break
         if bar is not None:
             bar.close()
         for cb in self.callbacks:

@@ -20,6 +20,8 @@ arguments override anything (see `--help-config`).
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +120,111 @@ def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector
     return cls(cfg.selector, getattr(cfg, section)) if section else cls(cfg.selector)
 
 
-def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=()):
+# keys holding a path (made absolute, so RUN_DIR/config.toml works from any directory), and keys that hold a
+# registered name or a path (made absolute only when they name an existing path)
+PATH_KEYS = ("out", "data.dir", "data.selection", "weighting.reference", "influence.reference")
+NAME_OR_PATH_KEYS = ("model.spec", "weighting.mode")
+# what a resume may not change without --allow-config-change (the tokenizer is compared by its file)
+GUARDED = ("model.", "data.", "weighting.", "selector.", "influence.")
+
+
+def _get(cfg, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(cfg, key: str, value) -> None:
+    *head, last = key.split(".")
+    obj = cfg
+    for part in head:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of cfg whose paths are absolute (relative ones are relative to the current directory): what
+    config.toml stores, so that `--resume`, `dwm eval` and `dwm analyze` work from anywhere."""
+    from dwm.train.model import PRESETS
+
+    cfg = copy.deepcopy(cfg)
+    for key in (*PATH_KEYS, *NAME_OR_PATH_KEYS):
+        v = _get(cfg, key)
+        if not v or os.path.isabs(v):
+            continue
+        if key in NAME_OR_PATH_KEYS and (v in PRESETS or v in WEIGHTERS or not Path(v).exists()):
+            continue
+        _set(cfg, key, os.path.abspath(os.path.expanduser(v)))
+    return cfg
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _allowed(key: str, allow: tuple[str, ...]) -> bool:
+    return any(key == a or key.startswith(a.rstrip(".") + ".") for a in allow)
+
+
+def check_resume(cfg: RunConfig, allow: list[str] | tuple[str, ...] = ()) -> None:
+    """`--resume` into cfg.out: refuse (one line, the changed keys with old -> new) a change of the model, data,
+    weighting or selection settings from the run's config.toml, or of the tokenizer (RUN_DIR/tokenizer.json vs
+    the data's), unless `allow` names the keys (or their sections). A run without config.toml is not checked."""
+    from dwm.data.tokenizer import describe_tokenizer, tokenizer_fingerprint
+
+    run = Path(cfg.out)
+    stored_path = run / "config.toml"
+    if not stored_path.is_file():
+        return
+    allow = tuple(a.strip() for a in allow if a.strip())
+    old = _flat(C.to_dict(absolute_paths(load_config(stored_path))))
+    new = _flat(C.to_dict(absolute_paths(cfg)))
+    both_uniform = old.get("weighting.mode") == new.get("weighting.mode") == "uniform"
+    no_influence = "influence" not in (old.get("selector.mode"), new.get("selector.mode"))
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if not key.startswith(GUARDED) or old.get(key) == new.get(key) or _allowed(key, allow):
+            continue
+        if (both_uniform and key.startswith("weighting.")) or (no_influence and key.startswith("influence.")):
+            continue  # settings of a component the run does not use
+        changed.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    run_tok, data_tok = run / "tokenizer.json", Path(cfg.data.dir) / "tokenizer.json"
+    if (run_tok.is_file() and data_tok.is_file() and not _allowed("tokenizer", allow)
+            and tokenizer_fingerprint(run_tok) != tokenizer_fingerprint(data_tok)):
+        changed.append(f"tokenizer {describe_tokenizer(run_tok)} -> {describe_tokenizer(data_tok)}")
+    if changed:
+        keys = ",".join(c.split(" ", 1)[0] for c in changed)
+        raise UserError(f"--resume: {run} was trained with another config: {'; '.join(changed)}; pass "
+                        f"--allow-config-change {keys} to continue anyway, or train into a new --out")
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    """The step of RUN_DIR's newest complete checkpoint (its LATEST pointer), None without one."""
+    try:
+        name = (Path(run_dir) / "checkpoints" / "LATEST").read_text().strip()
+        return int(name.removeprefix("step_"))
+    except (OSError, ValueError):
+        return None
+
+
+def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=(), allow_config_change=()):
     """Validate the whole config, then the Trainer with the configured weighter, selector and experiment tracker
-    (`log.tracker`, after the given callbacks)."""
+    (`log.tracker`, after the given callbacks). Paths are made absolute (config.toml stores them so); a resume
+    refuses a changed model / data / weighting / tokenizer unless `allow_config_change` names the keys."""
     from dwm.train.trackers import make_tracker
     from dwm.train.trainer import Trainer
 
+    cfg = absolute_paths(cfg)
     validate(cfg, check_paths=True)
+    if resume:
+        check_resume(cfg, allow_config_change)
     tracker = make_tracker(cfg.log, config=C.to_dict(cfg))
     weighter = build_weighter(cfg)
     return Trainer(cfg, resume=resume, weighter=weighter, selector=build_selector(cfg, weighter),
@@ -141,7 +241,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selection", help="parquet manifest with sample_id: restricts and orders the data "
                                        "(data.selection; default: none, the whole split)")
     p.add_argument("--out", help="run directory (out; default runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's newest good checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's newest good checkpoint "
+                                                         "(a changed model, data, weighting or tokenizer is refused)")
+    p.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
+                   help="with --resume: accept these changed config keys (or sections, e.g. weighting; 'tokenizer' "
+                        "for another tokenizer) instead of refusing them")
     p.add_argument("--weighting", metavar="MODE_OR_RUN_DIR",
                    help="'uniform', 'dwm', 'domains' (weighting.domain_weights), another registered weighter, or a run "
                         "directory whose weighting models to replay (weighting.mode; default uniform)")
@@ -181,12 +285,58 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(path, [*shortcuts, *args.overrides])
 
 
+def _summary(trainer) -> str:
+    """The start-up line: parameters, tokens per step, accumulation, device, planned steps."""
+    p = trainer.plan
+    n_params = sum(t.numel() for t in trainer.model.parameters())
+    return (f"dwm train: {trainer.cfg.model.spec} ({n_params / 1e6:.2f}M parameters) on {trainer.device} x "
+            f"{trainer.world_size}; {p.global_batch_size} samples x {p.seq_len} = {p.global_batch_size * p.seq_len:,} "
+            f"tokens per step (micro-batch {p.micro_batch_size}, accumulation {p.grad_accum}); steps "
+            f"{trainer.step} -> {p.total_steps} (warmup {p.warmup_steps}); weighting {trainer.cfg.weighting.mode}; "
+            f"run dir {trainer.run_dir}")
+
+
 def run(args: argparse.Namespace, callbacks=()) -> int:
+    from dwm.train.trainer import PREEMPTED_EXIT
+
     if args.help_config:
         print(help_config())
         return 0
-    trainer = build_trainer(config_from_args(args), resume=args.resume, callbacks=callbacks)
+    cfg = absolute_paths(config_from_args(args))
+    allow = [k for k in (getattr(args, "allow_config_change", "") or "").split(",") if k.strip()]
+    if allow and not args.resume:
+        raise UserError("--allow-config-change only applies with --resume")
+    plan = validate(cfg, check_paths=True)
+    if args.resume:
+        check_resume(cfg, allow)
+        done = latest_step(cfg.out)
+        if done is not None and plan is not None and plan.total_steps <= done:
+            print(f"dwm train: {cfg.out} is already at step {done} and the run plans {plan.total_steps} steps: "
+                  "nothing to do (raise train.max_steps or train.max_tokens to train on)", file=sys.stderr)
+            return 0
+    if plan is not None and cfg.optim.warmup_steps > plan.total_steps:
+        print(f"dwm train: warning: optim.warmup_steps {cfg.optim.warmup_steps} > the run's {plan.total_steps} "
+              f"steps: warmup is capped at {plan.total_steps}, so the learning rate only rises", file=sys.stderr)
+    trainer = build_trainer(cfg, resume=args.resume, callbacks=callbacks, allow_config_change=allow)
+    if trainer.is_main:
+        print(_summary(trainer), file=sys.stderr, flush=True)
+        _retire_stale_eval(trainer, args.resume)
     final = trainer.train()
+    if trainer.stopped_by is not None:
+        if trainer.is_main:
+            print(f"dwm train: stopped by {trainer.stopped_by} after step {trainer.step}; checkpoint saved; continue "
+                  f"with `dwm train --out {trainer.run_dir} --resume` (exit code {PREEMPTED_EXIT})", file=sys.stderr)
+        return PREEMPTED_EXIT
     if trainer.is_main and final:
         print(f"done: step {final['step']}, loss {final['loss']:.4f}, run dir {trainer.run_dir}", file=sys.stderr)
     return 0
+
+
+def _retire_stale_eval(trainer, resume: bool) -> None:
+    """A resume that trains on: RUN_DIR/eval.json describes an older checkpoint; keep it as eval.step_N.json."""
+    ev = trainer.run_dir / "eval.json"
+    if resume and ev.is_file() and trainer.step < trainer.total_steps:
+        dest = ev.with_name(f"eval.step_{trainer.step:08d}.json")
+        os.replace(ev, dest)
+        print(f"dwm train: {ev} described step {trainer.step}; kept as {dest.name} (run `dwm eval` again at the end)",
+              file=sys.stderr)

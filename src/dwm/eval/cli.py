@@ -101,6 +101,11 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
     data_path = Path(data_dir)
     if not (data_path / "meta.json").is_file():
         raise UserError(f"prepared data directory not found: {data_path} (pass --data DIR)")
+    if (run / "tokenizer.json").is_file() and (data_path / "tokenizer.json").is_file():
+        from dwm.data.tokenizer import check_same_tokenizer
+
+        check_same_tokenizer(run / "tokenizer.json", data_path / "tokenizer.json",
+                             f"the run {run} and the data {data_path}")
 
     shots: dict[int | None, list[str]] = {}
     for t in tasks or ():  # "name" (the task's default shots) or "name:k" (k-shot), checked before any loading

@@ -355,9 +355,9 @@ def _tokenized_ray(tok, sources: list[InputSource], ropts: ReadOptions, counter:
 
 def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions, progress: Progress | None = None
                       ) -> Iterator[str]:
-    """Bounded, deterministic training sample: the first share of each source's train documents. A long document
-    is given in pieces (tkz.split_long: the same words, so the same merges) so the trainer never holds one
-    huge text's pre-tokens at once."""
+    """Bounded, deterministic training sample: the first share of each source's train documents (the document
+    that fills the share is given whole). A document over tkz.PIECE_CHARS characters is given in pieces
+    (tkz.iter_pieces: the same words) and only up to the share."""
     share = opts.tokenizer_sample_mb * 1e6 / len(sources)
     ropts = opts.read_options()
     for src in sources:
@@ -365,10 +365,20 @@ def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions, progress
         for doc in iter_documents(src, ropts, SkipCounter()):
             if is_val(doc.doc_id, opts.seed, opts.val_fraction):
                 continue
-            yield from tkz.split_long(doc.text)
-            taken += doc.n_bytes
-            if progress is not None:
-                progress.update(doc.n_bytes / 1e6)
+            if len(doc.text) <= tkz.PIECE_CHARS:
+                yield doc.text
+                taken += doc.n_bytes
+                if progress is not None:
+                    progress.update(doc.n_bytes / 1e6)
+            else:  # a very long document: its pieces until the source's share is taken
+                for piece in tkz.iter_pieces(doc.text, tkz.PIECE_CHARS):
+                    yield piece
+                    n = len(piece.encode("utf-8", "surrogatepass"))
+                    taken += n
+                    if progress is not None:
+                        progress.update(n / 1e6)
+                    if taken >= share:
+                        break
             if taken >= share:
                 break
 

@@ -17,7 +17,7 @@ A prepared directory without the fields (written before) reads as "no BOS".
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,18 +121,19 @@ def choose_dtype(n_vocab: int) -> np.dtype:
 
 
 PIECE_CHARS = 1 << 20  # a text longer than this is encoded in pieces of about this many characters
-PIECES_AT_ONCE = 4  # pieces encoded together (each piece's Encoding holds ~100 bytes per token)
 
 
-def split_long(text: str, size: int = PIECE_CHARS) -> list[str]:
+def iter_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     """Cut a long text into pieces of at most `size` characters (about), each cut just before a single space that
     stands between two non-space characters: where a byte-level / whitespace pre-tokenizer cuts anyway (no
     pre-token spans a non-space and the space after it, and the space starts the next word), so the pieces' ids
     concatenated are the whole text's ids. A stretch of `size` characters without such a space (one giant
-    "word") is cut where it reaches `size`: only that one cut may tokenize differently."""
-    if len(text) <= size:
-        return [text]
-    pieces, a, n = [], 0, len(text)
+    "word") is cut where it reaches `size`: only that one cut may tokenize differently. Lazily: one piece at a
+    time is copied out of the text."""
+    a, n = 0, len(text)
+    if n <= size:
+        yield text
+        return
     while n - a > size:
         b, lo = a + size, a + size // 2
         cut = -1
@@ -144,10 +145,14 @@ def split_long(text: str, size: int = PIECE_CHARS) -> list[str]:
             i = text.rfind(" ", lo, i)
         if cut <= a:
             cut = b
-        pieces.append(text[a:cut])
+        yield text[a:cut]
         a = cut
-    pieces.append(text[a:])
-    return pieces
+    yield text[a:]
+
+
+def split_long(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`iter_pieces` as a list."""
+    return list(iter_pieces(text, size))
 
 
 def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -157,7 +162,7 @@ def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int] | np.ndarray]:
     """Token ids of each text, no special tokens (the caller appends EOS). encode_batch_fast skips offsets.
-    A text longer than PIECE_CHARS is encoded piece by piece (`split_long`) into one uint32 array, so a document
+    A text longer than PIECE_CHARS is encoded piece by piece (`iter_pieces`) into one uint32 array, so a document
     of any length takes memory in proportion to its tokens (4 bytes each), not the tokenizer's per-token
     bookkeeping for the whole text at once."""
     if all(len(t) <= PIECE_CHARS for t in texts):
@@ -166,9 +171,7 @@ def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int] | np.ndarra
     short: list[int] = []
     for i, t in enumerate(texts):
         if len(t) > PIECE_CHARS:
-            pieces = split_long(t, PIECE_CHARS)
-            parts = [np.asarray(ids, dtype=np.uint32) for k in range(0, len(pieces), PIECES_AT_ONCE)
-                     for ids in _encode(tok, pieces[k:k + PIECES_AT_ONCE])]
+            parts = [np.asarray(_encode(tok, [piece])[0], dtype=np.uint32) for piece in iter_pieces(t, PIECE_CHARS)]
             out.append(np.concatenate(parts))
         else:
             out.append([])

@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = getattr(e, "exit_code", None)  # dwm.train.trainer.Preempted: stopped after a checkpoint
+        print(str(e) if code else "interrupted", file=sys.stderr)
+        return code or 130
     except UserError as e:  # a bad input or config: one clear line, no traceback
         print(f"dwm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -297,7 +297,7 @@ def _summary(trainer) -> str:
 
 
 def run(args: argparse.Namespace, callbacks=()) -> int:
-    from dwm.train.trainer import PREEMPTED_EXIT
+    from dwm.train.trainer import Preempted
 
     if args.help_config:
         print(help_config())
@@ -321,12 +321,12 @@ def run(args: argparse.Namespace, callbacks=()) -> int:
     if trainer.is_main:
         print(_summary(trainer), file=sys.stderr, flush=True)
         _retire_stale_eval(trainer, args.resume)
-    final = trainer.train()
-    if trainer.stopped_by is not None:
+    try:
+        final = trainer.train()
+    except Preempted as e:
         if trainer.is_main:
-            print(f"dwm train: stopped by {trainer.stopped_by} after step {trainer.step}; checkpoint saved; continue "
-                  f"with `dwm train --out {trainer.run_dir} --resume` (exit code {PREEMPTED_EXIT})", file=sys.stderr)
-        return PREEMPTED_EXIT
+            print(e, file=sys.stderr)
+        return e.exit_code
     if trainer.is_main and final:
         print(f"done: step {final['step']}, loss {final['loss']:.4f}, run dir {trainer.run_dir}", file=sys.stderr)
     return 0

@@ -14,9 +14,10 @@ and step s consumes positions [s*G, (s+1)*G) of that stream; rank r takes the r-
 union over ranks of a step's samples is the 1-process global batch, and a resumed run sees exactly the same batches.
 
 Preemption: SIGTERM (what a cluster sends) or SIGINT during `train()` lets the current optimizer step finish, writes
-a checkpoint (atomically), logs a `preempted` event and returns with `stopped_by` set to the signal's name; `dwm
-train` then exits with PREEMPTED_EXIT (75, EX_TEMPFAIL: "try again") and `--resume` continues bit-identically. A
-second signal interrupts at once (the previous checkpoint is intact). Under DDP the ranks agree on the step to stop
+a checkpoint (atomically), logs a `preempted` event, sets `stopped_by` to the signal's name and raises `Preempted`
+(a KeyboardInterrupt: no caller mistakes a stopped run for a finished one); `dwm train` then exits with
+PREEMPTED_EXIT (75, EX_TEMPFAIL: "try again") and `--resume` continues bit-identically. A second signal interrupts
+at once (the previous checkpoint is intact). Under DDP the ranks agree on the step to stop
 at (one all-reduce of a flag per step).
 """
 
@@ -57,6 +58,12 @@ from dwm.train.weighter import UniformWeighter, Weighter
 
 PREEMPTED_EXIT = 75  # `dwm train` stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL): --resume it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(KeyboardInterrupt):
+    """train() stopped on SIGTERM / SIGINT after checkpointing its last step (`dwm` exits with `exit_code`)."""
+
+    exit_code = PREEMPTED_EXIT
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -171,7 +178,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.ctx = TrainContext(self)
         self.last_metrics: dict[str, Any] = {}
-        self.stopped_by: str | None = None  # the signal's name when train() returned early on SIGTERM / SIGINT
+        self.stopped_by: str | None = None  # the signal's name when train() stopped early on SIGTERM / SIGINT
         self._stop_requested: int | None = None
         if self.is_main:
             gone = remove_stale_tmp(self.ckpt_root)
@@ -415,10 +422,14 @@ class Trainer:
         dist_utils.barrier()
 
     def train(self) -> dict[str, Any]:
-        """Run to total_steps (or to the step a SIGTERM / SIGINT arrived in: `stopped_by` says so); returns the last
-        logged metrics."""
+        """Run to total_steps; returns the last logged metrics. On SIGTERM / SIGINT: finish the step, checkpoint it,
+        set `stopped_by` and raise `Preempted`."""
         with self._stop_on_signals():
-            return self._train()
+            metrics = self._train()
+        if self.stopped_by is not None:
+            raise Preempted(f"dwm train: stopped by {self.stopped_by} after step {self.step}; checkpoint saved; "
+                            f"continue with `dwm train --out {self.run_dir} --resume` (exit code {PREEMPTED_EXIT})")
+        return metrics
 
     def _stop_after_step(self, saved: bool) -> None:
         """A stop signal arrived: checkpoint this step (unless just done), log it, and let the loop end."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from dwm.data.tokenizer import describe_tokenizer, tokenizer_fingerprint
 from dwm.errors import UserError
+from dwm.progress import Progress
 from dwm.selection.pool import Pool, shard_rows, shard_texts
 
 BANDS = ("lowest", "middle", "highest")
@@ -79,7 +80,8 @@ def score(pool: Pool, opts: PerplexityOptions, device: str = "cpu") -> dict[str,
     if opts.band not in BANDS:
         raise UserError(f"--band must be one of {', '.join(BANDS)}, not {opts.band!r}")
     model, model_dir, tok_file = load_reference_lm(opts.model, device)
-    same = tok_file is not None and tokenizer_fingerprint(tok_file) == tokenizer_fingerprint(pool.dir / "tokenizer.json")
+    data_tok = pool.dir / "tokenizer.json"
+    same = tok_file is not None and tokenizer_fingerprint(tok_file) == tokenizer_fingerprint(data_tok)
     if not same:
         if tok_file is None and not _has_hf_tokenizer(model_dir):
             raise UserError(f"--ref-model {opts.model}: no tokenizer to re-tokenize the text with (neither "
@@ -89,13 +91,17 @@ def score(pool: Pool, opts: PerplexityOptions, device: str = "cpu") -> dict[str,
               f"from the data's {describe_tokenizer(pool.dir / 'tokenizer.json')}: re-tokenizing the text",
               file=sys.stderr)
     out = []
-    for shard in pool.shards():
+    shards = list(pool.shards())
+    bar = Progress("dwm select: perplexity scoring", total=len(shards), unit="shard")
+    for shard in shards:
         if same:
             s, c = _row_nll(model, shard_rows(shard), shard.row_tokens, opts.batch_size, device)
             starts = shard.unit_rows[:-1]
             out.append(np.add.reduceat(s, starts) / np.maximum(np.add.reduceat(c, starts), 1))
         else:
             out.append(_text_nll(model, model_dir, shard_texts(shard), opts, device, tok_file))
+        bar.update(1)
+    bar.close()
     nll = np.concatenate(out)
     return {"scores": nll, "eligible": np.isfinite(nll),
             "settings": {"model": str(Path(opts.model).resolve()), "band": opts.band,

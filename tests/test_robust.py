@@ -24,7 +24,7 @@ from dwm.errors import UserError
 from dwm.run import build_trainer, load_config
 from dwm.testing import make_synthetic_prepared
 from dwm.train.callbacks import Callback
-from dwm.train.trainer import PREEMPTED_EXIT, Trainer
+from dwm.train.trainer import PREEMPTED_EXIT, Preempted, Trainer
 from dwm.train.weighter import Weighter
 
 STEPS = 8
@@ -36,8 +36,8 @@ def params(model) -> dict[str, torch.Tensor]:
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
 
 
 class SignalDuringStep(Weighter):
@@ -73,7 +73,8 @@ def test_sigterm_at_5_random_steps_resumes_bit_identically(make_cfg, tmp_path):
     for k in tries:
         out = tmp_path / f"k{k}"
         part = Trainer(make_cfg(*cfg, out=out), weighter=SignalDuringStep(at=k))
-        part.train()
+        with pytest.raises(Preempted):
+            part.train()
         assert part.stopped_by == "SIGTERM" and part.step == k + 1, (k, part.step)
         assert (out / "checkpoints" / "LATEST").read_text().strip() == f"step_{k + 1:08d}"
         events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -91,7 +92,8 @@ def test_sigterm_at_5_random_steps_resumes_bit_identically(make_cfg, tmp_path):
 
 def test_sigint_also_saves(make_cfg, tmp_path):
     tr = Trainer(make_cfg("train.max_steps=6", out=tmp_path / "r"), weighter=SignalDuringStep(2, signal.SIGINT))
-    tr.train()
+    with pytest.raises(Preempted, match="stopped by SIGINT after step 3"):
+        tr.train()
     assert tr.stopped_by == "SIGINT" and tr.step == 3
     assert (tmp_path / "r" / "checkpoints" / "LATEST").read_text().strip() == "step_00000003"
 
@@ -135,7 +137,8 @@ def test_dwm_sigterm_mid_stage_resumes_bit_identically(dwm_data, tmp_path):
     full = build_trainer(_dwm_cfg(dwm_data, tmp_path / "full"))
     full.train()
     part = build_trainer(_dwm_cfg(dwm_data, tmp_path / "part"), callbacks=[SignalAfter(5)])
-    part.train()
+    with pytest.raises(Preempted):
+        part.train()
     assert part.stopped_by == "SIGTERM" and part.step == 5
     assert (tmp_path / "part" / "checkpoints" / "LATEST").read_text().strip() == "step_00000005"
     resumed = build_trainer(_dwm_cfg(dwm_data, tmp_path / "part"), resume=True)
@@ -330,7 +333,8 @@ def _jsonl(path: Path, docs: list[dict]) -> Path:
     return path
 
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxing frogs".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
+         "hex", "jolly", "boxing", "frogs"]
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -411,7 +415,7 @@ def test_long_document_in_pieces_gives_the_same_ids(tmp_path, tok_path, monkeypa
     src = _jsonl(tmp_path / "web__long.jsonl", [{"id": "long", "text": text}, {"id": "s", "text": "a b c"}])
     from dwm.data.prepare import PrepareOptions, prepare
 
-    o = dict(tokenizer=str(tok_path), seq_len=64, val_fraction=0.0, progress=False)
+    o = {"tokenizer": str(tok_path), "seq_len": 64, "val_fraction": 0.0, "progress": False}
     prepare([src], tmp_path / "pieces", PrepareOptions(**o))
     monkeypatch.setattr(tkz, "PIECE_CHARS", 1 << 30)
     prepare([src], tmp_path / "whole", PrepareOptions(**o))
@@ -464,3 +468,103 @@ def test_select_perplexity_with_a_run_of_another_tokenizer(make_cfg, tmp_path, c
     assert rc == 0, err
     assert "differs from the data's" in err and "re-tokenizing" in err
     assert (tmp_path / "sel.parquet").is_file()
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def _ddp_worker(rank: int, world: int, port: int, data_dir: str, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    def cfg(out):
+        return load_config(None, [f"data.dir={data_dir}", f"out={out}", "model.spec=tiny",
+                                  "train.global_batch_tokens=256", "train.micro_batch_size=2", "train.max_steps=6",
+                                  "log.every=1", "log.progress=false", "checkpoint.every=4", "train.device=cpu",
+                                  "optim.warmup_steps=1"])
+
+    try:
+        full = Trainer(cfg(f"{root}/full"), weighter=SignalDuringStep())
+        full.train()
+        # SIGTERM reaches rank 1 only, in the middle of step index 1: both ranks must stop after step 2
+        part = Trainer(cfg(f"{root}/part"), weighter=SignalDuringStep(at=1 if rank == 1 else None))
+        try:
+            part.train()
+        except Preempted:
+            pass
+        stopped = (part.step, part.stopped_by)
+        resumed = Trainer(cfg(f"{root}/part"), resume=True, weighter=SignalDuringStep())
+        resumed.train()
+        torch.save({"full": params(full.model), "resumed": params(resumed.model), "stopped": stopped},
+                   f"{root}/res.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_on_one_rank_stops_both_and_resumes_identically(prepared_dir, tmp_path, free_port):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(prepared_dir), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"res.{r}", weights_only=False) for r in (0, 1))
+    assert r0["stopped"] == (2, "a stop signal") and r1["stopped"] == (2, "SIGTERM")
+    assert (tmp_path / "part" / "checkpoints" / "step_00000002").is_dir()
+    for r in (r0, r1):
+        assert_same(r["resumed"], r["full"])
+    assert_same(r0["resumed"], r1["resumed"])
+
+
+# ------------------------------------------------------------------ progress and eval's warning
+
+
+def test_progress_is_a_line_per_interval_in_a_log():
+    import io
+
+    from dwm.progress import Progress
+
+    log = io.StringIO()  # not a terminal: lines, no bar
+    p = Progress("dwm x: scoring", total=4, unit="shard", interval=0.0, stream=log)
+    for _ in range(4):
+        p.update(1, docs=10)
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("dwm x: scoring: 4/4 shard, docs 10, ")
+    quiet = io.StringIO()
+    p = Progress("dwm x", interval=3600.0, stream=quiet)
+    p.update(5)
+    assert quiet.getvalue() == ""  # within the interval: nothing
+    off = io.StringIO()
+    Progress("dwm x", interval=0.0, stream=off, enabled=False).update(1)
+    assert off.getvalue() == ""
+
+
+def test_eval_warns_when_val_covers_few_domains(tmp_path, capsys):
+    from dwm.eval.cli import evaluate_run
+
+    data = make_synthetic_prepared(tmp_path / "d", n_val=1, domains=("a", "b", "c"))
+    cfg = load_config(None, [f"data.dir={data}", f"out={tmp_path / 'r'}", "model.spec=tiny",
+                             "train.global_batch_tokens=256", "train.micro_batch_size=4", "train.max_steps=1",
+                             "log.progress=false", "train.device=cpu", "optim.warmup_steps=1"])
+    Trainer(cfg).train()
+    capsys.readouterr()
+    res = evaluate_run(tmp_path / "r", target=None, write=False)
+    err = capsys.readouterr().err
+    (dom,) = res["heldout"]["per_domain"]
+    assert f"the val split covers only 1 of 3 domains ({dom})" in err
+
+
+def test_cli_exit_code_75_and_resume_hint(prepared_dir, tmp_path, capsys):
+    from dwm import run as dwm_run
+    from dwm.cli import build_parser
+
+    out = tmp_path / "r"
+    args = build_parser("train").parse_args(["train", "--out", str(out), f"data.dir={prepared_dir}", "model.spec=tiny",
+                                             "train.global_batch_tokens=256", "train.micro_batch_size=4",
+                                             "train.max_steps=4", "log.progress=false", "train.device=cpu"])
+    assert dwm_run.run(args, callbacks=[SignalAfter(2)]) == PREEMPTED_EXIT == 75
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM after step 2; checkpoint saved; continue with `dwm train --out {out} --resume`" in err
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step_00000004"

@@ -510,7 +510,8 @@ def test_ddp_sigterm_on_one_rank_stops_both_and_resumes_identically(prepared_dir
     mp.spawn(_ddp_worker, args=(2, free_port(), str(prepared_dir), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"res.{r}", weights_only=False) for r in (0, 1))
     assert r0["stopped"] == (2, "a stop signal") and r1["stopped"] == (2, "SIGTERM")
-    assert (tmp_path / "part" / "checkpoints" / "step_00000002").is_dir()
+    events = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 2, "event": "resume", "checkpoint": "step_00000002"} in events
     for r in (r0, r1):
         assert_same(r["resumed"], r["full"])
     assert_same(r0["resumed"], r1["resumed"])

@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv and install on a fresh machine.
+# Two entry points (see README): `make demo` and `make test` (`make test-fast`: its fast tier). They create .venv
+# and install on a fresh machine.
 # The CPU torch wheel is installed first and pinned so that resolving `torch>=2.4` never pulls a CUDA build;
 # on a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC=torch) to take the default build.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# the fast tier (under a minute on 2 cores): no subprocess, multi-process or multi-second tests; fails if a
+# dwm module is imported by no test of the tier (tests/conftest.py)
+test-fast: setup
+	DWM_FAST_COVERAGE=1 $(PY) -m pytest tests -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

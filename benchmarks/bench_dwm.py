@@ -16,9 +16,9 @@ gives the same model init and data stream to every arm.
 - second: a target cut from documents held out of the speech domain (State of the Union addresses; held out of
   training too, `dwm target build --from ... --train ...` refuses any overlap), on the corpus without them.
   Same arms, the oracle grid over speech's share.
-- ablation: one DWM lever changed at a time from the defaults, or from the defaults of stop 21 (kl 0.5), of stops
-  18-20 (kl 0.5, batch_size 64) or of stop 17 (kl 1.0, batch_size 64), where most levers were measured (a second
-  table: from the in-batch-weights defaults shipped through stop 16), on the main target (`--ablation-target
+- ablation: one DWM lever changed at a time from the defaults, or from the kl-0.5 defaults of 15e6dc9 (kl 0.5), of e733381
+  (kl 0.5, batch_size 64) or of 7faa313 (kl 1.0, batch_size 64), where most levers were measured (a second
+  table: from the in-batch-weights defaults shipped until 7faa313), on the main target (`--ablation-target
   speech`: the second): the change of *reference* passage loss against uniform (paired, per seed and mean), its
   share of the reference-side headroom, and the cost.
   `--rows PREFIX ...` runs only those rows (and the defaults'); `--no-oracle` trains no static mixture, for a lever
@@ -32,7 +32,7 @@ printed beside DWM's.
 `--steps 40 --batch-tokens 16384 --out benchmarks/out/dwm_b64` is the same token budget in batches of 64 samples
 instead of 16, where a batch holds enough of the target's domain for in-batch weights to act; `--steps 40
 --batch-tokens 4096 --out benchmarks/out/dwm_s40` is its control, the same 40 steps in batches of 16 (a quarter of
-the tokens), which separates the batch size from the point of training (docs/METHOD.md §8).
+the tokens), which separates the batch size from the point of training (docs/DECISIONS.md).
 
 Figures: per arm the heldout passage loss (mean +- s.e. over seeds); the paired difference DWM - uniform per seed
 with its mean and standard error; DWM's share of the uniform -> oracle gap; per-domain held-out loss of the three;
@@ -68,7 +68,7 @@ RESULTS = REPO / "benchmarks" / "results" / "dwm.md"
 
 # one DWM lever changed at a time from the shipped cpu-small-dwm defaults (weighting.* overrides)
 ABLATIONS: dict[str, list[str]] = {
-    "kl=0.5 (a stronger pull toward uniform: the defaults of stop 21)": ["weighting.kl=0.5"],
+    "kl=0.5 (a stronger pull toward uniform: the kl-0.5 defaults of 15e6dc9)": ["weighting.kl=0.5"],
     "probe_len=128 (the bi-level update's LM forwards half as long: a cost lever)": ["weighting.probe_len=128"],
     "uniform_stages=1 (no update at step 0: stage 0 trains uniformly; a cost lever)": ["weighting.uniform_stages=1"],
     "frozen_stages=2 (updates at stages 0-2 only, phi kept after: 3 of 5 updates; a cost lever)": [
@@ -76,22 +76,22 @@ ABLATIONS: dict[str, list[str]] = {
     "candidates=8 (a domain can reach 8x its corpus share, not 4x: speech's cap 66%, not 33%)": [
         "weighting.candidates=8"],
 }
-# ... and from the defaults of stop 21 (kl 0.5), where these levers were measured (rows reproducible)
+# ... and from the kl-0.5 defaults of 15e6dc9 (kl 0.5), where these levers were measured (rows reproducible)
 STOP21 = ["weighting.kl=0.5"]
 ABLATIONS.update({f"kl=0.5, {name}": STOP21 + ov for name, ov in {
-    "batch_size=64 (half the probed samples per update: the defaults of stops 18-20)": ["weighting.batch_size=64"],
+    "batch_size=64 (half the probed samples per update: the kl-0.5, batch-64 defaults (e733381))": ["weighting.batch_size=64"],
 }.items()})
-# ... and from the defaults of stops 18-20 (kl 0.5, batch_size 64), where these levers were measured
+# ... and from the kl-0.5, batch-64 defaults (e733381) (kl 0.5, batch_size 64), where these levers were measured
 STOP20 = STOP21 + ["weighting.batch_size=64"]
 ABLATIONS.update({f"batch_size=64, {name}": STOP20 + ov for name, ov in {
-    "kl=1.0 (a stronger pull toward uniform: the defaults of stop 17)": ["weighting.kl=1.0"],
+    "kl=1.0 (a stronger pull toward uniform: the kl-1.0 defaults of 7faa313)": ["weighting.kl=1.0"],
     "kl=0.35": ["weighting.kl=0.35"],
     "kl=0.25 (weaker still)": ["weighting.kl=0.25"],
     "candidates=3 (a smaller pool: cheaper scoring)": ["weighting.candidates=3"],
     "net.width=64 (phi a third of the scoring cost)": ["weighting.net.width=64"],
     "probe_len=128 (the bi-level update's LM forwards half as long)": ["weighting.probe_len=128"],
 }.items()})
-# ... and from the defaults of stop 17 (kl 1.0, batch_size 64), where these levers were measured
+# ... and from the kl-1.0 defaults of 7faa313 (kl 1.0, batch_size 64), where these levers were measured
 STOP17 = STOP20 + ["weighting.kl=1.0"]
 ABLATIONS.update({f"kl=1.0, {name}": STOP17 + ov for name, ov in {
     "apply=weights (the paper's in-batch weights, tau 1; domain input and 5-stage buffer kept)": [
@@ -104,8 +104,8 @@ ABLATIONS.update({f"kl=1.0, {name}": STOP17 + ov for name, ov in {
         "weighting.temperature=0.5", "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"],
 }.items()})
 
-# the defaults before resampling was adopted (stop 17): the paper's in-batch weights, no domain input, one stage's
-# buffer, with stop 17's KL 1 and 64 probed samples. The first ablation table's levers are one change from these
+# the defaults before resampling was adopted (7faa313): the paper's in-batch weights, no domain input, one stage's
+# buffer, with 7faa313's KL 1 and 64 probed samples. The first ablation table's levers are one change from these
 # (its rows are kept reproducible).
 WEIGHTS_DEFAULTS = [*STOP17, "weighting.apply=weights", "weighting.candidates=2", "weighting.temperature=1",
                     "weighting.net.use_domain_feature=false", "weighting.buffer_stages=1"]
@@ -525,7 +525,7 @@ def report_ablation(results: dict[str, dict], t: Target, seeds: list[int], oseed
                 f"{statistics.median(c):.2f} |")
 
     lines += ["", ("One change from the shipped defaults:" if part == "ablation" else
-                   "One change from the in-batch-weights defaults (shipped through stop 16):"), *head,
+                   "One change from the in-batch-weights defaults (shipped until 7faa313):"), *head,
               *(row(name, f"ablation:{name}") for name in rows)]
     return "\n".join(lines)
 
@@ -534,7 +534,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["main", "second", "ablation", "ablation-weights", "all"], default="all",
                    help="which comparison to run (all = main, second, ablation; ablation-weights is the lever table "
-                        "of the in-batch-weights defaults shipped through stop 16)")
+                        "of the in-batch-weights defaults shipped until 7faa313)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (paired across arms)")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="seeds of the ablation rows "
                                                                                 "(default: --seeds)")

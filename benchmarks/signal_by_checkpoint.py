@@ -1,6 +1,6 @@
 """What the one-step hypergradient says, domain by domain, at each saved checkpoint of a run (prints figures; not a
 test). The question it answers: does the greedy signal phi learns from rank the target's domain first at every
-point of training, or does the ranking move as the LM learns? (docs/METHOD.md §8, cause 2.)
+point of training, or does the ranking move as the LM learns? (docs/DECISIONS.md, cause 2.)
 
     .venv/bin/python benchmarks/signal_by_checkpoint.py RUN_DIR REFERENCE.jsonl [--per-domain 8] [--repeats 2]
 

@@ -23,6 +23,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test():
+    """A test that changes torch's thread count (`dwm demo` sets it for each arm it trains in-process) leaves the
+    next test single-threaded again: two threads on busy shared cores make later tests many times slower."""
+    yield
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """free_port() -> a TCP port the OS reports free on 127.0.0.1 (for DDP rendezvous; never a fixed number)."""
@@ -38,7 +49,7 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory):
-    """64 train / 16 val rows of 32 tokens, two domains, a real 300-token BPE (built once per session)."""
+    """64 train / 16 val rows of 32 tokens, two domains, a real 300-token BPE (built once per test run)."""
     from dwm.testing import make_synthetic_prepared
 
     return make_synthetic_prepared(tmp_path_factory.mktemp("prepared") / "data")
@@ -59,3 +70,32 @@ def make_cfg(prepared_dir, tmp_path):
                                   *overrides])
 
     return _make
+
+
+def dwm_modules() -> list[str]:
+    """Every module of the dwm package, dotted (dwm, dwm.cli, dwm.data.batch, ...), from the source tree."""
+    from pathlib import Path
+
+    import dwm
+
+    root = Path(dwm.__file__).parent
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def pytest_sessionfinish(session):
+    """With DWM_FAST_COVERAGE=1 (`make test-fast`): fail the run if a dwm module was never imported in this process,
+    i.e. no test of the selected tier exercised it (modules only subprocesses import do not count)."""
+    import sys
+
+    if os.environ.get("DWM_FAST_COVERAGE") != "1":
+        return
+    missing = [m for m in dwm_modules() if m not in sys.modules]
+    if missing:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write("\n")
+        reporter.write_line(f"dwm modules no test of this run imports ({len(missing)}): {', '.join(missing)}", red=True)
+        session.exitstatus = 1

@@ -253,3 +253,26 @@ def test_init_from_lm_embedding_is_refused_for_a_fresh_lm(prepared_dir):
                              "weighting.net.init_from_lm_embedding=true", "train.max_steps=1"])
     with pytest.raises(UserError, match="init_from_lm_embedding: the LM 'tiny' starts from random weights"):
         validate(cfg, check_paths=False)
+
+
+def test_python_dash_m_dwm_is_the_dwm_command(monkeypatch, capsys):
+    """`python -m dwm ...` (what torchrun launches) runs the same `dwm` command: --help lists every subcommand and
+    exits 0; an unknown subcommand exits 2."""
+    import importlib
+    import runpy
+
+    from dwm.cli import COMMANDS
+
+    monkeypatch.setattr(sys, "argv", ["dwm", "--help"])
+    importlib.import_module("dwm.__main__")  # importing it runs nothing
+    assert capsys.readouterr().out == ""
+    monkeypatch.delitem(sys.modules, "dwm.__main__")  # run_module executes it afresh (restored afterwards)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("dwm", run_name="__main__")
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: dwm")
+    assert all(name in out for name in COMMANDS)
+    monkeypatch.setattr(sys, "argv", ["dwm", "trian"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("dwm", run_name="__main__")
+    assert done.value.code == 2

@@ -235,6 +235,7 @@ def test_leak_detector_detects_a_leak():
     assert find_leaks(probes, [short_quote]) == []
 
 
+@pytest.mark.slow
 def test_no_held_out_book_text_in_shipped_corpus():
     probes = _held_out_probes()
     texts = (r["text"] for f in sorted(SHIPPED.glob("*.jsonl.zst")) for r in _read(f))

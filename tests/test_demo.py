@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from dwm.cli import main
 
 WORDS = {"books": ["the", "lady", "walked", "slowly", "towards", "the", "house", "and", "smiled", "at", "her", "sister"],
          "code": ["def", "return", "import", "class", "self", "value", "list", "print", "range", "index", "for", "while"]}
 
 
+@pytest.mark.slow
 def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     rng = random.Random(0)
     corpus = tmp_path / "corpus"

@@ -201,6 +201,7 @@ def _cli(args: list[str], nproc: int = 1, kill_after: int | None = None,
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_dwm_kill_and_resume_is_exact(data, tmp_path):
     """Killed mid-stage with interleaved updates and resampled batches: the stage's buffer of probed samples, the
     selector's generator and the weighter's all come back from the checkpoint."""
@@ -263,6 +264,7 @@ def test_non_finite_outer_loss_skips_update_and_continues(data, tmp_path):
     assert (run / "checkpoints" / "LATEST").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one(data, tmp_path, free_port):
     """Scores gathered -> softmax over the global batch -> phi gradients all-reduced: 2 gloo processes equal 1.
     In float64: in float32 the fd hypergradient's rounding (~1e-7) is magnified by phi's Adam while phi's gradients
@@ -398,6 +400,7 @@ def test_kl_optimum_is_exp_of_minus_target_over_lambda(data):
     torch.testing.assert_close(p, torch.softmax(-t / 0.5, 0), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_path, monkeypatch):
     """Every dL/dw scaled by 1000 (as a 1000x lookahead lr would, to first order) leaves phi's trajectory
     unchanged under normalize = 'std', and changes it under 'none'."""
@@ -424,6 +427,7 @@ def test_std_normalisation_makes_phi_blind_to_the_hypergradient_scale(data, tmp_
     assert not same(stages["c"], stages["d"])
 
 
+@pytest.mark.slow
 def test_probes_more_samples_and_fills_the_stage_buffer(data, tmp_path):
     run = tmp_path / "buf"
     train(data, run, "weighting.mode=dwm", "weighting.updates_per_stage=3", "weighting.batch_size=24",

@@ -81,6 +81,7 @@ def test_plan_orders_learners_before_transfers():
             assert keys.index(c.source) < keys.index(c.key)
 
 
+@pytest.mark.slow
 def test_grid_resumes_after_kill_and_tables_equal_eval(grid, one_thread):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", KILL, str(grid["recipe"])], env=env, capture_output=True, text=True, check=False,
@@ -172,6 +173,7 @@ def test_bad_recipes_one_line(tmp_path, capsys):
     assert "prepared data directory not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_launcher_runs_cells_as_dwm_train_subprocesses(grid, tmp_path):
     from dwm.experiment import run_experiment
 

@@ -180,6 +180,7 @@ def test_uint32_for_large_vocab(tmp_path):
 
 
 # --- determinism, idempotence, resume --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_deterministic_and_independent_of_workers(corpus, tmp_path):
     a = prepare(corpus["paths"], tmp_path / "a", opts(score_fields=("q",)))  # also trains the tokenizer
     b = prepare(corpus["paths"], tmp_path / "b", opts(score_fields=("q",), workers=2))
@@ -204,6 +205,7 @@ def test_finished_dir_not_redone_and_changed_input_redone(corpus, tok_path, tmp_
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["docs_in"] == 20
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_clean_run(corpus, tok_path, tmp_path):
     args = [*map(str, corpus["paths"]), "--tokenizer", str(tok_path), "--seq-len", "32", "--val-fraction", "0.2",
             "--workers", "1", "--score-fields", "q", "--no-progress"]

@@ -244,6 +244,7 @@ def test_same_seed_same_selection(pool_dir, target_a, tmp_path, method, extra):
     assert runs["a"] == runs["b"] and runs["a"][0] != runs["c"][0]
 
 
+@pytest.mark.slow
 def test_local_engine_workers_do_not_change_the_selection(pool_dir, target_a, tmp_path):
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
     assert select(pool_dir, a, "--dsir-min-words", "1", "--target", str(target_a)) == 0
@@ -256,7 +257,7 @@ def test_local_engine_workers_do_not_change_the_selection(pool_dir, target_a, tm
 def test_ray_engine_equals_local(pool_dir, target_a, tmp_path):
     """`dwm select --engine ray` writes the local engine's manifest and scores; `dwm prepare --engine ray` the local
     engine's prepared directory, byte for byte. One local Ray instance serves both (started here, as a user's
-    session would: the commands then leave it running)."""
+    shell would: the commands then leave it running)."""
     pytest.importorskip("ray")
     from dwm.data import rayjobs
 

@@ -224,6 +224,7 @@ def _cli(args, kill_after: int | None = None):
     return subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted(prepared_dir, tmp_path):
     common = [f"data.dir={prepared_dir}", "model.spec=tiny", "train.global_batch_tokens=256",
               "train.micro_batch_size=4", "train.max_steps=7", "checkpoint.every=2", "log.every=1",
@@ -272,6 +273,7 @@ def test_mixture_manifest_has_the_shares_and_trains(make_cfg, tmp_path):
         parse_shares("a:0.5")
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_is_wired_and_reuses_large_blocks(make_cfg, monkeypatch):
     """train.keep_freed_memory calls dwm.host.keep_freed_memory on CPU (and only then); once it took effect, a
     64 MB block freed and allocated again is served from the heap: no fresh zero pages (glibc would fault all

@@ -6,7 +6,7 @@ the forwards' cost by up to half. This measures what it does to the signal, agai
     python benchmarks/signal/fd_positions.py CKPT_DIR REFERENCE.jsonl [--n 128] [--strides 2 4 8]
 
 prints corr(full, full under another reference batch) and corr(full, stride-s subsampled) over the same samples,
-sample level and over domain means. Answer at cpu-small's final checkpoint (stop 24): no (docs/METHOD.md s.8).
+sample level and over domain means. Answer at cpu-small's final checkpoint (5c3482d): no (docs/DECISIONS.md).
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ probe set's mean weight per domain each time, next to the saved stage model's an
     python benchmarks/signal/phi_refit.py RUN_DIR [--reps 4] [--fits 8x16 8x128]
 
 A fit "SxG" takes S steps, each on the mean gradient of G buffer samples (G / 16 groups). Answer on the novels
-seeds whose last stage missed books (stop 24): seed 13's run drew misc first, the same data and start put books
+seeds whose last stage missed books (5c3482d): seed 13's run drew misc first, the same data and start put books
 first in 3 of 4 other draws at the run's 8x16 and 4 of 4 at 8x128; seed 7 3 of 4 / 2 of 4; seed 6 (whose buffer
 ranks books fourth) 0 of 4 / 1 of 4; with the KL over a 16-sample stratified anchor instead of the groups
-(--anchor-kl 16): 4 of 4, 1 of 4, 0 of 4 (docs/METHOD.md s.8).
+(--anchor-kl 16): 4 of 4, 1 of 4, 0 of 4 (docs/DECISIONS.md).
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ that the replay is faithful); the others change one thing:
   averaging: the last few groups drawn weigh less in the model that scores).
 Needs `weighting.buffer_stages >= stages` (the default: every stage's evidence is still in the last buffer).
 
-Answer (stop 25; novels, cpu-small seeds 6-9 and 13-17 at 150 steps and 3-7 at 300): `run` reproduces all 14 saved
-rankings; books first as run 10 of 14, shrink:16 9 of 14, shrink:64 7 of 14, domain-lr:0.1 8 of 14 (docs/METHOD.md
-s.8): each fixes one miss and breaks others. Speech (the same seeds): as run 13 of 14 (seed 6 at 300 steps: speech
-eighth); ema:0.9 14 of 14 and books 11 of 14, ema:0.75 13 and 10 of 14: one run either way, with flatter weights.
+Answer (95d9bd4; novels, cpu-small seeds 6-9 and 13-17 at 150 steps and 3-7 at 300): `run` reproduces all 14 saved
+rankings; books first as run 10 of 14, shrink:16 9 of 14, shrink:64 7 of 14, domain-lr:0.1 8 of 14
+(docs/DECISIONS.md): each fixes one miss and breaks others. Speech (the same seeds): as run 13 of 14 (seed 6 at
+300 steps: speech eighth); ema:0.9 14 of 14 and books 11 of 14, ema:0.75 13 and 10 of 14: one run either way, with flatter weights.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ then the margin's mean ± s.e. over the runs; next to the weighting model's own 
 
     python benchmarks/signal/signal_by_stage.py books RUN_DIR [RUN_DIR ...] [--min-n 8]
 
-Reads signal/stage_k.parquet (runs from stop 24 on); for older runs, the probed samples still in the last
+Reads signal/stage_k.parquet (runs from 5c3482d on); for older runs, the probed samples still in the last
 checkpoint's buffer (all stages when weighting.buffer_stages >= stages). Domains with fewer than --min-n probed
 samples in a stage are left out of its ranking (a domain seen 1-5 times has a mean too noisy to rank).
 """

@@ -29,7 +29,9 @@ class TrainContext:
     # the model and its optimisation
     @property
     def model(self) -> torch.nn.Module:
-        """The LM, unwrapped (no DDP, no torch.compile): for a component's own forwards, e.g. bi-level lookaheads."""
+        """The LM, unwrapped (no DDP, no torch.compile): for a component's own forwards, e.g. bi-level lookaheads.
+        Under train.parallel=fsdp it is sharded in place (its parameters are DTensor shards, dwm/train/fsdp.py):
+        every rank must run the same forwards, since each gathers the parameters from all ranks."""
         return self._t.model
 
     @property

@@ -4,7 +4,7 @@ The trainer owns the loop and the bookkeeping; three kinds of component plug int
 `TrainContext` (dwm/train/context.py):
 - a `Selector` (dwm/train/selector.py) names the samples of each global batch (default: the seeded data order);
 - a `Weighter` (dwm/train/weighter.py) returns their weights once per optimizer step, and the trainer minimises
-  sum_i w_i l_i / B_local per micro-batch (DDP's gradient mean then gives the global weighted mean). Uniform
+  sum_i w_i l_i / B_local per micro-batch (DDP's or FSDP's gradient mean then gives the global weighted mean). Uniform
   training is the weighter that returns ones, so a DWM run and its uniform baseline share every other line;
 - `Callback`s (dwm/train/callbacks.py) are told about step ends and every logged record.
 The trainer never imports a particular weighter or selector: the caller (dwm.run) builds them from the config.
@@ -47,6 +47,7 @@ from dwm.data.tokenizer import load_prepared_tokenizer
 from dwm.errors import UserError
 from dwm.host import keep_freed_memory
 from dwm.train import distributed as dist_utils
+from dwm.train import fsdp as fsdp_utils
 from dwm.train.callbacks import Callback
 from dwm.train.checkpoint import load_latest, remove_stale_tmp, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
@@ -163,8 +164,15 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        # fsdp: shard in place (dwm/train/fsdp.py); one process trains unsharded, as ddp does
+        self.sharded = t.parallel == "fsdp" and self.world_size > 1
+        if self.sharded:
+            fsdp_utils.shard_model(self.model, self.device, self.world_size,
+                                   bf16=use_bf16 and self.device.type == "cuda")
+            if self.device.type == "cuda":  # FSDP's MixedPrecisionPolicy casts the gathered parameters instead
+                self.autocast_dtype = None
         self.ddp_model: torch.nn.Module = (DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                               else None) if self.world_size > 1 else self.model)
+                                               else None) if self.world_size > 1 and not self.sharded else self.model)
         self.forward_model = torch.compile(self.ddp_model) if t.compile else self.ddp_model
         self.optimizer = make_optimizer(self.model, cfg.optim)
         p = self.plan
@@ -232,9 +240,13 @@ class Trainer:
                             f"{state.get('global_batch_size')} x seq_len {state.get('seq_len')}, this config has "
                             f"{self.plan.global_batch_size} x {self.plan.seq_len}")
         if set(model_sd) - set(self.model.state_dict()):  # names save_pretrained renamed (GPT-NeoX's lm_head)
-            model_sd = saved_state_dict(self.model, path / "model")
+            model_sd = saved_state_dict(fsdp_utils.plain_like(self.model) if self.sharded else self.model,
+                                        path / "model")
         try:
-            missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
+            if self.sharded:  # every rank passes the full weights; each keeps its shards
+                missing, unexpected = fsdp_utils.load_full_model_state(self.model, model_sd)
+            else:
+                missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
         except RuntimeError as e:  # shapes differ: another model size or vocabulary
             first = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
             raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
@@ -245,9 +257,12 @@ class Trainer:
         if unexpected or set(missing) - tied:
             raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
                             f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        if tied:
+        if tied and not self.sharded:
             self.model.tie_weights()
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded or state.get("fsdp_sharded"):  # to re-shard, or saved by name by a sharded run
+            fsdp_utils.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
@@ -335,31 +350,40 @@ class Trainer:
             for i in range(p.grad_accum):
                 mb = batch.slice(i * m, (i + 1) * m)
                 sync = self.world_size == 1 or i == p.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
-                with ctx:
+                with self._no_sync(sync):
                     nll = self._forward_nll(mb)
                     loss = (w[i * m:(i + 1) * m] * nll).sum() / B
                     loss.backward()
                 loss_w += loss.detach()
                 loss_sum += nll.detach().sum()
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        # sharded (DTensor) gradients: the norm's reduction over ranks is part of the DTensor ops
+        grad_norm = fsdp_utils.full_tensor(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients between steps (a weighter's update runs there)
         self.scheduler.step()
         return loss_w, loss_sum / B, grad_norm
 
+    def _no_sync(self, sync: bool):
+        """DDP: no gradient all-reduce on the micro-batches before the last. FSDP reduce-scatters every micro-batch
+        into the sharded gradients (keeping unsharded gradients across micro-batches would cost the memory FSDP
+        saves)."""
+        if sync or self.sharded:
+            return contextlib.nullcontext()
+        return self.ddp_model.no_sync()  # type: ignore[operator]
+
     def _step_losses_first(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """For a weighter that needs the LM's per-sample losses: every micro-batch's forward first (graphs kept;
         under DDP all but the last without gradient sync), the weights from the detached losses, then one
-        backward of the whole weighted sum, so DDP reduces once, as in the plain path."""
+        backward of the whole weighted sum, so DDP reduces once, as in the plain path (FSDP too)."""
         p = self.plan
         m, B = p.micro_batch_size, p.local_batch_size
         nlls = []
         for i in range(p.grad_accum):
             mb = batch.slice(i * m, (i + 1) * m)
             sync = self.world_size == 1 or i == p.grad_accum - 1
-            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():  # type: ignore[operator]
+            with self._no_sync(sync):
                 nlls.append(self._forward_nll(mb))
         nll = torch.cat(nlls)
         w = self.weighter.weights(batch, nll.detach()).to(self.device, torch.float32)
@@ -373,7 +397,10 @@ class Trainer:
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.step * self.plan.global_batch_size,
             "global_batch_size": self.plan.global_batch_size, "seq_len": self.plan.seq_len,
-            "world_size": self.world_size, "optimizer": self.optimizer.state_dict(),
+            "world_size": self.world_size, "fsdp_sharded": self.sharded,
+            # fsdp: the full optimizer state keyed by parameter name (rank 0; collective)
+            "optimizer": (fsdp_utils.full_optimizer_state(self.model, self.optimizer) if self.sharded
+                          else self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(), "rng": dist_utils.all_gather_object(rng),
             "weighter": self.weighter.state_dict(), "selector": self.selector.state_dict(),
             "config": to_dict(self.cfg),
@@ -416,9 +443,13 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the current step (all ranks call it; rank 0 writes)."""
         state = self._state()
+        model = self.model
+        if self.sharded:  # gather the full weights (collective) into a plain HF model on rank 0
+            full = fsdp_utils.full_model_state(self.model)
+            model = fsdp_utils.plain_model(self.model, full) if self.is_main else self.model
         if self.is_main:
             c = self.cfg.checkpoint
-            save_checkpoint(self.ckpt_root, self.step, self.model, state, c.keep_last, c.keep_every)
+            save_checkpoint(self.ckpt_root, self.step, model, state, c.keep_last, c.keep_every)
         dist_utils.barrier()
 
     def train(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from dwm.data.passages import passage_nll
 from dwm.errors import UserError
+from dwm.train import fsdp
 from dwm.train.losses import per_sample_nll
 
 BACKENDS = ("fd", "exact")
@@ -114,7 +115,7 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """P = 1 / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps) per trainable parameter, from a torch Adam/AdamW state: the
-    optimizer's *current* diagonal, frozen (the design note's form). None before the first step. A parameter with
+    optimizer's *current* diagonal, frozen. None before the first step. A parameter with
     no state while others have one gets P = 0. Prefer `adam_lookahead`, AdamW's real next step: this stale diagonal
     is ~1/eps for parameters that rarely get gradient (embedding rows of rare tokens), and a lookahead through it can
     jump orders of magnitude further than Adam ever moves.
@@ -211,12 +212,65 @@ def _global_batch(n_local: int, device: torch.device) -> int:
     return int(t.item())
 
 
+class _Sharded:
+    """What an update does differently when the LM is sharded (train.parallel=fsdp, dwm/train/fsdp.py): its
+    parameters are DTensor shards, edited in place shard by shard; a forward computes with gathered copies, so the
+    gradients come from a plain backward into .grad, which FSDP reduce-scatters as the *mean* over ranks; every rank
+    runs the same passes (each forward and backward is a collective); the units are resharded before the shards are
+    edited (a forward without backward leaves the root unit gathered, and the next one would not re-gather).
+    Unsharded (one process or DDP) it is autograd on the parameters plus all_reduce_'s sums and averages."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.on = model, fsdp.is_sharded(model)
+        self.low_precision = self.on and fsdp.compute_dtype(model) in fsdp.LOW_PRECISION
+        self.settle()
+
+    def settle(self) -> None:
+        if self.on:
+            fsdp.reshard(self.model)
+
+    def backward(self, loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+        if self.on:
+            loss.backward()
+        else:
+            torch.autograd.backward(loss, inputs=params)
+
+    def sum_over_ranks(self, ts: list[torch.Tensor]) -> None:
+        if not self.on:
+            all_reduce_(ts)
+            return
+        for t in ts:  # FSDP's reduce-scatter averaged: the sum is world x the mean
+            t.mul_(_world())
+
+    def mean_over_ranks(self, ts: list[torch.Tensor]) -> None:
+        if not self.on:
+            all_reduce_(ts, average=True)
+
+    def norm(self, ts: list[torch.Tensor]) -> float:
+        return fsdp.global_norm(ts) if self.on else _norm(ts)
+
+    def extra_chunks(self, n_chunks: int, device: torch.device) -> int:
+        """Sharded: how many more chunks the busiest rank runs than this one (0 unsharded)."""
+        if not self.on:
+            return 0
+        t = torch.tensor([n_chunks], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item()) - n_chunks
+
+
 class _Passes:
-    """The chunked passes of one hypergradient: model, chunk size and the training step's autocast."""
+    """The chunked passes of one hypergradient: model, chunk size and the training step's autocast. Sharded, a rank
+    with fewer chunks than another runs the difference on its first sample, discarded (at weight 0 in a gradient)."""
 
     def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], chunk: int,
-                 autocast_dtype: torch.dtype | None):
+                 autocast_dtype: torch.dtype | None, sharded: _Sharded):
         self.model, self.params, self.chunk, self.autocast_dtype = model, params, max(1, chunk), autocast_dtype
+        self.sharded = sharded
+
+    def padded(self, n: int, device: torch.device):
+        """spans(n), then (0, 1) as often as other ranks have more chunks (the caller discards those)."""
+        spans = list(self.spans(n))
+        return spans + [(0, 1)] * self.sharded.extra_chunks(len(spans), device)
 
     def autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -230,19 +284,21 @@ class _Passes:
         """Per-sample NLL [n] without a graph, in the current precision settings (chunked)."""
         out = []
         with torch.no_grad():
-            for a, b in self.spans(ids.shape[0]):
+            for a, b in self.padded(ids.shape[0], ids.device):
                 out.append(per_sample_nll(self.model(input_ids=ids[a:b]).logits, ids[a:b], n_tok[a:b]))
+        out = out[:len(list(self.spans(ids.shape[0])))]  # sharded: the padding chunks' losses dropped
         return torch.cat(out) if out else torch.zeros(0, device=ids.device)
 
     def ref_loss(self, ref_ids: torch.Tensor, ref_mask: torch.Tensor) -> float:
         """L_ref(theta) without a graph (chunked; the mean over passages)."""
         total = 0.0
+        n = ref_ids.shape[0]
         with torch.no_grad(), self.autocast(ref_ids.device):
-            for a, b in self.spans(ref_ids.shape[0]):
+            for k, (a, b) in enumerate(self.padded(n, ref_ids.device)):
                 per = passage_nll(self.model(input_ids=ref_ids[a:b]).logits, ref_ids[a:b], ref_mask[a:b],
                                   reduce=False)
-                total += float(per.sum())
-        return total / ref_ids.shape[0]
+                total += float(per.sum()) if k * self.chunk < n else 0.0  # sharded padding: dropped
+        return total / n
 
     def grad(self, loss_of_chunk, n: int) -> tuple[list[torch.Tensor], float]:
         """sum over chunks of grad_theta loss_of_chunk(a, b), accumulated into fresh buffers (the parameters'
@@ -253,10 +309,11 @@ class _Passes:
         total = 0.0
         try:
             with torch.enable_grad():
-                for a, b in self.spans(n):
+                for k, (a, b) in enumerate(self.padded(n, self.params[0].device)):
+                    pad = k * self.chunk >= n  # sharded: a chunk other ranks run, at weight 0 here
                     with self.autocast(self.params[0].device):
-                        loss = loss_of_chunk(a, b)
-                    torch.autograd.backward(loss, inputs=self.params)
+                        loss = loss_of_chunk(a, b) * (0.0 if pad else 1.0)
+                    self.sharded.backward(loss, self.params)
                     total += float(loss.detach())
                     del loss
             out = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
@@ -294,21 +351,27 @@ def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: tor
     if weights.shape != (input_ids.shape[0],) or n_tokens.shape != (input_ids.shape[0],):
         raise UserError(f"weights {tuple(weights.shape)} and n_tokens {tuple(n_tokens.shape)} must be "
                         f"[{input_ids.shape[0]}] like the batch")
+    sharded = _Sharded(model)  # (resharded first: _trainable then lists the shards, not gathered copies)
     named = _trainable(model)
     params = [p for _, p in named]
+    if backend == "fd" and sharded.low_precision:
+        raise UserError("the 'fd' hypergradient under fsdp needs float32 compute, but fsdp gathers the parameters in "
+                        "bf16 (below the perturbation's resolution): set train.precision=fp32")
     if backend == "fd" and any(p.dtype not in (torch.float32, torch.float64) for p in params):
         raise UserError("the 'fd' hypergradient needs float32/float64 parameters (a perturbation of norm 0.01 is "
                         "below bf16/fp16 resolution); keep fp32 master weights or use backend 'exact'")
     if backend == "exact" and _world() > 1:
-        raise UserError("the 'exact' hypergradient does not run under DDP (backward with create_graph); "
+        raise UserError("the 'exact' hypergradient does not run under DDP or FSDP (backward with create_graph); "
                         "use backend 'fd'")
     device = input_ids.device
     B = global_batch_size or _global_batch(input_ids.shape[0], device)
-    passes = _Passes(model, params, chunk_size or max(input_ids.shape[0], ref_input_ids.shape[0]), autocast_dtype)
+    passes = _Passes(model, params, chunk_size or max(input_ids.shape[0], ref_input_ids.shape[0]), autocast_dtype,
+                     sharded)
     before = _scalar_mean(passes.ref_loss(ref_input_ids, ref_mask), device) if measure_before else math.nan
     orig = [p.detach().clone() for p in params]  # exact restore: copy back, never add-then-subtract
 
     def restore() -> None:
+        sharded.settle()
         with torch.no_grad():
             for p, o in zip(params, orig):
                 p.copy_(o)
@@ -319,7 +382,7 @@ def hypergradient(model: torch.nn.Module, input_ids: torch.Tensor, n_tokens: tor
         if not math.isfinite(after):
             return _failed(input_ids.shape[0], device, before, after, "non-finite reference loss after the "
                            "lookahead", backend)
-        u_norm = _norm(u)
+        u_norm = sharded.norm(u)
         if not math.isfinite(u_norm) or u_norm == 0.0:
             return _failed(input_ids.shape[0], device, before, after,
                            f"u = P grad L_ref(theta') has norm {u_norm}", backend, v_norm=u_norm)
@@ -344,6 +407,8 @@ def _lookahead(passes: _Passes, named, input_ids, n_tokens, weights, ref_ids, re
     params = passes.params
     w = weights.detach()
     active = torch.nonzero(w != 0).flatten()
+    if passes.sharded.on and not active.numel():  # other ranks' weighted passes need this rank's: one sample at 0
+        active = torch.zeros(1, dtype=torch.long, device=w.device)
     if active.numel():
         ids_a, n_a, w_a = input_ids[active], n_tokens[active], w[active]
 
@@ -354,8 +419,9 @@ def _lookahead(passes: _Passes, named, input_ids, n_tokens, weights, ref_ids, re
         g, _ = passes.grad(weighted, len(active))
     else:
         g = [torch.zeros_like(p) for p in params]
-    all_reduce_(g)
+    passes.sharded.sum_over_ranks(g)
     P: list[torch.Tensor | None] = []
+    passes.sharded.settle()
     with torch.no_grad():  # theta' in place, one parameter at a time; each gradient is freed once applied
         for i, (name, p) in enumerate(named):
             gi, g[i] = g[i], None  # type: ignore[call-overload]
@@ -380,7 +446,7 @@ def _lookahead(passes: _Passes, named, input_ids, n_tokens, weights, ref_ids, re
     v, after = passes.grad(reference, n_ref)
     restore()
     after = _scalar_mean(after, ref_ids.device)
-    all_reduce_(v, average=True)
+    passes.sharded.mean_over_ranks(v)
     with torch.no_grad():
         for vi, Pi in zip(v, P):
             if Pi is not None:
@@ -391,7 +457,7 @@ def _lookahead(passes: _Passes, named, input_ids, n_tokens, weights, ref_ids, re
 def _fd(passes: _Passes, u, u_norm, orig, restore, input_ids, n_tokens, lr, B, before, after, fd_eps
         ) -> HyperResult:
     device = input_ids.device
-    theta_norm = _norm(orig)
+    theta_norm = passes.sharded.norm(orig)
     n_params = sum(o.numel() for o in orig)
     # perturbation norm eps*||u|| = fd_eps * max(1, rms(theta)) (docs/METHOD.md, float32 analysis)
     eps = fd_eps * max(1.0, theta_norm / math.sqrt(n_params)) / u_norm
@@ -403,6 +469,7 @@ def _fd(passes: _Passes, u, u_norm, orig, restore, input_ids, n_tokens, lr, B, b
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for sign in (1.0, -1.0):
+                passes.sharded.settle()
                 for p, ui in zip(passes.params, u):
                     p.add_(ui, alpha=sign * eps)
                 losses.append(passes.sample_losses(input_ids, n_tokens))

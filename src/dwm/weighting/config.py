@@ -135,10 +135,10 @@ class WeightingConfig:
     """K, number of stages (the paper's 5)"""
     uniform_stages: int = 0
     """the first this many stages take no bi-level update and train with phi's initial scores (all 0: exactly
-    uniform): one update fewer per stage, a cost lever; 1 lost a fifth of speech's gain (METHOD.md section 8)"""
+    uniform): one update fewer per stage, a cost lever; 1 lost a fifth of speech's gain (docs/DECISIONS.md)"""
     frozen_stages: int = 0
     """the last this many stages take no bi-level update and keep phi as the stage before left it: fewer updates,
-    a cost lever; 2 reached ~1.2x and missed half the novels gap by 0.3 points on fresh seeds (METHOD.md section 8)"""
+    a cost lever; 2 reached ~1.2x and missed half the novels gap by 0.3 points on fresh seeds (docs/DECISIONS.md)"""
     updates_per_stage: int = 1
     """M, bi-level updates at each stage start (the paper's structure: one per stage boundary); 0 = auto:
     max(1, round(update_fraction * steps per stage))"""

@@ -5,7 +5,7 @@ A sample of domain d gets the raw weight v_d (`weighting.domain_weights`, e.g. "
 weights are normalised over the (global) batch so that they sum to its size, as the learned weighting's
 w = B softmax(s / tau) does. So "books=2" is what a DWM that learned s_books - s_other = tau ln 2 would do, on the
 same data stream as uniform training: it measures how much in-batch weighting toward a domain can gain at a
-budget, apart from how well phi learns it (docs/METHOD.md §8). Weighting every domain by the same v is uniform.
+budget, apart from how well phi learns it (docs/DECISIONS.md). Weighting every domain by the same v is uniform.
 """
 
 from __future__ import annotations

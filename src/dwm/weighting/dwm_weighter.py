@@ -38,6 +38,7 @@ import torch.distributed as dist
 from dwm.data.batch import Batch
 from dwm.data.passages import PassageSet
 from dwm.errors import UserError
+from dwm.train import fsdp
 from dwm.train.context import TrainContext
 from dwm.train.losses import per_sample_nll
 from dwm.train.selector import OnlineSelector, SelectorConfig
@@ -223,7 +224,8 @@ class DWMWeighter(Weighter):
         if self.source is not None:
             self.net = self._load_stage_net(0)
         else:
-            emb = ctx.model.get_input_embeddings().weight if cfg.net.init_from_lm_embedding else None
+            emb = (fsdp.full_tensor(ctx.model.get_input_embeddings().weight.detach())  # fsdp: gathered
+                   if cfg.net.init_from_lm_embedding else None)
             with torch.random.fork_rng(devices=[]):  # phi's init must not shift the LM's RNG streams
                 torch.manual_seed(ctx.seed + 1)
                 self.net = WeightingNet(cfg.net, ctx.plan.vocab_size, len(self.domains), lm_embedding=emb)
@@ -251,6 +253,10 @@ class DWMWeighter(Weighter):
             self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             self.reference = PassageSet(cfg.reference, ctx.tokenizer, max_len=ctx.plan.seq_len,
                                         mode=cfg.ref_loss, pad_id=ctx.data.pad_id)
+            if fsdp.compute_dtype(ctx.model) in fsdp.LOW_PRECISION:  # fails at attach, not at the first update
+                raise UserError("the bi-level update's finite differences need float32 compute, but fsdp computes in "
+                                "bf16 here: set train.precision=fp32 (or train.parallel=ddp: fp32 weights under "
+                                "bf16 autocast)")
             if cfg.ref_batch_size % self.world:
                 raise UserError(f"weighting.ref_batch_size {cfg.ref_batch_size} must be divisible by the "
                                 f"number of processes {self.world}")
@@ -553,7 +559,9 @@ class DWMWeighter(Weighter):
     def _save_stage(self, ctx: TrainContext, k: int, step: int) -> None:
         """weighting/stage_k.{safetensors,json} and probes/stage_k.parquet (rank 0: sample_id, domain, score,
         weight, stage, step, and with probe_lm_loss lm_loss, the LM's per-sample NLL at this step); every rank scores
-        nothing else, so the probe pass costs only rank 0."""
+        nothing else, so the probe pass costs only rank 0 (but for the LM's forwards under fsdp, which every rank
+        runs: each gathers the shards of all)."""
+        lm_loss = (self._probe_lm_loss(ctx) if self.cfg.probe_lm_loss and fsdp.is_sharded(ctx.model) else None)
         if ctx.rank != 0:
             return
         stem = ctx.run_dir / "weighting" / f"stage_{k}"
@@ -578,7 +586,7 @@ class DWMWeighter(Weighter):
             "step": pa.array(np.full(len(self.probes), step), pa.int64()),
         }
         if self.cfg.probe_lm_loss:  # for `dwm analyze`
-            columns["lm_loss"] = pa.array(self._probe_lm_loss(ctx), pa.float32())
+            columns["lm_loss"] = pa.array(self._probe_lm_loss(ctx) if lm_loss is None else lm_loss, pa.float32())
         table = pa.table(columns)
         (ctx.run_dir / "probes").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, ctx.run_dir / "probes" / f"stage_{k}.parquet")

@@ -569,3 +569,33 @@ def test_cli_exit_code_75_and_resume_hint(prepared_dir, tmp_path, capsys):
     assert f"stopped by SIGTERM after step 2; checkpoint saved; continue with `dwm train --out {out} --resume`" in err
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "step_00000004"
+
+
+class TwoSignals(Weighter):
+    """In the middle of step index 1: `first`, then `second` (a launcher forwarding SIGTERM, or Ctrl-C again)."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second, self.step = first, second, -1
+
+    def before_step(self, ctx, step):
+        self.step = step
+
+    def weights(self, batch, losses=None):
+        if self.step == 1:
+            os.kill(os.getpid(), self.first)
+            os.kill(os.getpid(), self.second)
+        return torch.ones(len(batch))
+
+
+def test_repeated_sigterm_keeps_saving_and_second_ctrl_c_stops_at_once(make_cfg, tmp_path):
+    tr = Trainer(make_cfg("train.max_steps=6", out=tmp_path / "a"), weighter=TwoSignals(signal.SIGINT, signal.SIGTERM))
+    with pytest.raises(Preempted):
+        tr.train()
+    assert tr.step == 2 and (tmp_path / "a" / "checkpoints" / "LATEST").read_text().strip() == "step_00000002"
+    tr = Trainer(make_cfg("train.max_steps=6", out=tmp_path / "b"), weighter=TwoSignals(signal.SIGTERM, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt) as e:
+        tr.train()
+    assert not isinstance(e.value, Preempted) and tr.step == 1
+    assert not (tmp_path / "b" / "checkpoints" / "LATEST").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -16,8 +16,8 @@ union over ranks of a step's samples is the 1-process global batch, and a resume
 Preemption: SIGTERM (what a cluster sends) or SIGINT during `train()` lets the current optimizer step finish, writes
 a checkpoint (atomically), logs a `preempted` event, sets `stopped_by` to the signal's name and raises `Preempted`
 (a KeyboardInterrupt: no caller mistakes a stopped run for a finished one); `dwm train` then exits with
-PREEMPTED_EXIT (75, EX_TEMPFAIL: "try again") and `--resume` continues bit-identically. A second signal interrupts
-at once (the previous checkpoint is intact). Under DDP the ranks agree on the step to stop
+PREEMPTED_EXIT (75, EX_TEMPFAIL: "try again") and `--resume` continues bit-identically. A second Ctrl-C interrupts
+at once (the previous checkpoint is intact); a repeated SIGTERM is ignored (torchrun forwards the cluster's). Under DDP the ranks agree on the step to stop
 at (one all-reduce of a flag per step).
 """
 
@@ -410,16 +410,19 @@ class Trainer:
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
-        """While training: SIGTERM / SIGINT ask the loop to stop after the current step (a second one interrupts at
-        once). Handlers can only be set from the main thread; elsewhere signals keep their usual effect."""
+        """While training: SIGTERM / SIGINT ask the loop to stop after the current step; then a second SIGINT
+        (Ctrl-C again) interrupts at once and a repeated SIGTERM is ignored (a launcher forwarding what the workers
+        already got). Handlers can only be set from the main thread; elsewhere signals keep their usual effect."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
         def handler(signum, frame):
-            if self._stop_requested is not None:  # the second one: stop now (the last checkpoint is complete)
-                raise KeyboardInterrupt
+            if self._stop_requested is not None:
+                if signum == signal.SIGINT:  # Ctrl-C again: stop now (the last checkpoint is complete)
+                    raise KeyboardInterrupt
+                return  # SIGTERM again (torchrun forwards the cluster's to workers that got it too): keep saving
             self._stop_requested = signum
             if self.is_main:
                 print(f"\ndwm train: {signal.Signals(signum).name} received: finishing step {self.step + 1}, then "

@@ -41,7 +41,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
               f"train.max_steps={STEPS}", f"weighting.reference={ref}", "weighting.net.width=32",
               "weighting.net.heads=2", "weighting.probe_size=30", "weighting.ref_batch_size=4", "weighting.lr=0.01",
               "log.progress=false", "log.every=5", "train.device=cpu", "weighting.mode=dwm",
-              "weighting.updates_per_stage=2"]
+              "weighting.updates_per_stage=2", "weighting.apply=weights", "weighting.batch_size=0",
+              "weighting.buffer_stages=1", "weighting.net.use_domain_feature=false"]  # in-batch weights: every
+    # step's weights are in the metrics and each stage's signal holds its own updates' samples
     out = {"data": data, "root": root, "common": common}
     for name, extra in (("dwm_a", ["checkpoint.every=2", "checkpoint.keep_every=2"]),
                         ("dwm_b", ["checkpoint.every=0", "train.seed=1", "weighting.temperature=0.5"])):

@@ -55,7 +55,7 @@ def test_tensorboard_has_every_number_of_metrics_jsonl(make_cfg, ref, tmp_path):
     cfg = make_cfg("log.tracker=tensorboard", "weighting.mode=dwm", f"weighting.reference={ref}",
                    "weighting.updates_per_stage=1", "weighting.probe_size=16", "weighting.ref_batch_size=4",
                    "weighting.net.width=32", "weighting.net.heads=2", "weighting.diagnostics=true",
-                   "weighting.diagnostics_size=8", "weighting.stages=2", out=run)
+                   "weighting.diagnostics_size=8", "weighting.stages=2", "weighting.apply=weights", out=run)
     build_trainer(cfg).train()
     files = list((run / "tb").glob("events.out.tfevents.*"))
     assert files

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dwm.data.prepare", "tokenize documents into fixed-length samples (memmap + parquet)"),
     "select": ("dwm.selection.cli", "select a token budget of documents: a manifest for `dwm train --selection`"),
     "train": ("dwm.run", "train a LLaMA-style LM, uniform or with a data weighting model"),
+    "plan": ("dwm.plan", "parameters, FLOPs, peak memory per GPU and GPU-hours of a recipe, before step 0"),
     "eval": ("dwm.eval.cli", "evaluate a run: held-out loss per domain, LAMBADA accuracy/perplexity, lm-eval"),
     "export": ("dwm.eval.export", "export a run's model as a Hugging Face directory"),
     "analyze": ("dwm.analysis.cli", "data preferences of DWM runs per stage: plots and an HTML report"),

@@ -1,4 +1,5 @@
-"""Typed dataclass configs: TOML sections, dotted `key=value` overrides, `Literal` choices, help from docstrings.
+"""Typed dataclass configs: TOML sections, dotted `key=value` overrides (or mappings of dotted keys to typed values),
+`Literal` choices, help from docstrings.
 
 Each part of the pipeline owns its section, a dataclass whose fields carry a docstring (the string literal after
 the field, which becomes its help text) and whose range checks live in its own `validate(self, prefix)` method.
@@ -15,8 +16,10 @@ import inspect
 import itertools
 import json
 import math
+import os
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -222,6 +225,32 @@ def apply_override(cfg: Any, item: str, command: str = "dwm train") -> None:
     if "=" not in item:
         raise UserError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
     key, value = item.split("=", 1)
+    set_key(cfg, key, value, command, from_str=True)
+
+
+def apply_overrides(cfg: Any, overrides: Any, command: str = "dwm train") -> None:
+    """Apply overrides in order: a mapping of dotted keys (or sections as nested mappings) to typed values, a
+    `key=value` string, or a sequence of both (`[{"train.max_steps": 100}, "optim.lr=3e-4"]`). A str value is read
+    as on the command line (`{"optim.lr": "3e-4"}` works), a path-like one as its path."""
+    if isinstance(overrides, (str, Mapping)):
+        overrides = [overrides]
+    for item in overrides:
+        if isinstance(item, str):
+            apply_override(cfg, item, command)
+        elif isinstance(item, Mapping):
+            for key, value in item.items():
+                set_key(cfg, str(key), value, command)
+        else:
+            raise UserError(f"override {item!r} is neither a key=value string nor a mapping of keys to values")
+
+
+def set_key(cfg: Any, key: str, value: Any, command: str = "dwm train", from_str: bool | None = None) -> None:
+    """Set one dotted key; a section takes a mapping of its keys. from_str None: parse value as on the command
+    line when it is a str, else check its type."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    elif isinstance(value, tuple):
+        value = list(value)
     parts = key.strip().split(".")
     obj, prefix = cfg, ""
     for p in parts[:-1]:
@@ -233,13 +262,19 @@ def apply_override(cfg: Any, item: str, command: str = "dwm train") -> None:
     if name not in hs:
         raise _unknown(name, type(obj), prefix, command)
     if is_dataclass(hs[name]):
+        if isinstance(value, Mapping) and not from_str:
+            for k, v in value.items():
+                set_key(cfg, f"{key.strip()}.{k}", v, command)
+            return
         raise UserError(f"config key {key} is a section; set one of its keys, e.g. {key}.<name>=...")
-    setattr(obj, name, _coerce(key, hs[name], value, from_str=True))
+    if from_str is None:
+        from_str = isinstance(value, str)
+    setattr(obj, name, _coerce(key, hs[name], value, from_str=from_str))
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-         command: str = "dwm train") -> T:
-    """Defaults of cls, then the TOML file (if any), then the overrides in order. Not yet validated."""
+def load(cls: type[T], path: str | Path | None = None, overrides: Any = (), command: str = "dwm train") -> T:
+    """Defaults of cls, then the TOML file (if any), then the overrides in order (`apply_overrides`: key=value
+    strings and/or mappings of keys to typed values). Not yet validated."""
     cfg = cls()
     if path is not None:
         p = Path(path)
@@ -250,8 +285,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | tu
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"cannot parse {p}: {e}") from e
         apply_dict(cfg, data, command=command)
-    for item in overrides:
-        apply_override(cfg, item, command)
+    apply_overrides(cfg, overrides, command)
     return cfg
 
 

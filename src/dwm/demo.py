@@ -78,23 +78,22 @@ class TakeFreedCores(Callback):
             torch.set_num_threads(threads)
 
 
-def train_and_eval(arm: str, overrides: list[str], steps: int, heldout: str, max_passages: int,
+def train_and_eval(arm: str, run: Path, overrides: list, steps: int, heldout: str, max_passages: int,
                    threads: int, others: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """One arm, in its own process: train (or resume, or skip when finished), then evaluate. With `others` (the
-    runs training beside it) it takes the cores they free (TakeFreedCores)."""
+    """One arm, in its own process: train `run` (or resume, or skip when finished), then evaluate. With `others`
+    (the runs training beside it) it takes the cores they free (TakeFreedCores)."""
     import torch
 
-    from dwm.eval.cli import evaluate_run
-    from dwm.run import build_trainer, load_config, recipe_path
+    from dwm.eval.cli import evaluate
+    from dwm.run import recipe_path, train
 
     torch.set_num_threads(threads)
-    cfg = load_config(recipe_path("cpu-small-dwm" if arm == "dwm" else "cpu-small-uniform"), overrides)
-    run = Path(cfg.out)
     if not _finished(run, steps):
         print(f"[demo] train {arm} -> {run}", file=sys.stderr, flush=True)
         cbs = [TakeFreedCores(list(others), steps, os.cpu_count() or 1)] if others else []
-        build_trainer(cfg, resume=(run / "checkpoints" / "LATEST").is_file(), callbacks=cbs).train()
-    return evaluate_run(run, target=heldout, max_passages=max_passages)
+        train(recipe_path("cpu-small-dwm" if arm == "dwm" else "cpu-small-uniform"), overrides=overrides,
+              resume=(run / "checkpoints" / "LATEST").is_file(), callbacks=cbs)
+    return evaluate(run, target=heldout, max_passages=max_passages, device="cpu")
 
 
 def stage_weights(run: Path) -> list[dict[str, float]]:
@@ -174,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from dwm.analysis.runs import trained_shares
     from dwm.data.dataset import PreparedData
     from dwm.data.mixture import mixture_ids, parse_shares, write_manifest
-    from dwm.data.prepare import PrepareOptions, prepare
+    from dwm.data.prepare import prepare_data
     from dwm.eval.cli import format_table
 
     out = Path(args.out)
@@ -187,34 +186,37 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"target file {p} not found (`dwm target build` builds it)")
     t0 = time.perf_counter()
     print(f"[demo] 1/3 prepare {corpus} -> {out / 'data'}", file=sys.stderr)
-    prepare([corpus], out / "data", PrepareOptions(vocab_size=args.vocab_size, seq_len=args.seq_len))
+    prepare_data([corpus], out / "data", vocab_size=args.vocab_size, seq_len=args.seq_len)
 
     arms = [a for a in ARMS if a != "oracle" or args.oracle.lower() != "none"]
-    common = [f"data.dir={out / 'data'}", f"model.spec={args.preset}", f"train.max_steps={args.steps}",
-              f"train.global_batch_tokens={args.batch_tokens}", f"optim.warmup_steps={max(1, args.steps // 10)}",
-              "checkpoint.every=50", f"weighting.reference={args.reference}", *args.override]
-    overrides = {a: [*common, f"out={out / a}"] for a in arms}
+    common = {"data.dir": out / "data", "model.spec": args.preset, "train.max_steps": args.steps,
+              "train.global_batch_tokens": args.batch_tokens, "optim.warmup_steps": max(1, args.steps // 10),
+              "checkpoint.every": 50, "weighting.reference": args.reference}
+    # the user's key=value overrides come after the common ones, the arm's own (its run directory, ...) last
+    own: dict[str, dict[str, Any]] = {a: {"out": out / a} for a in arms}
     # the stage table needs the probes' weights only; their LM loss (for `dwm analyze`) would add a no-grad LM
     # forward of the probe set at every stage to the longest arm; training is the same either way
-    overrides["dwm"].append("weighting.probe_lm_loss=false")
+    own["dwm"]["weighting.probe_lm_loss"] = False
     data = PreparedData(out / "data", "train")
     if "oracle" in arms:
         ids = mixture_ids(data.domain_ids, data.domains, parse_shares(args.oracle),
                           args.steps * args.batch_tokens // data.seq_len, seed=0)
-        overrides["oracle"].append(f"data.selection={write_manifest(ids, out / 'oracle_mixture.parquet')}")
+        own["oracle"]["data.selection"] = write_manifest(ids, out / "oracle_mixture.parquet")
+    overrides = {a: [common, *args.override, own[a]] for a in arms}
     print(f"[demo] 2/3 train {', '.join(arms)} ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens, "
           f"{min(args.jobs, len(arms))} at a time) and evaluate", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
     jobs = max(1, min(args.jobs, len(arms)))
     if jobs == 1:
         for a in arms:
-            results[a] = train_and_eval(a, overrides[a], args.steps, args.heldout, args.max_passages, 2)
+            results[a] = train_and_eval(a, out / a, overrides[a], args.steps, args.heldout, args.max_passages, 2)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {a: ex.submit(train_and_eval, a, overrides[a], args.steps, args.heldout, args.max_passages, 1,
+            futs = {a: ex.submit(train_and_eval, a, out / a, overrides[a], args.steps, args.heldout,
+                                 args.max_passages, 1,
                                  tuple(out / b for b in arms if b != a) if jobs == len(arms) else ())
                     for a in arms}
             results = {a: f.result() for a, f in futs.items()}

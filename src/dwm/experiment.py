@@ -166,30 +166,39 @@ def _selection(cfg: ExperimentConfig, out: Path, name: str, seed: int) -> Path:
     path = out / "selections" / f"{name}-s{seed}.parquet"
     if path.is_file():
         return path
-    from dwm.selection.cli import add_arguments, select
+    from dwm.selection.cli import parse_options, select_documents
 
-    extra = shlex.split(cfg.selections[name])
-    method = [] if "--method" in extra else ["--method", name]
-    argv = ["--data", cfg.data, *method, "--budget-tokens", str(cfg.steps * cfg.batch_tokens),
-            "--seed", str(seed), "--target", cfg.reference, *extra]
+    # the recipe's extra `dwm select` arguments win over the grid's method, seed and target
+    extra = parse_options(shlex.split(cfg.selections[name]), prog=f"dwm experiment: selections.{name}")
+    options: dict[str, Any] = {"data": cfg.data, "method": name, "budget_tokens": cfg.steps * cfg.batch_tokens,
+                               "seed": seed, "target": cfg.reference, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.parquet")
-    parser = argparse.ArgumentParser(prog="dwm select")
-    add_arguments(parser)
-    args = parser.parse_args([*argv, "--out", str(tmp)])
-    select(args)
+    select_documents(**{**options, "out": tmp})
     tmp.with_suffix(".json").replace(path.with_suffix(".json"))  # the report select writes beside the manifest
     tmp.replace(path)
     return path
 
 
-def _train_overrides(cfg: ExperimentConfig, out: Path, cell: Cell, selection: Path) -> list[str]:
-    ov = [f"data.dir={cfg.data}", f"data.selection={selection}", f"out={out / cell.key}",
-          f"model.spec={cell.model}", f"train.seed={cell.seed}", f"train.max_steps={cfg.steps}", "train.max_tokens=0",
-          f"train.global_batch_tokens={cfg.batch_tokens}", f"weighting.reference={cfg.reference}",
-          "log.progress=false", f"checkpoint.every={max(1, cfg.steps // 4)}", *cfg.overrides]
-    ov.append(f"weighting.mode={out / cell.source if cell.weighting == 'transfer' else cell.weighting}")
-    return ov
+def _train_overrides(cfg: ExperimentConfig, out: Path, cell: Cell, selection: Path) -> list:
+    """The cell's overrides of the run recipe, in order: the grid's, the recipe's `overrides`, the weighting."""
+    grid = {"data.dir": cfg.data, "data.selection": selection, "out": out / cell.key, "model.spec": cell.model,
+            "train.seed": cell.seed, "train.max_steps": cfg.steps, "train.max_tokens": 0,
+            "train.global_batch_tokens": cfg.batch_tokens, "weighting.reference": cfg.reference,
+            "log.progress": False, "checkpoint.every": max(1, cfg.steps // 4)}
+    mode = out / cell.source if cell.weighting == "transfer" else cell.weighting
+    return [grid, *cfg.overrides, {"weighting.mode": mode}]
+
+
+def _argv(overrides: list) -> list[str]:
+    """Overrides as `dwm train` arguments (for a launcher's subprocess)."""
+    out = []
+    for item in overrides:
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            out += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in item.items()]
+    return out
 
 
 def train_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> float:
@@ -204,13 +213,13 @@ def train_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> fl
     t0 = time.perf_counter()
     if cfg.launcher:
         cmd = [*shlex.split(cfg.launcher), "-m", "dwm", "train", "--config", str(recipe),
-               *(["--resume"] if resume else []), *ov]
+               *(["--resume"] if resume else []), *_argv(ov)]
         if subprocess.run(cmd, check=False).returncode != 0:
             raise UserError(f"cell {cell.key}: `{shlex.join(cmd)}` failed")
     else:
-        from dwm.run import build_trainer, load_config
+        from dwm.run import train
 
-        build_trainer(load_config(recipe, ov), resume=resume, callbacks=callbacks).train()
+        train(recipe, overrides=ov, resume=resume, callbacks=callbacks)
     return time.perf_counter() - t0
 
 
@@ -243,10 +252,10 @@ def run_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> dict
     if done.is_file():
         return json.loads(done.read_text())
     seconds = train_cell(cfg, out, cell, callbacks)
-    from dwm.eval.cli import evaluate_run
+    from dwm.eval.cli import evaluate
 
-    ev = evaluate_run(out / cell.key, data_dir=cfg.data, target=cfg.heldout, tasks=cfg.tasks or None,
-                      batch_size=cfg.eval_batch_size, device=cfg.eval_device)
+    ev = evaluate(out / cell.key, data=cfg.data, target=cfg.heldout, tasks=cfg.tasks,
+                  batch_size=cfg.eval_batch_size, device=cfg.eval_device)
     rec = {"cell": cell.key, "row": cell.row, "selection": cell.selection, "weighting": cell.weighting,
            "model": cell.model, "seed": cell.seed, "source": cell.source, "train_seconds": round(seconds, 1),
            "metrics": metrics_of(ev)}

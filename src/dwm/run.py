@@ -30,6 +30,7 @@ from dwm import config as C
 from dwm.errors import UserError
 from dwm.selection.config import InfluenceConfig
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
+from dwm.train.memory import check_memory
 from dwm.train.selector import SELECTORS, Selector, SelectorConfig
 from dwm.train.weighter import WEIGHTERS, Weighter
 from dwm.weighting.config import WeightingConfig
@@ -71,8 +72,9 @@ def _lm_has_trained_weights(cfg: RunConfig) -> bool:
     return any(Path(cfg.model.spec).glob("*.safetensors")) or any(Path(cfg.model.spec).glob("*.bin"))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the TOML file (if any), then the overrides in order. Not yet validated."""
+def load_config(path: str | Path | None = None, overrides=()) -> RunConfig:
+    """Defaults, then the TOML file (if any), then the overrides in order (key=value strings and/or mappings of
+    dotted keys to typed values: `dwm.config.apply_overrides`). Not yet validated."""
     return C.load(RunConfig, path, overrides)
 
 
@@ -214,6 +216,13 @@ def latest_step(run_dir: str | Path) -> int | None:
         return None
 
 
+def bilevel_param_copies(cfg: RunConfig) -> int:
+    """Parameter-sized fp32 tensors a bi-level update holds beyond the training state (the saved parameters, the
+    preconditioner P, one gradient buffer g then v), 0 for a run without updates (dwm.weighting.bilevel)."""
+    w = cfg.weighting
+    return 3 if (w.mode == "dwm" or w.keep_learning) else 0
+
+
 def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=(), allow_config_change=()):
     """Validate the whole config, then the Trainer with the configured weighter, selector and experiment tracker
     (`log.tracker`, after the given callbacks). Paths are made absolute (config.toml stores them so); a resume
@@ -225,10 +234,85 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, callbacks=(), allow_c
     validate(cfg, check_paths=True)
     if resume:
         check_resume(cfg, allow_config_change)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_memory(cfg, plan_for_data(cfg, world), world, bilevel_param_copies(cfg))  # before anything is written
     tracker = make_tracker(cfg.log, config=C.to_dict(cfg))
     weighter = build_weighter(cfg)
     return Trainer(cfg, resume=resume, weighter=weighter, selector=build_selector(cfg, weighter),
                    callbacks=[*callbacks, *([tracker] if tracker is not None else [])])
+
+
+@dataclass
+class TrainResult:
+    """What `train` (`dwm.train`) returns: the run directory, the resolved config that ran, and the last logged
+    metrics (empty on the ranks of a DDP run other than 0). Path-like: it stands for the run directory."""
+
+    run_dir: Path
+    config: RunConfig
+    metrics: dict = field(default_factory=dict)
+    is_main: bool = True
+
+    def __fspath__(self) -> str:  # stands for the run directory: dwm.evaluate(result), dwm.analyze([result])
+        return str(self.run_dir)
+
+    @property
+    def step(self) -> int | None:
+        """The last optimizer step (None when nothing was logged)."""
+        return self.metrics.get("step")
+
+    @property
+    def loss(self) -> float | None:
+        """The last logged training loss (None when nothing was logged)."""
+        return self.metrics.get("loss")
+
+
+def train(config: RunConfig | str | Path | None = None, *, overrides=(), resume: bool = False,
+          callbacks=(), allow_config_change=()) -> TrainResult:
+    """Train a run (`dwm train` as a function); returns a TrainResult.
+
+    config: a RunConfig (copied, never changed), a TOML file or a shipped recipe name (`cpu-small-dwm`), or None
+    (the built-in defaults; with resume, the run directory's config.toml when it has one, as `dwm train --resume`).
+    overrides: applied in order after config: a mapping of dotted keys to typed values (`{"train.max_steps": 100,
+    "data.dir": path}`; sections as nested mappings), `key=value` strings, or a sequence of both.
+    resume: continue from the run directory's newest good checkpoint; a changed model / data / weighting /
+    tokenizer is refused unless allow_config_change names the keys (`check_resume`), and a run already at its
+    planned steps is left untouched (empty metrics). callbacks: `dwm.train.callbacks.Callback`s.
+    A bad key, value or path raises UserError. SIGTERM / SIGINT: the step finishes, a checkpoint is written and
+    `dwm.train.trainer.Preempted` (a KeyboardInterrupt) is raised."""
+    if isinstance(config, RunConfig):
+        import copy
+
+        cfg = copy.deepcopy(config)
+        C.apply_overrides(cfg, overrides)
+    else:
+        if config is not None and not isinstance(config, (str, Path)):
+            raise UserError(f"config must be a RunConfig, a TOML path or a recipe name, not {type(config).__name__}")
+        out = None
+        if config is None and resume:
+            probe = RunConfig()
+            C.apply_overrides(probe, overrides)
+            out = probe.out
+        cfg = load_config(resolve_config_path(None if config is None else str(config), out, resume), overrides)
+    cfg = absolute_paths(cfg)
+    if resume:
+        check_resume(cfg, allow_config_change)
+        plan = validate(cfg, check_paths=True)
+        done = latest_step(cfg.out)
+        if done is not None and plan is not None and plan.total_steps <= done:
+            print(f"dwm train: {cfg.out} is already at step {done} and the run plans {plan.total_steps} steps: "
+                  "nothing to do (raise train.max_steps or train.max_tokens to train on)", file=sys.stderr)
+            return TrainResult(run_dir=Path(cfg.out), config=cfg, metrics={},
+                               is_main=int(os.environ.get("RANK", "0")) == 0)
+    trainer = build_trainer(cfg, resume=resume, callbacks=callbacks, allow_config_change=allow_config_change)
+    if trainer.is_main:
+        if cfg.optim.warmup_steps > trainer.plan.total_steps:
+            print(f"dwm train: warning: optim.warmup_steps {cfg.optim.warmup_steps} > the run's "
+                  f"{trainer.plan.total_steps} steps: warmup is capped at {trainer.plan.total_steps}, so the learning "
+                  "rate only rises", file=sys.stderr)
+        print(_summary(trainer), file=sys.stderr, flush=True)
+        _retire_stale_eval(trainer, resume)
+    final = trainer.train()
+    return TrainResult(run_dir=trainer.run_dir, config=cfg, metrics=dict(final or {}), is_main=trainer.is_main)
 
 
 # ---------------------------------------------------------------- `dwm train`
@@ -272,17 +356,15 @@ def resolve_config_path(arg: str | None, out: str | None, resume: bool) -> Path 
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    shortcuts = []
-    for flag, key in (("data", "data.dir"), ("selection", "data.selection"), ("out", "out"),
-                      ("weighting", "weighting.mode")):
-        if getattr(args, flag) is not None:
-            shortcuts.append(f"{key}={getattr(args, flag)}")
+    shortcuts = {key: getattr(args, flag) for flag, key in (("data", "data.dir"), ("selection", "data.selection"),
+                                                             ("out", "out"), ("weighting", "weighting.mode"))
+                 if getattr(args, flag) is not None}
     if args.keep_learning:
-        shortcuts.append("weighting.keep_learning=true")
+        shortcuts["weighting.keep_learning"] = True
     path = resolve_config_path(args.config, args.out, args.resume)
     if path is None and not args.overrides and not shortcuts:
         raise UserError("no configuration: give --config FILE (or a recipe name) and/or key=value overrides")
-    return load_config(path, [*shortcuts, *args.overrides])
+    return load_config(path, [shortcuts, *args.overrides])
 
 
 def _summary(trainer) -> str:
@@ -302,33 +384,17 @@ def run(args: argparse.Namespace, callbacks=()) -> int:
     if args.help_config:
         print(help_config())
         return 0
-    cfg = absolute_paths(config_from_args(args))
     allow = [k for k in (getattr(args, "allow_config_change", "") or "").split(",") if k.strip()]
     if allow and not args.resume:
         raise UserError("--allow-config-change only applies with --resume")
-    plan = validate(cfg, check_paths=True)
-    if args.resume:
-        check_resume(cfg, allow)
-        done = latest_step(cfg.out)
-        if done is not None and plan is not None and plan.total_steps <= done:
-            print(f"dwm train: {cfg.out} is already at step {done} and the run plans {plan.total_steps} steps: "
-                  "nothing to do (raise train.max_steps or train.max_tokens to train on)", file=sys.stderr)
-            return 0
-    if plan is not None and cfg.optim.warmup_steps > plan.total_steps:
-        print(f"dwm train: warning: optim.warmup_steps {cfg.optim.warmup_steps} > the run's {plan.total_steps} "
-              f"steps: warmup is capped at {plan.total_steps}, so the learning rate only rises", file=sys.stderr)
-    trainer = build_trainer(cfg, resume=args.resume, callbacks=callbacks, allow_config_change=allow)
-    if trainer.is_main:
-        print(_summary(trainer), file=sys.stderr, flush=True)
-        _retire_stale_eval(trainer, args.resume)
     try:
-        final = trainer.train()
+        res = train(config_from_args(args), resume=args.resume, callbacks=callbacks, allow_config_change=allow)
     except Preempted as e:
-        if trainer.is_main:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(e, file=sys.stderr)
         return e.exit_code
-    if trainer.is_main and final:
-        print(f"done: step {final['step']}, loss {final['loss']:.4f}, run dir {trainer.run_dir}", file=sys.stderr)
+    if res.is_main and res.metrics:
+        print(f"done: step {res.step}, loss {res.loss:.4f}, run dir {res.run_dir}", file=sys.stderr)
     return 0
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dwm.errors import UserError
 
@@ -32,23 +37,51 @@ def _labels(dirs: list[Path]) -> list[str]:
     return labels
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Summary:
+    """What `analyze_runs` (`dwm.analyze`) returns: where the report went and its summary.json (one entry per run:
+    stages, per-domain probe weights, correlations, examples), plus what could not be read of each run."""
+
+    out: Path
+    report: Path
+    runs: list[dict[str, Any]]
+    plots: list[Path]
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def analyze_runs(runs: str | Path | Sequence[str | Path], out: str | Path | None = None, *,
+                 data: str | Path | Sequence[str | Path] | None = None, examples: int = 3,
+                 chars: int = 300) -> Summary:
+    """`dwm analyze` as a function: the data preferences of DWM runs per stage, side by side, as report.html, PNG
+    plots and summary.json in `out` (default FIRST_RUN/analysis); returns a Summary. data: the prepared data
+    directory the runs trained on when their config's data.dir has moved (one for all runs, or one per run).
+    examples / chars: highest- and lowest-weighted samples shown per stage, characters of each. Bad input raises
+    UserError."""
     from dwm.analysis.report import analyze
     from dwm.analysis.runs import load_run
 
-    dirs = [Path(d) for d in args.run_dirs]
-    data = args.data or []
-    if len(data) not in (0, 1, len(dirs)):
-        raise UserError(f"--data given {len(data)} times for {len(dirs)} runs: give it once (all runs) or once "
+    dirs = [Path(runs)] if isinstance(runs, (str, os.PathLike)) else [Path(r) for r in runs]
+    if not dirs:
+        raise UserError("no run directory to analyze")
+    given = [] if data is None else [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if len(given) not in (0, 1, len(dirs)):
+        raise UserError(f"--data given {len(given)} times for {len(dirs)} runs: give it once (all runs) or once "
                         f"per run")
-    if args.examples < 0 or args.chars < 1:
+    if examples < 0 or chars < 1:
         raise UserError("--examples must be >= 0 and --chars >= 1")
-    per_run = data * len(dirs) if len(data) == 1 else (data or [None] * len(dirs))
-    runs = [load_run(d, dd, label) for d, dd, label in zip(dirs, per_run, _labels(dirs))]
-    out = Path(args.out) if args.out else dirs[0] / "analysis"
-    report = analyze(runs, out, n_examples=args.examples, chars=args.chars)
-    for r in runs:
-        for note in r.notes:
-            print(f"dwm analyze: {r.label}: {note}", file=sys.stderr)
-    print(f"report: {report}", file=sys.stderr)
+    per_run = given * len(dirs) if len(given) == 1 else (given or [None] * len(dirs))
+    loaded = [load_run(d, dd, label) for d, dd, label in zip(dirs, per_run, _labels(dirs))]
+    out_dir = Path(out) if out else dirs[0] / "analysis"
+    report = analyze(loaded, out_dir, n_examples=examples, chars=chars)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return Summary(out=out_dir, report=report, runs=summary["runs"], plots=[out_dir / p for p in summary["plots"]],
+                   notes={r.label: list(r.notes) for r in loaded})
+
+
+def run(args: argparse.Namespace) -> int:
+    res = analyze_runs(args.run_dirs, args.out, data=args.data, examples=args.examples, chars=args.chars)
+    for label, notes in res.notes.items():
+        for note in notes:
+            print(f"dwm analyze: {label}: {note}", file=sys.stderr)
+    print(f"report: {res.report}", file=sys.stderr)
     return 0

@@ -27,10 +27,11 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -704,6 +705,73 @@ def make_pool(shard_dirs: list[str | Path], out: str | Path) -> dict:
     return meta
 
 
+@dataclass
+class PreparedInfo:
+    """What `prepare_data` (`dwm.prepare`) returns: the prepared directory (or pool) and its meta.json. Path-like:
+    it can stand for the directory (`dwm.train(overrides={"data.dir": info})`)."""
+
+    dir: Path
+    meta: dict
+
+    def __fspath__(self) -> str:
+        return str(self.dir)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.meta["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.meta["domains"])
+
+    @property
+    def is_pool(self) -> bool:
+        return self.meta.get("format") != FORMAT
+
+    def n_samples(self, split: str = "train") -> int:
+        """Rows (samples of seq_len tokens) of a split."""
+        return int(self.meta["splits"][split]["n_samples"])
+
+
+def prepare_data(inputs: str | Path | Sequence[str | Path], out: str | Path, *, vocab_size: int = 8192,
+                 seq_len: int = 256, tokenizer: str | Path | None = None, domain_field: str | None = None,
+                 text_field: str = "text", id_field: str = "id", score_fields: str | Sequence[str] = (),
+                 tokenizer_sample_mb: float = 32.0, val_fraction: float = 0.01,
+                 packing: Literal["stream", "doc"] = "stream", on_error: Literal["skip", "fail"] = "skip",
+                 workers: int = 0, engine: Literal["local", "ray"] = "local", ray_address: str | None = None,
+                 seed: int = 0, shard: tuple[int, int] | str | None = None, force: bool = False,
+                 progress: bool | None = None, pool: bool = False) -> PreparedInfo:
+    """`dwm prepare` as a function: tokenize documents into fixed-length samples in `out`; returns PreparedInfo.
+
+    inputs: .jsonl[.gz|.zst] / .parquet / .txt files or directories of them; with pool=True, prepared shard
+    directories, and `out` becomes a pool that reads them as one data set (the other options do not apply).
+    tokenizer: a tokenizer.json or HF tokenizer directory (None: train a byte-level BPE of vocab_size on the
+    inputs). domain_field: the record field (a dotted path into nested objects) naming the domain (None: from the
+    file name `<domain>__<source>.*`). score_fields: numeric fields kept as float64 columns (a list, or a
+    comma-separated string). shard: (I, N) or "I/N", only the I-th of N parts of the sorted input files. The other
+    options are `dwm prepare`'s (`dwm prepare --help`). A finished `out` prepared from the same inputs and options
+    is not redone (unless force). Bad inputs or options raise UserError."""
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if pool:
+        if shard:
+            raise UserError("--pool takes prepared shard directories: --shard does not apply")
+        return PreparedInfo(Path(out), make_pool(paths, out))
+    if isinstance(score_fields, str):
+        score_fields = score_fields.split(",")
+    opts = PrepareOptions(
+        text_field=text_field, id_field=id_field, domain_field=domain_field,
+        score_fields=tuple(f.strip() for f in score_fields if f.strip()),
+        tokenizer=None if tokenizer is None else os.fspath(tokenizer), vocab_size=vocab_size,
+        tokenizer_sample_mb=tokenizer_sample_mb, seq_len=seq_len, val_fraction=val_fraction, packing=packing,
+        on_error=on_error, workers=workers, engine=engine, ray_address=ray_address, seed=seed,
+        shard=(parse_shard(shard) if shard else None) if isinstance(shard, str) else shard, force=force, progress=progress)
+    return PreparedInfo(Path(out), prepare(paths, out, opts))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -750,18 +818,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.pool:
-        if args.shard:
-            raise UserError("--pool takes prepared shard directories: --shard does not apply")
-        make_pool(args.inputs, args.out)
-        return 0
-    opts = PrepareOptions(
-        text_field=args.text_field, id_field=args.id_field, domain_field=args.domain_field,
-        score_fields=tuple(f.strip() for f in args.score_fields.split(",") if f.strip()),
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb,
-        seq_len=args.seq_len, val_fraction=args.val_fraction, packing=args.packing, on_error=args.on_error,
-        workers=args.workers, engine=args.engine, ray_address=args.ray_address, seed=args.seed,
-        shard=parse_shard(args.shard) if args.shard else None, force=args.force,
-        progress=False if args.no_progress else None)
-    prepare(args.inputs, args.out, opts)
+    prepare_data(args.inputs, args.out, pool=args.pool, text_field=args.text_field, id_field=args.id_field,
+                 domain_field=args.domain_field, score_fields=args.score_fields, tokenizer=args.tokenizer,
+                 vocab_size=args.vocab_size, tokenizer_sample_mb=args.tokenizer_sample_mb, seq_len=args.seq_len,
+                 val_fraction=args.val_fraction, packing=args.packing, on_error=args.on_error, workers=args.workers,
+                 engine=args.engine, ray_address=args.ray_address, seed=args.seed, shard=args.shard,
+                 force=args.force, progress=False if args.no_progress else None)
     return 0

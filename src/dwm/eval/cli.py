@@ -1,6 +1,6 @@
 """`dwm eval RUN_DIR`: held-out loss/perplexity per domain + LAMBADA accuracy/perplexity (+ optional lm-eval tasks).
 
-Results go to RUN_DIR/eval.json and a table on stdout. `evaluate_run` is the library entry point;
+Results go to RUN_DIR/eval.json and a table on stdout. `evaluate` (`dwm.evaluate`) is the library entry point;
 `format_table` prints several runs side by side (the demo compares uniform vs DWM with it).
 
 The `reference` target set is what the weighting model optimised against, so reporting on it would flatter DWM:
@@ -17,6 +17,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,55 @@ def _warn_few_val_domains(held: dict[str, Any], data_path: Path) -> None:
               "--val-fraction)", file=sys.stderr)
 
 
+class EvalResult(dict):
+    """What `evaluate` (`dwm.evaluate`) returns: the eval.json dict (`run_dir`, `checkpoint`, `step`,
+    `tokens_seen`, `heldout`, `lambada`, `harness`), with its headline numbers as properties (None when not
+    measured)."""
+
+    def _get(self, section: str, key: str) -> Any:
+        return (self.get(section) or {}).get(key)
+
+    @property
+    def lambada_acc(self) -> float | None:
+        return self._get("lambada", "acc")
+
+    @property
+    def lambada_perplexity(self) -> float | None:
+        return self._get("lambada", "perplexity")
+
+    @property
+    def passage_loss(self) -> float | None:
+        """Mean NLL of the target passages (what the weighting model optimises against the reference set)."""
+        return self._get("lambada", "passage_loss")
+
+    @property
+    def val_loss(self) -> float | None:
+        """Held-out loss of the prepared data's val split, all domains."""
+        return (self._get("heldout", "overall") or {}).get("loss")
+
+
+def evaluate(run: str | Path, *, data: str | Path | None = None, target: str | Path | None = DEFAULT_TARGET,
+             tasks: Sequence[str] = (), checkpoint: str | None = None, batch_size: int = 16,
+             max_passages: int | None = None, max_samples: int | None = None, allow_reference: bool = False,
+             device: str | None = None, write: bool = True, task_include: Sequence[str | Path] = ()) -> EvalResult:
+    """`dwm eval` as a function: evaluate a run's checkpoint (default checkpoints/LATEST) on the held-out domains
+    of `data` (default: the run's data.dir), the LAMBADA-format `target` (None skips it; the reference set the
+    weighting model optimised against is refused unless allow_reference) and lm-eval `tasks` ("name" or "name:k"
+    for k-shot; task_include adds directories of task YAMLs). device None: cuda if available, else cpu. Writes
+    RUN_DIR/eval.json when `write`; returns the same as an EvalResult. Bad input raises UserError."""
+    if not device:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    res = evaluate_run(run, data_dir=data, target=target, checkpoint=checkpoint,
+                       tasks=[t for t in tasks if t.strip()] or None, batch_size=batch_size,
+                       max_passages=max_passages, max_samples=max_samples, allow_reference=allow_reference,
+                       device=device, write=write, task_include=[str(d) for d in task_include] or None)
+    return EvalResult(res)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -245,14 +295,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     target = None if str(args.target).lower() == "none" else args.target
-    tasks = [t for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    res = evaluate_run(args.run_dir, data_dir=args.data, target=target, checkpoint=args.checkpoint, tasks=tasks,
-                       batch_size=args.batch_size, max_passages=args.max_passages, max_samples=args.max_samples,
-                       allow_reference=args.allow_reference, device=device, task_include=args.task_include)
+    res = evaluate(args.run_dir, data=args.data, target=target, checkpoint=args.checkpoint,
+                   tasks=args.tasks.split(",") if args.tasks else (), batch_size=args.batch_size,
+                   max_passages=args.max_passages, max_samples=args.max_samples,
+                   allow_reference=args.allow_reference, device=args.device, task_include=args.task_include or ())
     print(format_table({Path(args.run_dir).name or str(args.run_dir): res}))
     print(f"wrote {Path(args.run_dir) / 'eval.json'}", file=sys.stderr)
     return 0

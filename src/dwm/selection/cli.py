@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dwm.errors import UserError
 from dwm.selection import METHODS
 from dwm.selection.engine import ENGINES, make_engine
-from dwm.selection.pool import Pool, fill_budget, log, share_table, write_scores, write_selection
+from dwm.selection.pool import Pool, fill_budget, log, share_table, write_selection
+from dwm.selection.pool import write_scores as write_scores_file
 
 DEFAULT_TARGET = "data/target/reference.jsonl"
 
@@ -26,13 +30,13 @@ def default_target() -> Path:
     return repo if repo.is_file() else p
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="prepared data directory (`dwm prepare --out`)")
-    p.add_argument("--method", required=True, choices=METHODS,
+def add_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="prepared data directory (`dwm prepare --out`)")
+    p.add_argument("--method", required=required, choices=METHODS,
                    help="random | dsir (importance resampling) | quality (score column, HF classifier or a trained "
                         "classifier) | perplexity (reference LM band) | influence (online, during `dwm train`)")
-    p.add_argument("--budget-tokens", required=True, type=int, help="tokens to select (real tokens, not padding)")
-    p.add_argument("--out", required=True, help="manifest to write (parquet); a report JSON is written beside it")
+    p.add_argument("--budget-tokens", required=required, type=int, help="tokens to select (real tokens, not padding)")
+    p.add_argument("--out", required=required, help="manifest to write (parquet); a report JSON is written beside it")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choices (same seed, same selection)")
     p.add_argument("--split", default="train", help="split of the prepared directory to select from")
     p.add_argument("--write-scores", metavar="FILE", help="also write every document's score (doc_id, score, "
@@ -75,76 +79,126 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device of the model")
 
 
-def _quality_source(args: argparse.Namespace) -> str:
-    given = [n for n, v in (("column", args.score_column), ("hf", args.score_model), ("classifier", args.classifier))
-             if v]
-    if len(given) != 1:
-        raise UserError("--method quality needs exactly one of --score-column, --score-model, --classifier"
-                        + (f" (got {len(given)})" if given else ""))
-    return given[0]
+@dataclass
+class Selection:
+    """What `select_documents` (`dwm.select`) returns: the manifest and its report (the JSON written beside it).
+    Path-like: it stands for the manifest (`dwm.train(overrides={"data.selection": sel})`)."""
+
+    manifest: Path
+    report: dict[str, Any]
+
+    def __fspath__(self) -> str:
+        return str(self.manifest)
+
+    @property
+    def report_path(self) -> Path:
+        return self.manifest.with_suffix(".json")
 
 
-def select(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the method, choose to the budget, write the outputs; returns the report."""
-    method = args.method
+def _check_choice(option: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        from dwm.config import did_you_mean
+
+        raise UserError(f"{option} must be one of {', '.join(allowed)}, not {value!r}"
+                        f"{did_you_mean(str(value), allowed)}")
+
+
+def select_documents(data: str | Path, method: str, budget_tokens: int, out: str | Path, *, seed: int = 0,
+                     split: str = "train", target: str | Path | None = None, top_k: bool = False,
+                     temperature: float | None = None, write_scores: str | Path | None = None,
+                     engine: str = "local", ray_address: str | None = None, workers: int = 0,
+                     dsir_ngrams: int = 2, dsir_buckets: int = 10000, dsir_features: str = "words",
+                     dsir_min_words: int = 100, score_column: str | None = None, score_model: str | None = None,
+                     classifier: bool = False, label: int = 0, negatives: int = 0, ref_model: str | None = None,
+                     band: str = "lowest", batch_size: int = 16, max_length: int = 512,
+                     device: str = "cpu") -> Selection:
+    """`dwm select` as a function: score the documents of a prepared split with `method` (random, dsir, quality,
+    perplexity), choose up to `budget_tokens` real tokens, write the manifest `out` (parquet, for
+    `dwm train data.selection`) and its report beside it (out with suffix .json); returns a Selection.
+
+    The keyword options are `dwm select`'s (`dwm select --help`), named as its flags: target (dsir, the quality
+    classifier; default data/target/reference.jsonl), top_k / temperature (dsir, quality), dsir_* (dsir),
+    score_column / score_model / classifier (quality: exactly one), ref_model / band (perplexity). Same inputs,
+    same seed: the same manifest. Bad input raises UserError."""
+    data = os.fspath(data)  # a PreparedInfo stands for its directory
+    _check_choice("--method", method, METHODS)
     if method == "influence":
         raise UserError("influence selects online, during training: run `dwm train ... selector.mode=influence` "
                         "(options under [influence], see `dwm train --help-config`)")
+    _check_choice("--engine", engine, ENGINES)
+    _check_choice("--dsir-features", dsir_features, ("words", "tokens"))
+    _check_choice("--band", band, ("lowest", "middle", "highest"))
     t0 = time.perf_counter()
-    pool = Pool(args.data, args.split)
-    if args.budget_tokens <= 0:
-        raise UserError(f"--budget-tokens must be > 0, got {args.budget_tokens}")
-    if args.budget_tokens > pool.total_tokens:
-        raise UserError(f"--budget-tokens {args.budget_tokens:,} is larger than the pool ({pool.total_tokens:,} "
-                        f"tokens in {len(pool):,} documents of {args.data} split {args.split})")
-    if args.temperature is not None and args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    target = Path(args.target) if args.target else default_target()
-    engine = make_engine(args.engine, args.workers, args.ray_address)
+    pool = Pool(data, split)
+    if budget_tokens <= 0:
+        raise UserError(f"--budget-tokens must be > 0, got {budget_tokens}")
+    if budget_tokens > pool.total_tokens:
+        raise UserError(f"--budget-tokens {budget_tokens:,} is larger than the pool ({pool.total_tokens:,} "
+                        f"tokens in {len(pool):,} documents of {data} split {split})")
+    if temperature is not None and temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    target = Path(target) if target else default_target()
+    eng = make_engine(engine, workers, ray_address)
     try:
         if method == "random":
             from dwm.selection import uniform
 
-            res = uniform.score(pool, args.seed)
+            res = uniform.score(pool, seed)
             keys = res["scores"]
         elif method == "dsir":
             from dwm.selection import dsir
 
-            t = 1.0 if args.temperature is None else args.temperature
-            opts = dsir.DSIROptions(args.dsir_ngrams, args.dsir_buckets, args.dsir_features, args.dsir_min_words,
-                                    0.0 if args.top_k else t)
-            res = dsir.score(pool, opts, target, engine)
-            keys = dsir.keys(res, opts, args.seed)
+            t = 1.0 if temperature is None else temperature
+            opts = dsir.DSIROptions(dsir_ngrams, dsir_buckets, dsir_features, dsir_min_words, 0.0 if top_k else t)
+            res = dsir.score(pool, opts, target, eng)
+            keys = dsir.keys(res, opts, seed)
         elif method == "quality":
             from dwm.selection import quality
 
-            t = 2.0 if args.temperature is None else args.temperature
-            opts = quality.QualityOptions(_quality_source(args), args.score_column or "", args.score_model or "",
-                                          args.label, args.max_length, args.batch_size, args.negatives,
-                                          0.0 if args.top_k else t)
-            res = quality.score(pool, opts, target, engine, args.seed, args.device)
-            keys = quality.keys(res, opts, args.seed)
+            given = [n for n, v in (("column", score_column), ("hf", score_model), ("classifier", classifier)) if v]
+            if len(given) != 1:
+                raise UserError("--method quality needs exactly one of --score-column, --score-model, --classifier"
+                                + (f" (got {len(given)})" if given else ""))
+            t = 2.0 if temperature is None else temperature
+            opts = quality.QualityOptions(given[0], score_column or "", os.fspath(score_model or ""), label,
+                                          max_length, batch_size, negatives, 0.0 if top_k else t)
+            res = quality.score(pool, opts, target, eng, seed, device)
+            keys = quality.keys(res, opts, seed)
         else:
             from dwm.selection import perplexity
 
-            opts = perplexity.PerplexityOptions(args.ref_model or "", args.band, args.batch_size, args.max_length)
-            res = perplexity.score(pool, opts, args.device)
-            keys = perplexity.keys(res, opts, args.seed)
+            opts = perplexity.PerplexityOptions(os.fspath(ref_model or ""), band, batch_size, max_length)
+            res = perplexity.score(pool, opts, device)
+            keys = perplexity.keys(res, opts, seed)
     finally:
-        engine.close()
+        eng.close()
     scores = res["scores"]
-    if args.write_scores:
-        write_scores(pool, scores, args.write_scores, method)
-    chosen = fill_budget(keys, pool.unit_tokens, args.budget_tokens, res.get("eligible"))
-    info = {"method": method, "settings": {**res["settings"], "top_k": bool(args.top_k)},
-            "budget_tokens": args.budget_tokens, "engine": args.engine,
+    if write_scores:
+        write_scores_file(pool, scores, write_scores, method)
+    chosen = fill_budget(keys, pool.unit_tokens, budget_tokens, res.get("eligible"))
+    info = {"method": method, "settings": {**res["settings"], "top_k": bool(top_k)},
+            "budget_tokens": budget_tokens, "engine": engine,
             "seconds": round(time.perf_counter() - t0, 3)}
-    report = write_selection(pool, chosen, scores, args.out, info, args.seed)
-    return report
+    report = write_selection(pool, chosen, scores, out, info, seed)
+    return Selection(Path(out), report)
+
+
+OPTIONS = tuple(inspect.signature(select_documents).parameters)  # its parameters = `dwm select`'s dests
+
+
+def parse_options(argv: list[str], prog: str = "dwm select") -> dict[str, Any]:
+    """The `dwm select` arguments in argv (e.g. an experiment recipe's `dsir = "--dsir-ngrams 1"`) as
+    select_documents keywords: only those given, none required."""
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, required=False)
+    for action in p._actions:  # no defaults: only what argv gives
+        if action.dest in OPTIONS:
+            action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
-    report = select(args)
+    report = select_documents(**{k: getattr(args, k) for k in OPTIONS}).report
     print(share_table(report["shares"]))
     log(f"{args.method}: {report['selected_documents']:,} of {report['pool_documents']:,} documents, "
         f"{report['selected_tokens']:,} tokens ({report['selected_samples']:,} samples) -> {args.out} "

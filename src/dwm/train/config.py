@@ -123,6 +123,9 @@ class TrainConfig:
     """multi-process training: 'ddp' (each rank holds the whole model, optimizer state and gradients) or 'fsdp'
     (FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over the ranks); `dwm plan` says which
     fits"""
+    memory_limit_gib: float = 0
+    """refuse to start when the predicted peak memory per device (`dwm plan`) exceeds this many GiB; 0 = the GPU's
+    total memory on CUDA, no check on the CPU"""
     keep_freed_memory: bool = True
     """on CPU (Linux, glibc): keep freed blocks in the process heap instead of returning the large ones (a
     micro-batch's logits) to the kernel and faulting them in again at every step (dwm.host: a cpu-small step's
@@ -139,6 +142,7 @@ class TrainConfig:
         if self.max_steps and self.max_tokens:
             raise UserError(f"set only one of {prefix}max_steps and {prefix}max_tokens")
         check_positive(f"{prefix}seed", self.seed, allow_zero=True)
+        check_positive(f"{prefix}memory_limit_gib", self.memory_limit_gib, allow_zero=True)
 
 
 @dataclass

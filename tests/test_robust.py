@@ -67,6 +67,7 @@ def test_sigterm_at_5_random_steps_resumes_bit_identically(make_cfg, tmp_path):
     full = Trainer(make_cfg(*cfg, out=tmp_path / "full"), weighter=SignalDuringStep())
     full.train()
     want = params(full.model)
+    before = signal.getsignal(signal.SIGTERM)
     rng = random.Random(1234)
     tries = sorted(rng.sample(range(STEPS - 1), 5))  # 0-based step indices, in the middle of which SIGTERM lands
     ok = 0
@@ -79,7 +80,7 @@ def test_sigterm_at_5_random_steps_resumes_bit_identically(make_cfg, tmp_path):
         assert (out / "checkpoints" / "LATEST").read_text().strip() == f"step_{k + 1:08d}"
         events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert {"step": k + 1, "event": "preempted", "signal": "SIGTERM"} in events
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after train()
+        assert signal.getsignal(signal.SIGTERM) is before  # handlers restored after train()
         torch.rand(7)  # disturb the RNG: the checkpoint's state must win
         resumed = Trainer(make_cfg(*cfg, out=out), resume=True, weighter=SignalDuringStep())
         assert resumed.step == k + 1
@@ -90,7 +91,15 @@ def test_sigterm_at_5_random_steps_resumes_bit_identically(make_cfg, tmp_path):
     assert ok == 5
 
 
-def test_sigint_also_saves(make_cfg, tmp_path):
+@pytest.fixture
+def ctrl_c():
+    """SIGINT as in an interactive shell (a background job's ignores it, and an ignored signal stays ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_also_saves(make_cfg, tmp_path, ctrl_c):
     tr = Trainer(make_cfg("train.max_steps=6", out=tmp_path / "r"), weighter=SignalDuringStep(2, signal.SIGINT))
     with pytest.raises(Preempted, match="stopped by SIGINT after step 3"):
         tr.train()
@@ -588,7 +597,8 @@ class TwoSignals(Weighter):
         return torch.ones(len(batch))
 
 
-def test_repeated_sigterm_keeps_saving_and_second_ctrl_c_stops_at_once(make_cfg, tmp_path):
+def test_repeated_sigterm_keeps_saving_and_second_ctrl_c_stops_at_once(make_cfg, tmp_path, ctrl_c):
+    before = signal.getsignal(signal.SIGINT)
     tr = Trainer(make_cfg("train.max_steps=6", out=tmp_path / "a"), weighter=TwoSignals(signal.SIGINT, signal.SIGTERM))
     with pytest.raises(Preempted):
         tr.train()
@@ -598,4 +608,8 @@ def test_repeated_sigterm_keeps_saving_and_second_ctrl_c_stops_at_once(make_cfg,
         tr.train()
     assert not isinstance(e.value, Preempted) and tr.step == 1
     assert not (tmp_path / "b" / "checkpoints" / "LATEST").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored SIGINT stays ignored while training
+    tr = Trainer(make_cfg("train.max_steps=3", out=tmp_path / "c"), weighter=TwoSignals(signal.SIGINT, signal.SIGINT))
+    tr.train()
+    assert tr.stopped_by is None and tr.step == 3 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN

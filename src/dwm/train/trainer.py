@@ -416,7 +416,8 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        # a signal the process ignores (SIGINT of a background job, `nohup`) stays ignored
+        previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
 
         def handler(signum, frame):
             if self._stop_requested is not None:
@@ -426,9 +427,9 @@ class Trainer:
             self._stop_requested = signum
             if self.is_main:
                 print(f"\ndwm train: {signal.Signals(signum).name} received: finishing step {self.step + 1}, then "
-                      "saving a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+                      "saving a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
-        for s in STOP_SIGNALS:
+        for s in previous:
             signal.signal(s, handler)
         try:
             yield

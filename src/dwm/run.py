@@ -327,7 +327,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (out; default runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's newest good checkpoint "
                                                          "(a changed model, data, weighting or tokenizer is refused)")
-    p.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
+    p.add_argument("--allow-config-change", metavar="KEY[,KEY]", default=None,
                    help="with --resume: accept these changed config keys (or sections, e.g. weighting; 'tokenizer' "
                         "for another tokenizer) instead of refusing them")
     p.add_argument("--weighting", metavar="MODE_OR_RUN_DIR",

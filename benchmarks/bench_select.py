@@ -1,7 +1,8 @@
 """Benchmark `dwm select` and the online `influence` selector (prints a markdown report; not a test).
 
 1. DSIR on a prepared pool (default: the full ~150 MB corpus, `dwm corpus build --full` then
-   `dwm prepare corpus-build/full --out corpus-build/prepared-full`): fit + score + resample with 2 workers, wall and
+   `dwm prepare corpus-build/full --out corpus-build/prepared-full`), in its parity mode (`--dsir-score sum`, the
+   package's whole-document sum): fit + score + resample with 2 workers, wall and
    CPU time and peak RSS of the `dwm select` process; side by side with the DSIR authors' `data-selection` package
    (HashedNgramDSIR, same pool texts, same target, 2 processes, unigrams + bigrams, 10,000 buckets,
    min_example_length 100, the same number of documents resampled): time ratio and Spearman's rho between the two
@@ -115,7 +116,7 @@ def bench_dsir(data: Path, target: Path, budget: int, tmp: Path, skip_package: b
 
     out = tmp / "dsir.parquet"
     runs = [dwm_select(data, out, "--method", "dsir", "--budget-tokens", str(budget), "--target", str(target),
-                       "--write-scores", str(tmp / "dsir_scores.parquet")) for _ in range(2)]
+                       "--dsir-score", "sum", "--write-scores", str(tmp / "dsir_scores.parquet")) for _ in range(2)]
     wall, cpu, rss, rep = min(runs, key=lambda r: r[0])
     pool = Pool(data)
     lines += ["## 1. DSIR: fit + score + resample", "",
@@ -123,7 +124,7 @@ def bench_dsir(data: Path, target: Path, budget: int, tmp: Path, skip_package: b
               f"{(data / 'train.bin').stat().st_size / 1e6:.0f} MB of rows); target {target}; budget {budget:,} "
               f"tokens ({rep['selected_documents']:,} documents)"), "",
               "| run | wall s | CPU s | peak RSS MB |", "|---|---:|---:|---:|",
-              (f"| `dwm select --method dsir`, 2 workers (best of 2: {', '.join(f'{r[0]:.1f}' for r in runs)}) "
+              (f"| `dwm select --method dsir --dsir-score sum`, 2 workers (best of 2: {', '.join(f'{r[0]:.1f}' for r in runs)}) "
               f"| {wall:.1f} | {cpu:.1f} | {rss:.0f} |")]
     if skip_package:
         lines += ["", "(the data-selection package was skipped: --skip-package)", ""]

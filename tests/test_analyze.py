@@ -3,6 +3,7 @@ every <img> exists), a run from before lm_loss, and bad inputs as one-line error
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from html.parser import HTMLParser
@@ -276,3 +277,85 @@ def test_trained_shares_reads_the_weighted_steps_of_metrics_jsonl(tmp_path):
     assert trained_shares(tmp_path) == {"books": 0.875, "code": 0.125}
     (tmp_path / "metrics.jsonl").write_text(json.dumps(recs[3]) + "\n")
     assert trained_shares(tmp_path) == {}
+
+
+# ------------------------------------------------------------------------------------------ plots: edge cases
+class _TextRun:
+    """A RunData whose texts are made up (no tokenizer, no prepared data): for the report's edge cases."""
+
+    @staticmethod
+    def make(weights: list[np.ndarray], n_tokens: np.ndarray, label: str = "r"):
+        from dwm.analysis.runs import RunData, Stage
+
+        class Run(RunData):
+            def text(self, sample_id: int, chars: int = 300) -> str:
+                return f"sample {sample_id}"
+
+        n = len(n_tokens)
+        rng = np.random.default_rng(0)
+        stages = [Stage(k=k, step=2 * k, total_steps=10, updates=1, skipped=0, weight=w, score=np.log(w),
+                        lm_loss=rng.normal(3, 0.5, n)) for k, w in enumerate(weights)]
+        return Run(dir=Path("."), label=label, mode="dwm", data_dir=Path("."), split="train", domains=["a", "b"],
+                   ids=np.arange(n), domain=np.array(["a", "b"] * (n // 2)), n_tokens=n_tokens,
+                   novelty=rng.uniform(0, 1, n), scores={}, stages=stages)
+
+
+def test_constant_property_is_said_not_nan(tmp_path):
+    """Every probe sample of the same length (fully packed rows): the length has no correlation with anything; the
+    summary, the HTML and the correlation plot's legend say so instead of showing NaN. Constant weights (a uniform
+    stage) are named as such."""
+    from dwm.analysis.report import analyze, plot_correlations, run_summary
+
+    rng = np.random.default_rng(1)
+    w = [np.exp(rng.normal(0, 1, 20)), np.ones(20)]  # stage 1: every weight 1
+    run = _TextRun.make(w, np.full(20, 32))
+    analyze([run], tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())["runs"][0]
+    st0, st1 = s["stages"]
+    assert st0["spearman"]["length (tokens)"] is None  # NaN is written as null
+    assert st0["no_correlation"] == {"length (tokens)": "constant: no correlation"}
+    assert st0["spearman"]["LM loss"] is not None and "LM loss" not in st0["no_correlation"]
+    assert st1["no_correlation"]["LM loss"] == "constant weights: no correlation"
+    assert st1["no_correlation"]["domain (eta)"] == "constant weights: no correlation"
+    assert st1["no_correlation"]["domain = a vs rest"] == "constant weights: no correlation"
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    corr = html[html.index("<h2>Correlations</h2>"):html.index("<h2>Weight distribution</h2>")]
+    assert "nan" not in corr.lower()
+    assert corr.count("constant: no correlation") == 2 and "constant weights: no correlation" in corr
+    fig = plot_correlations([run_summary(run, 1, 20)], tmp_path / "c.png")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "length (tokens): constant: no correlation" in legend
+    assert "LM loss (constant weights: no correlation at stage 1)" in legend
+
+
+def test_log_ticks_by_hand():
+    from dwm.analysis.report import log_ticks
+
+    assert log_ticks(0.5, 2) == [0.5, 1, 2]
+    assert log_ticks(0.23, 4.3) == [0.3, 0.5, 1, 2, 3]  # 1-2-3-5 where it gives at most 5
+    assert log_ticks(0.15, 6) == [0.2, 0.5, 1, 2, 5]  # 1-2-3-5 would be 7
+    assert log_ticks(0.01, 30) == [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30]  # 1-2-5 would be 11 ticks
+    assert log_ticks(1e-6, 1e3) == [1e-6, 1e-4, 0.01, 1, 100]  # 10 powers of ten: every other one
+    assert log_ticks(0.9, 1.1) == [0.9, 0.95, 1, 1.05, 1.1]  # only 1 of 1-2-5 inside: round linear steps
+
+
+def test_weight_distribution_log_axis_labels_do_not_overlap(tmp_path):
+    """Weights over five decades on a log axis: the labelled y ticks are few (2..8) and no two labels overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from dwm.analysis.report import plot_weight_distribution, run_summary
+
+    rng = np.random.default_rng(2)
+    w = [np.exp(rng.uniform(np.log(1e-3), np.log(50), 40)) for _ in range(3)]
+    run = _TextRun.make(w, rng.integers(5, 40, 40))
+    fig = plot_weight_distribution([run], [run_summary(run, 1, 20)], tmp_path / "w.png")
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    labels = [t for t in ax.get_yticklabels(which="both") if t.get_text() and lo <= t.get_position()[1] <= hi]
+    assert 2 <= len(labels) <= 8, [t.get_text() for t in labels]
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.y0)
+    for a, b in itertools.pairwise(boxes):
+        assert a.y1 <= b.y0, "tick labels overlap"

@@ -29,11 +29,13 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     rc = main(["demo", "--out", str(out), "--corpus", str(corpus), "--reference", str(tmp_path / "reference.jsonl"),
                "--heldout", str(tmp_path / "heldout.jsonl"), "--preset", "tiny", "--steps", "5", "--vocab-size",
                "300", "--seq-len", "32", "--batch-tokens", "256", "--max-passages", "6", "--jobs", "1",
-               "log.progress=false", "weighting.probe_size=20", "weighting.net.width=32", "weighting.ref_batch_size=4"])
+               "--threads", "1", "log.progress=false", "weighting.probe_size=20", "weighting.net.width=32", "weighting.ref_batch_size=4"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "uniform" in text and "dwm" in text and "oracle (books=1.0)" in text and "LAMBADA acc" in text
     results = json.loads((out / "results.json").read_text())
+    assert results["threads_per_run"] == 1 and results["jobs"] == 1
+    assert "1 run at a time, 1 torch thread each" in (out / "results.md").read_text().splitlines()[0]
     assert results["uniform"]["tokens_seen"] == results["dwm"]["tokens_seen"] == results["oracle"]["tokens_seen"]
     assert results["uniform"]["tokens_seen"] == 5 * 256
     # the stage table and the sentence come from this run's probe files and eval results, not from constants
@@ -80,28 +82,21 @@ def test_demo_trains_both_and_prints_side_by_side(tmp_path, capsys):
     assert (out / "dwm" / "checkpoints" / "LATEST").stat().st_mtime == mtime
 
 
-def test_the_last_arm_training_takes_the_freed_cores(tmp_path):
-    """TakeFreedCores: with 2 cores and two other arms, 1 thread while any other is still training, both cores once
-    both have written their last checkpoint's LATEST pointer."""
-    import torch
+def test_thread_layout_is_fixed_by_the_machine(tmp_path, capsys):
+    """Each run's torch threads: --threads, else the cores shared by the runs training at once (at least 1); never
+    changed while the runs train (no dependence on which run finishes first). A negative count is a one-line
+    error, before anything is prepared."""
+    from dwm.demo import threads_per_run
 
-    from dwm.demo import TakeFreedCores
-
-    others = [tmp_path / "uniform", tmp_path / "oracle"]
-    cb = TakeFreedCores(others, steps=150, cores=2)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for run in others:
-            (run / "checkpoints").mkdir(parents=True)
-            (run / "checkpoints" / "LATEST").write_text("step_00000100\n")  # still training
-        cb.on_step_end(None, None)
-        assert torch.get_num_threads() == 1
-        (others[0] / "checkpoints" / "LATEST").write_text("step_00000150\n")
-        cb.on_step_end(None, None)
-        assert torch.get_num_threads() == 1  # 2 running on 2 cores: one each
-        (others[1] / "checkpoints" / "LATEST").write_text("step_00000150\n")
-        cb.on_step_end(None, None)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    assert threads_per_run(cores=2, jobs=3) == 1  # this project's VMs: the DWM benchmark's layout
+    assert threads_per_run(cores=2, jobs=1) == 2
+    assert threads_per_run(cores=16, jobs=3) == 5
+    assert threads_per_run(cores=16, jobs=3, threads=1) == 1
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a b"}) + "\n")
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--corpus", str(corpus), "--reference",
+               str(tmp_path / "t.jsonl"), "--heldout", str(tmp_path / "t.jsonl"), "--threads", "-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--threads must be >= 0" in err
+    assert not (tmp_path / "demo").exists()

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dwm.cli import main
+from dwm.errors import UserError
 from dwm.selection import dsir
 from dwm.selection.pool import Pool, fill_budget, gumbel_keys, read_selection_info
 from dwm.testing import _WORDS
@@ -111,6 +112,62 @@ def test_dsir_token_features_and_min_words(pool_dir, target_a, tmp_path):
                   "--dsir-min-words", "1") == 0
     assert domain_share(pool_dir, out) > 0.9
     assert select(pool_dir, out, "--target", str(target_a)) == 2  # every toy document has < 100 words
+
+
+def long_a_pool(pool_dir: Path, out: Path, rows_per_doc: int = 8) -> Path:
+    """pool_dir's rows reordered: domain a's rows first, as documents of `rows_per_doc` rows each (long), then
+    domain b's, one row a document (short)."""
+    shutil.copytree(pool_dir, out)
+    meta = json.loads((out / "meta.json").read_text())
+    t = pq.read_table(out / "train.parquet")
+    rows = np.fromfile(out / "train.bin", dtype=meta["dtype"]).reshape(t.num_rows, meta["seq_len"])
+    dom = np.array(t["domain"].to_pylist())
+    order = np.concatenate([np.flatnonzero(dom == "a"), np.flatnonzero(dom == "b")])
+    rows[order].tofile(out / "train.bin")
+    t = t.take(pa.array(order))
+    n_a = int((dom == "a").sum())
+    ids = [f"a-{i // rows_per_doc}" if i < n_a else f"b-{i}" for i in range(t.num_rows)]
+    t = t.set_column(t.column_names.index("doc_id"), "doc_id", pa.array(ids, pa.string()))
+    t = t.set_column(0, "sample_id", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+    pq.write_table(t, out / "train.parquet")
+    return out
+
+
+def test_dsir_mean_selects_long_target_like_documents(pool_dir, tmp_path):
+    """Domain a's documents are long (8 rows) and like the target, b's short and unlike it. The target is small, so
+    many of a's bigrams are missing from it and every document's n-grams have a negative log ratio on average:
+    the whole-document sum (`--dsir-score sum`) ranks the long documents last, the mean per n-gram (the default)
+    first."""
+    data = long_a_pool(pool_dir, tmp_path / "long")
+    rng = np.random.default_rng(3)
+    target = tmp_path / "small_target.jsonl"
+    target.write_text("".join(json.dumps({"text": " ".join(rng.choice(_WORDS[0].split(), size=12))}) + "\n"
+                              for _ in range(6)))
+    pool = Pool(data)
+    assert len(pool) == 10 + 80 and pool.unit_tokens[:10].min() > 4 * pool.unit_tokens[10:].max()
+    budget = pool.total_tokens // 4
+    out = tmp_path / "sel.parquet"
+    args = ["--target", str(target), "--dsir-min-words", "1", "--write-scores", str(tmp_path / "s.parquet")]
+    assert select(data, out, *args, budget=budget) == 0
+    assert domain_share(data, out) > 0.9
+    mean = pq.read_table(tmp_path / "s.parquet")["score"].to_numpy()
+    assert select(data, out, *args, "--dsir-score", "sum", budget=budget) == 0
+    assert domain_share(data, out) < 0.1
+    total = pq.read_table(tmp_path / "s.parquet")["score"].to_numpy()
+    assert total.max() < 0 and total[:10].max() < np.median(total[10:])  # the sum: long documents rank last
+    # mean = sum / the document's n-grams x the n-grams of a 128-word example (128 unigrams + 127 bigrams)
+    texts = [t for s in pool.shards() for t in dsir.shard_texts(s)]
+    _b, d, _w = dsir.text_features(texts, dsir.DSIROptions(ngrams=2))
+    n = np.bincount(d, minlength=len(texts))
+    assert dsir.DSIROptions(ngrams=2).example_ngrams == 255 and dsir.DSIROptions(ngrams=3).example_ngrams == 381
+    assert mean == pytest.approx(total / n * 255, rel=1e-9)
+    assert info_settings(out)["score"] == "sum"
+    with pytest.raises(UserError, match="--dsir-score must be mean or sum"):
+        dsir.DSIROptions(score="avg").validate()  # type: ignore[arg-type]
+
+
+def info_settings(path) -> dict:
+    return read_selection_info(path)["settings"]
 
 
 # ------------------------------------------------------------------------------------------ Gumbel top-k

@@ -11,10 +11,21 @@
    DWM's mean weight per domain at every stage and each domain's share of what it trained on (beside its share of
    the corpus), and say in one line what it learned and how much it helped.
 
-The three runs train at the same time, one process and one thread each (on two cores this is faster than one
-after the other); an arm still training when the others have finished takes the cores they freed. Each part is
-skipped when its output is already complete, so a re-run after an interruption continues. Every number printed
-comes from this run's files.
+The three runs train at the same time, one process each (on two cores this is faster than one after the other).
+Each part is skipped when its output is already complete, so a re-run after an interruption continues. Every number
+printed comes from this run's files.
+
+Threads and reproducibility. Every run uses one fixed number of torch threads from start to end, training and
+evaluation: `--threads`, by default max(1, cores // runs at a time) (`threads_per_run`; cores: those this process
+may run on), a function of the machine only, never of when the other runs finish. The thread count changes how CPU
+kernels split their sums, hence the last bits of the numbers (one cpu-mini batch's gradients differ by up to 3e-8
+between 1 and 2 threads, measured), and such differences can grow over 150 steps. What reproduces bit for bit: the
+same command at the same thread count, on the same kind of CPU with the same torch build (a re-run, or a fresh clone
+on another machine of the same type); on this project's 2-core VMs the default is 1 thread for each of the three
+runs, the layout of the DWM benchmark's runs (benchmarks/bench_dwm.py, 1 thread each). What does not: another thread
+count (a machine with 6 or more cores gives each run 2 or more by default: `--threads 1` keeps the 2-core layout),
+another CPU (other vector instructions round differently) or another torch build; expect the printed numbers to
+move in their last digits there.
 """
 
 from __future__ import annotations
@@ -28,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from dwm.errors import UserError
-from dwm.train.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = ("uniform", "dwm", "oracle")
@@ -52,7 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of the prepared corpus")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
     p.add_argument("--max-passages", type=int, default=500, help="heldout passages to evaluate")
-    p.add_argument("--jobs", type=int, default=3, help="runs trained at the same time (one thread each)")
+    p.add_argument("--jobs", type=int, default=3, help="runs trained at the same time (one process each)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of each run, fixed for the whole run (default 0: max(1, cores // jobs); "
+                        "numbers are bit-identical only at the same thread count, see `dwm demo` docs)")
     p.add_argument("override", nargs="*", metavar="key=value", help="extra overrides for every run")
 
 
@@ -61,27 +74,26 @@ def _finished(run: Path, steps: int) -> bool:
     return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}"
 
 
-class TakeFreedCores(Callback):
-    """The arms train side by side, one thread each; an arm still training when others have finished takes the
-    cores they freed (checked after every step from the other runs' LATEST pointers), so the longest arm (DWM)
-    does not finish alone on one core while the other idles."""
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-    def __init__(self, others: list[Path], steps: int, cores: int):
-        self.others, self.steps, self.cores = others, steps, cores
 
-    def on_step_end(self, ctx, metrics) -> None:
-        import torch
-
-        running = 1 + sum(not _finished(r, self.steps) for r in self.others)
-        threads = max(1, self.cores // running)
-        if threads > torch.get_num_threads():
-            torch.set_num_threads(threads)
+def threads_per_run(cores: int, jobs: int, threads: int = 0) -> int:
+    """Torch threads of each run: `threads` when given (> 0), else the cores shared evenly by the runs that train
+    at the same time, at least 1. A function of the machine only: fixed before any run starts."""
+    if threads < 0:
+        raise UserError(f"--threads must be >= 0 (0: cores // jobs), got {threads}")
+    return threads or max(1, cores // max(1, jobs))
 
 
 def train_and_eval(arm: str, run: Path, overrides: list, steps: int, heldout: str, max_passages: int,
-                   threads: int, others: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """One arm, in its own process: train `run` (or resume, or skip when finished), then evaluate. With `others`
-    (the runs training beside it) it takes the cores they free (TakeFreedCores)."""
+                   threads: int) -> dict[str, Any]:
+    """One arm, in its own process: train `run` (or resume, or skip when finished), then evaluate, with `threads`
+    torch threads throughout."""
     import torch
 
     from dwm.eval.cli import evaluate
@@ -89,10 +101,9 @@ def train_and_eval(arm: str, run: Path, overrides: list, steps: int, heldout: st
 
     torch.set_num_threads(threads)
     if not _finished(run, steps):
-        print(f"[demo] train {arm} -> {run}", file=sys.stderr, flush=True)
-        cbs = [TakeFreedCores(list(others), steps, os.cpu_count() or 1)] if others else []
+        print(f"[demo] train {arm} -> {run} ({threads} thread{'s' * (threads > 1)})", file=sys.stderr, flush=True)
         train(recipe_path("cpu-small-dwm" if arm == "dwm" else "cpu-small-uniform"), overrides=overrides,
-              resume=(run / "checkpoints" / "LATEST").is_file(), callbacks=cbs)
+              resume=(run / "checkpoints" / "LATEST").is_file())
     return evaluate(run, target=heldout, max_passages=max_passages, device="cpu")
 
 
@@ -184,11 +195,13 @@ def run(args: argparse.Namespace) -> int:
     for p in (args.reference, args.heldout):
         if not Path(p).is_file():
             raise UserError(f"target file {p} not found (`dwm target build` builds it)")
+    arms = [a for a in ARMS if a != "oracle" or args.oracle.lower() != "none"]
+    jobs = max(1, min(args.jobs, len(arms)))
+    threads = threads_per_run(_cores(), jobs, args.threads)  # fixed before anything runs
     t0 = time.perf_counter()
     print(f"[demo] 1/3 prepare {corpus} -> {out / 'data'}", file=sys.stderr)
     prepare_data([corpus], out / "data", vocab_size=args.vocab_size, seq_len=args.seq_len)
 
-    arms = [a for a in ARMS if a != "oracle" or args.oracle.lower() != "none"]
     common = {"data.dir": out / "data", "model.spec": args.preset, "train.max_steps": args.steps,
               "train.global_batch_tokens": args.batch_tokens, "optim.warmup_steps": max(1, args.steps // 10),
               "checkpoint.every": 50, "weighting.reference": args.reference}
@@ -204,21 +217,19 @@ def run(args: argparse.Namespace) -> int:
         own["oracle"]["data.selection"] = write_manifest(ids, out / "oracle_mixture.parquet")
     overrides = {a: [common, *args.override, own[a]] for a in arms}
     print(f"[demo] 2/3 train {', '.join(arms)} ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens, "
-          f"{min(args.jobs, len(arms))} at a time) and evaluate", file=sys.stderr)
+          f"{jobs} at a time, {threads} thread{'s' * (threads > 1)} each) and evaluate", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
-    jobs = max(1, min(args.jobs, len(arms)))
     if jobs == 1:
         for a in arms:
-            results[a] = train_and_eval(a, out / a, overrides[a], args.steps, args.heldout, args.max_passages, 2)
+            results[a] = train_and_eval(a, out / a, overrides[a], args.steps, args.heldout, args.max_passages,
+                                        threads)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
             futs = {a: ex.submit(train_and_eval, a, out / a, overrides[a], args.steps, args.heldout,
-                                 args.max_passages, 1,
-                                 tuple(out / b for b in arms if b != a) if jobs == len(arms) else ())
-                    for a in arms}
+                                 args.max_passages, threads) for a in arms}
             results = {a: f.result() for a, f in futs.items()}
 
     print("[demo] 3/3 results", file=sys.stderr)
@@ -234,11 +245,13 @@ def run(args: argparse.Namespace) -> int:
     text = (f"{table}\n\nDWM: mean weight of each domain's probe samples, stage by stage (1 = uniform)\n"
             f"{stage_table(weights, shares, corpus_share)}{said}\n\n"
             f"{in_words(results, weights, shares, corpus_share)}")
-    (out / "results.md").write_text(f"# dwm demo ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens)"
-                                    f"\n\n```\n{text}\n```\n")
+    layout = f"{jobs} run{'s' * (jobs > 1)} at a time, {threads} torch thread{'s' * (threads > 1)} each"
+    (out / "results.md").write_text(f"# dwm demo ({args.preset}, {args.steps} steps x {args.batch_tokens} tokens; "
+                                    f"{layout})\n\n```\n{text}\n```\n")
     (out / "results.json").write_text(json.dumps({**results, "stage_weights": weights, "stage_signal": signal,
-                                                  "trained_share": shares,
-                                                  "corpus_share": corpus_share}, indent=2, default=str))
+                                                  "trained_share": shares, "corpus_share": corpus_share,
+                                                  "threads_per_run": threads, "jobs": jobs}, indent=2,
+                                                 default=str))
     print(text)
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s; results in {out / 'results.md'}", file=sys.stderr)
     return 0

@@ -2,7 +2,9 @@
 
 All rank-based, so they do not depend on the scale of the weights (w = B softmax(s / tau)) or of a property:
 - `spearman(x, y)`: Pearson correlation of the average ranks (ties share their rank), over the pairs where both
-  are finite; NaN when fewer than 3 pairs remain or either side is constant.
+  are finite; NaN when fewer than 3 pairs remain or either side is constant (`no_correlation` says which, in
+  words, for the report: a property every sample shares, such as the length of fully packed rows, has no
+  correlation with anything, and is shown so rather than as NaN).
 - `correlation_ratio(groups, y)`: eta of y's ranks by group, sqrt(between-group / total variance of the ranks):
   0 = the group says nothing about y's order, 1 = the group fixes it. Unsigned; eta^2 * (n - 1) is the
   Kruskal-Wallis H statistic. `one_vs_rest` gives the signed view: Spearman of y with [group == g] per group.
@@ -37,6 +39,20 @@ def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     if rx.std() == 0 or ry.std() == 0:
         return math.nan, n
     return float(np.corrcoef(rx, ry)[0, 1]), n
+
+
+def no_correlation(x: np.ndarray, y: np.ndarray, x_name: str = "weights") -> str | None:
+    """Why spearman(x, y) is NaN, in words for the report; None when it is defined. `x_name`: what x is (the
+    weights), named when x is the constant side."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return f"{int(ok.sum())} samples: no correlation"
+    if np.ptp(y[ok]) == 0:
+        return "constant: no correlation"
+    if np.ptp(x[ok]) == 0:
+        return f"constant {x_name}: no correlation"
+    return None
 
 
 def correlation_ratio(groups: np.ndarray, y: np.ndarray) -> float:

@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from dwm.analysis.measures import correlation_ratio, group_means, one_vs_rest, spearman, weight_summary
+from dwm.analysis.measures import (
+    correlation_ratio,
+    group_means,
+    no_correlation,
+    one_vs_rest,
+    spearman,
+    weight_summary,
+)
 from dwm.analysis.runs import RunData, Stage
 
 PLOTS = {
@@ -40,6 +47,11 @@ PLOTS = {
                             "probed (std-normalised; bars: one standard error).",
 }
 MAX_SCATTER_STAGES = 8
+ETA = "domain (eta)"
+
+
+def vs_rest_name(d: str) -> str:
+    return f"domain = {d} vs rest"
 
 
 def properties(run: RunData, st: Stage) -> dict[str, np.ndarray | None]:
@@ -56,9 +68,17 @@ def stage_summary(run: RunData, st: Stage, n_examples: int, chars: int) -> dict[
     w, dom = st.weight[ok], run.domain[ok]
     ids = run.ids[ok]
     loss = st.lm_loss[ok] if st.lm_loss is not None else None
-    corr = {}
+    corr, why = {}, {}
     for name, v in properties(run, st).items():
         corr[name] = None if v is None else spearman(w, v[ok])[0]
+        if v is not None and math.isnan(corr[name]):
+            why[name] = no_correlation(w, v[ok])
+    eta, vs_rest = correlation_ratio(dom, w), one_vs_rest(dom, w)
+    if math.isnan(eta):  # NaN only for constant weights or under 3 samples
+        why[ETA] = no_correlation(w, np.arange(len(w)))
+    for d, rho in vs_rest.items():
+        if math.isnan(rho):
+            why[vs_rest_name(d)] = no_correlation(w, (dom == d).astype(np.float64))
     order = np.argsort(-w, kind="stable")
 
     def example(i: int) -> dict[str, Any]:
@@ -79,8 +99,9 @@ def stage_summary(run: RunData, st: Stage, n_examples: int, chars: int) -> dict[
         "mean_lm_loss_by_domain": ({d: float(np.nanmean(loss[dom == d])) for d in run.domains if (dom == d).any()}
                                    if loss is not None else None),
         "spearman": corr,
-        "domain_eta": correlation_ratio(dom, w),
-        "domain_vs_rest": one_vs_rest(dom, w),
+        "domain_eta": eta,
+        "domain_vs_rest": vs_rest,
+        "no_correlation": why,
         "weights": weight_summary(w),
         "signal_by_domain": signal,
         "weight_follows_signal": follows,
@@ -147,9 +168,9 @@ def plot_domain_weights(summaries: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def plot_correlations(summaries: list[dict[str, Any]], path: Path) -> None:
+def plot_correlations(summaries: list[dict[str, Any]], path: Path) -> Any:
     names = list(dict.fromkeys(n for s in summaries for st in s["stages"] for n in st["spearman"]))
-    col = _colours(names + ["domain (eta)"])
+    col = _colours(names + [ETA])
     fig, axes = _figure(1, len(summaries))
     for ax, s in zip(axes[0], summaries):
         x = [st["stage"] for st in s["stages"]]
@@ -157,9 +178,10 @@ def plot_correlations(summaries: list[dict[str, Any]], path: Path) -> None:
             y = [st["spearman"].get(n) for st in s["stages"]]
             if all(v is None for v in y):
                 continue
-            ax.plot(x, [math.nan if v is None else v for v in y], marker="o", color=col[n], label=n)
-        ax.plot(x, [st["domain_eta"] for st in s["stages"]], marker="s", ls="--", color=col["domain (eta)"],
-                label="domain (eta)")
+            ax.plot(x, [math.nan if v is None else v for v in y], marker="o", color=col[n],
+                    label=_corr_label(n, s["stages"]))
+        ax.plot(x, [st["domain_eta"] for st in s["stages"]], marker="s", ls="--", color=col[ETA],
+                label=_corr_label(ETA, s["stages"]))
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
         ax.set_ylim(-1.05, 1.05)
         _stage_ticks(ax, s["stages"])
@@ -167,26 +189,66 @@ def plot_correlations(summaries: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(s["label"], fontsize=10)
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)
+    return fig
 
 
-def plot_weight_distribution(runs: list[RunData], summaries: list[dict[str, Any]], path: Path) -> None:
+def _corr_label(name: str, stages: list[dict[str, Any]]) -> str:
+    """The legend entry of a correlation: its name, and why it has no value where it has none (a constant
+    property: no point is drawn, and the legend says so instead of leaving an unexplained gap)."""
+    why = [(st["stage"], st.get("no_correlation", {}).get(name)) for st in stages]
+    why = [(k, r) for k, r in why if r]
+    if not why:
+        return name
+    reasons = "; ".join(sorted({r for _, r in why}))
+    if len(why) == len(stages):
+        return f"{name}: {reasons}"
+    return f"{name} ({reasons} at stage {', '.join(str(k) for k, _ in why)})"
+
+
+def log_ticks(lo: float, hi: float, max_ticks: int = 8) -> list[float]:
+    """Labelled ticks of a log axis over [lo, hi] (0 < lo <= hi): 1-2-3-5 where that is at most 5 ticks, else
+    1-2-5, else 1-3, else powers of ten (every decade, or every k-th one), the first with 2 to `max_ticks` ticks;
+    a range too narrow for two of them (within a factor of 2) gets a few round linear steps (the axis is nearly
+    linear there). No minor tick is labelled: labelling each of them (2, 3, ..., 9 per decade) is what
+    overlapped."""
+    e0, e1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+    for subs in ((1, 2, 3, 5), (1, 2, 5), (1, 3), (1,)):
+        t = [m * 10.0 ** e for e in range(e0, e1 + 1) for m in subs]
+        t = [v for v in t if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+        if subs == (1, 2, 3, 5) and len(t) > min(5, max_ticks):
+            continue  # 2 and 3 only where few ticks would show
+        if 2 <= len(t) <= max_ticks:
+            return [float(f"{v:.12g}") for v in t]
+        if len(t) > max_ticks and subs == (1,):
+            step = math.ceil(len(t) / max_ticks)
+            return [float(f"{v:.12g}") for v in t[::step]]
+    from matplotlib.ticker import MaxNLocator
+
+    t = [v for v in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= v <= hi]
+    return [float(f"{v:.12g}") for v in t]
+
+
+def plot_weight_distribution(runs: list[RunData], summaries: list[dict[str, Any]], path: Path) -> Any:
     fig, axes = _figure(1, len(runs))
     for ax, run, s in zip(axes[0], runs, summaries):
         data = [st.weight[np.isfinite(st.weight)] for st in run.stages]
         ax.boxplot(data, positions=[st.k for st in run.stages], whis=(5, 95), showfliers=True,
                    flierprops={"markersize": 2, "alpha": 0.4})
         if all(len(d) and d.min() > 0 for d in data):
-            from matplotlib.ticker import FuncFormatter
+            from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
             ax.set_yscale("log")
-            plain = FuncFormatter(lambda v, _: f"{v:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            lo = min(1.0, *(float(d.min()) for d in data))  # the y range: every weight and the line at 1
+            hi = max(1.0, *(float(d.max()) for d in data))
+            ax.yaxis.set_major_locator(FixedLocator(log_ticks(lo, hi)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         _stage_ticks(ax, s["stages"])
         ax.set_ylabel("weight")
         ax.set_title(s["label"], fontsize=10)
     fig.savefig(path, dpi=90)
+    return fig
 
 
 def _shown_stages(run: RunData) -> list[Stage]:
@@ -219,7 +281,8 @@ def plot_weight_vs_loss(runs: list[RunData], summaries: list[dict[str, Any]], pa
                 m = (run.domain == d) & np.isfinite(st.weight)
                 ax.scatter(st.lm_loss[m], st.weight[m], s=6, alpha=0.6, color=col[d], label=d)
             rho = spearman(st.weight, st.lm_loss)[0]
-            ax.set_title(f"{run.label}: stage {st.k} (step {st.step}), rho = {rho:.2f}", fontsize=8)
+            said = no_correlation(st.weight, st.lm_loss) if math.isnan(rho) else f"rho = {rho:.2f}"
+            ax.set_title(f"{run.label}: stage {st.k} (step {st.step}), {said}", fontsize=8)
             ax.set_xlabel("LM loss (nats/token)", fontsize=8)
             ax.set_ylabel("weight", fontsize=8)
             if i == 0:
@@ -298,10 +361,16 @@ def _signal_block(s: dict[str, Any]) -> str:
 
 def _corr_block(s: dict[str, Any]) -> str:
     names = list(dict.fromkeys(n for st in s["stages"] for n in st["spearman"]))
-    rows = [[html.escape(n), *[_f(st["spearman"].get(n)) for st in s["stages"]]] for n in names]
-    rows.append(["domain: eta (unsigned)", *[_f(st["domain_eta"]) for st in s["stages"]]])
+
+    def cell(st: dict[str, Any], name: str, v: Any) -> str:
+        why = st.get("no_correlation", {}).get(name)
+        return f'<span class="why">{html.escape(why)}</span>' if why else _f(v)
+
+    rows = [[html.escape(n), *[cell(st, n, st["spearman"].get(n)) for st in s["stages"]]] for n in names]
+    rows.append(["domain: eta (unsigned)", *[cell(st, ETA, st["domain_eta"]) for st in s["stages"]]])
     for d in s["domains"]:
-        rows.append([f"domain = {html.escape(d)} vs rest", *[_f(st["domain_vs_rest"].get(d)) for st in s["stages"]]])
+        rows.append([html.escape(vs_rest_name(d)),
+                     *[cell(st, vs_rest_name(d), st["domain_vs_rest"].get(d)) for st in s["stages"]]])
     note = "" if s["lm_loss"] else ('<p class="note">No lm_loss in this run\'s probes: the LM-loss correlation is '
                                     "skipped (–).</p>")
     return f"<h4>{html.escape(s['label'])}</h4>" + _table(["Spearman rho of the weight with", *_stage_header(s)],
@@ -333,6 +402,7 @@ img { max-width: 100%; border: 1px solid #eee; }
 pre { white-space: pre-wrap; font-size: 0.8em; background: #f6f6f6; padding: 0.3em; margin: 0.2em 0 0.6em; }
 .meta { font-size: 0.8em; color: #555; }
 .note { color: #a33; }
+.why { color: #777; font-size: 0.9em; }
 """
 
 

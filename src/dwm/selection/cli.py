@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="words: n-grams of the decoded text's words, as the authors' package; tokens: of token ids")
     g.add_argument("--dsir-min-words", type=int, default=100,
                    help="documents with fewer words are never selected (the package's min_example_length)")
+    g.add_argument("--dsir-score", choices=("mean", "sum"), default="mean",
+                   help="mean: a document's mean log importance ratio per n-gram, scaled to a 128-word example (the "
+                        "DSIR paper's), so length does not decide; sum: the whole-document sum, as the authors' "
+                        "package (its parity mode)")
     g = p.add_argument_group("quality")
     g.add_argument("--score-column", help="a score column of the prepared data (QuRating criteria recognised, also "
                                           "as <name>_average) (default: none)")
@@ -108,7 +112,7 @@ def select_documents(data: str | Path, method: str, budget_tokens: int, out: str
                      temperature: float | None = None, write_scores: str | Path | None = None,
                      engine: str = "local", ray_address: str | None = None, workers: int = 0,
                      dsir_ngrams: int = 2, dsir_buckets: int = 10000, dsir_features: str = "words",
-                     dsir_min_words: int = 100, score_column: str | None = None, score_model: str | None = None,
+                     dsir_min_words: int = 100, dsir_score: str = "mean", score_column: str | None = None, score_model: str | None = None,
                      classifier: bool = False, label: int = 0, negatives: int = 0, ref_model: str | None = None,
                      band: str = "lowest", batch_size: int = 16, max_length: int = 512,
                      device: str = "cpu") -> Selection:
@@ -127,6 +131,7 @@ def select_documents(data: str | Path, method: str, budget_tokens: int, out: str
                         "(options under [influence], see `dwm train --help-config`)")
     _check_choice("--engine", engine, ENGINES)
     _check_choice("--dsir-features", dsir_features, ("words", "tokens"))
+    _check_choice("--dsir-score", dsir_score, ("mean", "sum"))
     _check_choice("--band", band, ("lowest", "middle", "highest"))
     t0 = time.perf_counter()
     pool = Pool(data, split)
@@ -149,7 +154,8 @@ def select_documents(data: str | Path, method: str, budget_tokens: int, out: str
             from dwm.selection import dsir
 
             t = 1.0 if temperature is None else temperature
-            opts = dsir.DSIROptions(dsir_ngrams, dsir_buckets, dsir_features, dsir_min_words, 0.0 if top_k else t)
+            opts = dsir.DSIROptions(dsir_ngrams, dsir_buckets, dsir_features, dsir_min_words, 0.0 if top_k else t,
+                                    dsir_score)
             res = dsir.score(pool, opts, target, eng)
             keys = dsir.keys(res, opts, seed)
         elif method == "quality":

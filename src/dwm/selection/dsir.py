@@ -7,9 +7,24 @@
   one of `buckets` (10,000) counters;
 - the target and the raw pool are bags of these hashed n-grams: p = counts / counts.sum() (no smoothing; fit on
   the whole pool, the package's default for pools under 10^9 n-grams);
-- log importance weight of a document = sum over its n-gram occurrences of log(p_t + 1e-8) - log(p_r + 1e-8);
+- log importance weight of a document = sum over its n-gram occurrences of log(p_t + 1e-8) - log(p_r + 1e-8)
+  (`score = "sum"`, the package's, kept for parity), or by default that log ratio averaged over the document's
+  n-grams (`score = "mean"`, see below);
 - documents of fewer than `min_words` words (100) are not selected; the rest are resampled by Gumbel top-k on the
-  log weights (sampling without replacement proportional to the importance weight), here to a token budget.
+  scores (sampling without replacement proportional to the importance weight), here to a token budget.
+
+Documents of any length (`score = "mean"`, the default). The package scores whatever examples it is given with
+the whole sum; the DSIR paper gives it examples of one length (chunks of 128 words), where the sum is fair. A
+selection unit here is a whole document (the manifest names documents of the prepared data, not chunks), and
+documents differ in length by orders of magnitude. Most n-grams of a document are rarer in a small target than in
+the pool, so the sum is mostly negative and ranks documents by shortness rather than by how target-like their text
+is (Spearman -0.95 between score and length on the shipped corpus; toward the novels target it selected email,
+the shortest documents, first). The mean log ratio per n-gram occurrence does not grow with length; it is
+multiplied by the number of n-grams of one 128-word example (`EXAMPLE_WORDS`: 255 with unigrams and bigrams), a
+constant, so a document scores as a paper-sized example of its average text would, and Gumbel sampling at
+temperature 1 is as sharp as the paper's resampling of chunks. Chunking documents the paper's way would score each
+128-word chunk, but a chunk cannot be selected without its document here; the document's mean is its chunks'
+scores averaged (up to the bigrams across chunk boundaries). benchmarks/results/select.md (section 5) measures both.
 
 What differs: the hash. The package hashes each n-gram's string with SHA-256 in a Python loop; here every word is
 hashed at once with numpy (a polynomial hash of its code points, mixed by splitmix64; an n-gram's hash combines its
@@ -40,6 +55,7 @@ _C2 = U64(0x94D049BB133111EB)
 _GOLD = U64(0x9E3779B97F4A7C15)
 _POW_BITS = 16
 _CHARS_PER_BATCH = 1 << 19  # ~40 MB of temporaries per batch
+EXAMPLE_WORDS = 128  # the DSIR paper's example length (128-word chunks): the scale of score = "mean"
 
 
 @dataclass
@@ -49,6 +65,7 @@ class DSIROptions:
     features: Literal["words", "tokens"] = "words"
     min_words: int = 100
     temperature: float = 1.0  # 0: deterministic top-k
+    score: Literal["mean", "sum"] = "mean"  # mean log ratio per n-gram (x n-grams of a 128-word example) | the sum
 
     def validate(self) -> None:
         if self.ngrams < 1:
@@ -57,6 +74,13 @@ class DSIROptions:
             raise UserError(f"--dsir-buckets must be in [1, 2^31), got {self.buckets}")
         if self.features not in ("words", "tokens"):
             raise UserError(f"--dsir-features must be words or tokens, not {self.features!r}")
+        if self.score not in ("mean", "sum"):
+            raise UserError(f"--dsir-score must be mean or sum, not {self.score!r}")
+
+    @property
+    def example_ngrams(self) -> int:
+        """n-grams (unigrams .. `ngrams`-grams) of one example of EXAMPLE_WORDS words."""
+        return sum(max(0, EXAMPLE_WORDS - k) for k in range(self.ngrams))
 
 
 # ------------------------------------------------------------------------------------------ hashing
@@ -181,8 +205,9 @@ def fit_task(item: tuple[Shard, DSIROptions, str | None]) -> np.ndarray:
     return np.bincount(b, minlength=opts.buckets).astype(np.float64)
 
 
-def score_task(item: tuple[Shard, DSIROptions, str | None, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(log importance weight, words) of every document of the shard."""
+def score_task(item: tuple[Shard, DSIROptions, str | None, np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sum of the n-grams' log ratios, words, n-grams) of every document of the shard."""
     shard, opts, spill, log_diff = item
     path = _spill_path(spill, shard)
     if path is not None and path.is_file():
@@ -192,7 +217,15 @@ def score_task(item: tuple[Shard, DSIROptions, str | None, np.ndarray]) -> tuple
     else:
         b, d, words = shard_features(shard, opts)
     n = shard.u_hi - shard.u_lo
-    return np.bincount(d, weights=log_diff[b], minlength=n), words
+    return np.bincount(d, weights=log_diff[b], minlength=n), words, np.bincount(d, minlength=n)
+
+
+def doc_scores(sums: np.ndarray, ngrams: np.ndarray, opts: DSIROptions) -> np.ndarray:
+    """A document's score from its n-grams' summed log ratios: the sum itself (`sum`), or their mean times the
+    n-grams of a 128-word example (`mean`; 0 for a document without n-grams)."""
+    if opts.score == "sum":
+        return sums
+    return sums / np.maximum(ngrams, 1) * opts.example_ngrams
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -237,8 +270,8 @@ def log_diff(target: np.ndarray, raw: np.ndarray) -> np.ndarray:
 
 
 def score(pool: Pool, opts: DSIROptions, target: str | Path, engine: Any) -> dict[str, Any]:
-    """Fit both bags of n-grams and score every document: {"scores": log importance weights, "eligible": words >=
-    min_words, "words": ..., "settings": ...}."""
+    """Fit both bags of n-grams and score every document: {"scores": log importance weights (`opts.score`),
+    "eligible": words >= min_words, "words": ..., "ngrams": n-grams per document, "settings": ...}."""
     opts.validate()
     if opts.features == "words":
         char_classes()  # once, before the workers fork
@@ -252,10 +285,11 @@ def score(pool: Pool, opts: DSIROptions, target: str | Path, engine: Any) -> dic
     finally:
         if spill:
             shutil.rmtree(spill, ignore_errors=True)
-    scores = np.concatenate([p[0] for p in parts])
+    ngrams = np.concatenate([p[2] for p in parts])
+    scores = doc_scores(np.concatenate([p[0] for p in parts]), ngrams, opts)
     words = np.concatenate([p[1] for p in parts])
     log(f"dsir: {len(shards)} shards, {int(raw.sum()):,} pool n-grams, {int(t_counts.sum()):,} target n-grams")
-    return {"scores": scores, "eligible": words >= opts.min_words, "words": words,
+    return {"scores": scores, "eligible": words >= opts.min_words, "words": words, "ngrams": ngrams,
             "settings": {**asdict(opts), "target": str(target)}}
 
 

@@ -178,12 +178,12 @@ def reference_direction(model: nn.Module, ref_input_ids: torch.Tensor, ref_mask:
     """M = P * grad L_ref(theta) per trainable parameter (P = AdamW's current diagonal 1 / (sqrt(v_hat) + eps),
     1 before its first step) and L_ref(theta), over chunks of `chunk_size` passages; the parameters' .grad is left
     as it was. Averaged over ranks under torch.distributed, like the lookahead's reference gradient."""
-    from dwm.weighting.bilevel import _Passes, _trainable, adam_preconditioner, all_reduce_, _scalar_mean
+    from dwm.weighting.bilevel import _Passes, _Sharded, _trainable, adam_preconditioner, all_reduce_, _scalar_mean
     from dwm.data.passages import passage_nll
 
     named = _trainable(model)
     params = [p for _, p in named]
-    passes = _Passes(model, params, chunk_size or ref_input_ids.shape[0], autocast_dtype)
+    passes = _Passes(model, params, chunk_size or ref_input_ids.shape[0], autocast_dtype, _Sharded(model))
     n = ref_input_ids.shape[0]
 
     def reference(a: int, b: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ so `dwm prepare` does not pay for importing transformers."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -63,19 +64,40 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         command = None
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    _take_late_overrides(parser, args, extra)
     if args.command is None:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = getattr(e, "exit_code", None)  # dwm.train.trainer.Preempted: stopped after a checkpoint
+        print(str(e) if code else "interrupted", file=sys.stderr)
+        return code or 130
     except UserError as e:  # a bad input or config: one clear line, no traceback
         print(f"dwm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"dwm {args.command}: error: no space left on device writing {e.filename or 'a file'} "
+              f"({os.strerror(e.errno)}); free space and run it again", file=sys.stderr)
+        return 2
+
+
+def _take_late_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """`key=value` overrides may stand anywhere: argparse gives a positional list only the run before the first
+    option (`--config R a=1 --out X b=2` leaves b=2 over); append those to it, in order. Anything else left over
+    is an error, as parse_args would say."""
+    dest = next((d for d in ("overrides", "override") if isinstance(getattr(args, d, None), list)), None)
+    late = [a for a in extra if dest and "=" in a and not a.startswith("-")]
+    rest = [a for a in extra if a not in late]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        setattr(args, dest, [*getattr(args, dest), *late])
 
 
 if __name__ == "__main__":

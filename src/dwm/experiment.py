@@ -274,6 +274,8 @@ def run_experiment(cfg: ExperimentConfig, quick: bool = False, callbacks=(), log
     for i, cell in enumerate(cells, 1):
         finished = (out / cell.key / "cell.json").is_file()
         t0 = time.perf_counter()
+        if not finished:  # a cell trains for minutes: say which one runs now (its result line follows)
+            log(f"[{i}/{len(cells)}] {cell.key}: running")
         rec = run_cell(cfg, out, cell, callbacks)
         m = rec["metrics"]
         log(f"[{i}/{len(cells)}] {cell.key}: " + ("done before" if finished else f"{time.perf_counter() - t0:.0f} s")

@@ -19,6 +19,7 @@ Output format: docs/ARCHITECTURE.md ("Prepared data directory"). Design points:
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ from dwm.data.readers import (
     iter_documents,
 )
 from dwm.errors import UserError
+from dwm.progress import Progress
 
 FORMAT = "dwm-prepared/1"
 SPLITS = ("train", "val")
@@ -352,8 +354,11 @@ def _tokenized_ray(tok, sources: list[InputSource], ropts: ReadOptions, counter:
             rayjobs.stop()
 
 
-def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions) -> Iterator[str]:
-    """Bounded, deterministic training sample: the first share of each source's train documents."""
+def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions, progress: Progress | None = None
+                      ) -> Iterator[str]:
+    """Bounded, deterministic training sample: the first share of each source's train documents (the document
+    that fills the share is given whole). A document over tkz.PIECE_CHARS characters is given in pieces
+    (tkz.iter_pieces: the same words) and only up to the share."""
     share = opts.tokenizer_sample_mb * 1e6 / len(sources)
     ropts = opts.read_options()
     for src in sources:
@@ -361,8 +366,20 @@ def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions) -> Itera
         for doc in iter_documents(src, ropts, SkipCounter()):
             if is_val(doc.doc_id, opts.seed, opts.val_fraction):
                 continue
-            yield doc.text
-            taken += doc.n_bytes
+            if len(doc.text) <= tkz.PIECE_CHARS:
+                yield doc.text
+                taken += doc.n_bytes
+                if progress is not None:
+                    progress.update(doc.n_bytes / 1e6)
+            else:  # a very long document: its pieces until the source's share is taken
+                for piece in tkz.iter_pieces(doc.text, tkz.PIECE_CHARS):
+                    yield piece
+                    n = len(piece.encode("utf-8", "surrogatepass"))
+                    taken += n
+                    if progress is not None:
+                        progress.update(n / 1e6)
+                    if taken >= share:
+                        break
             if taken >= share:
                 break
 
@@ -398,6 +415,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         print(f"dwm prepare: {out} is already prepared from these inputs and options; nothing to do "
               "(--force to redo)")
         return json.loads((out / "meta.json").read_text())
+    _refuse_other_corpus(out, inputs, opts.force)
     if ignored:
         print(f"dwm prepare: ignoring {len(ignored)} file(s) of unknown format in input directories, "
               f"e.g. {ignored[0]}", file=sys.stderr)
@@ -406,6 +424,51 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     tmp = out / TMP_NAME
     shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftovers: start over, same result
     tmp.mkdir()
+    try:
+        return _prepare_into(out, tmp, sources, inputs, opts, fp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written temp directory behind
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = sum(_source_bytes(s) for s in sources)
+            try:
+                free = shutil.disk_usage(out).free
+            except OSError:
+                free = -1
+            raise UserError(f"no space left on device writing {e.filename or tmp}: the output needs about "
+                            f"{need:,} bytes (about the inputs' size), {free:,} free") from None
+        raise
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _source_bytes(s: InputSource) -> int:
+    try:
+        return sum(f.stat().st_size for f in (s.files or (s.path,)) if f.is_file())
+    except OSError:
+        return 0
+
+
+def _refuse_other_corpus(out: Path, inputs: list[str | Path], force: bool) -> None:
+    """UserError when `out` holds a finished prepared directory (or pool) made from other inputs, unless force
+    (the same inputs with other options or changed contents are simply redone)."""
+    if force or not (out / "meta.json").is_file():
+        return
+    try:
+        old = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict) or not str(old.get("format", "")).startswith(("dwm-prepared/", "dwm-pool/")):
+        return
+    mine = sorted(str(Path(p).resolve()) for p in inputs)
+    theirs = sorted(old.get("inputs") or [f"the shards {[sh.get('dir') for sh in old.get('shards', [])]}"])
+    if mine != theirs:
+        raise UserError(f"{out} already holds a prepared corpus from other inputs ({', '.join(theirs[:3])}"
+                        f"{' ...' if len(theirs) > 3 else ''}): pass --force to replace it, or choose another --out")
+
+
+def _prepare_into(out: Path, tmp: Path, sources: list[InputSource], inputs: list[str | Path], opts: PrepareOptions,
+                  fp: str) -> dict:
     t0 = time.time()
 
     if opts.tokenizer:
@@ -413,7 +476,9 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
         bos_id, add_bos = tkz.bos_policy(tok, opts.tokenizer)
         tok_info = {"trained": False, "from": str(Path(opts.tokenizer).resolve())}
     else:
-        tok = tkz.train_bpe(_tokenizer_sample(sources, opts), opts.vocab_size)
+        with Progress("dwm prepare: training the BPE tokenizer", total=opts.tokenizer_sample_mb, unit="MB",
+                      enabled=opts.progress) as bpe_progress:
+            tok = tkz.train_bpe(_tokenizer_sample(sources, opts, bpe_progress), opts.vocab_size)
         eos_id, pad_id = tok.token_to_id(tkz.EOS), tok.token_to_id(tkz.PAD)
         bos_id, add_bos = None, False  # the trained BPE has no BOS (the shipped data's tokens are unchanged)
         tok_info = {"trained": True, "vocab_size_requested": opts.vocab_size,
@@ -436,6 +501,7 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
                dynamic_ncols=True)
     current = 0
     n_tokens_total = 0
+    val_domains: set[str] = set()
     try:
         stream = (_tokenized_ray(tok, sources, opts.read_options(), counter, workers, opts.ray_address)
                   if opts.engine == "ray" else _tokenized(tok, _chunks(sources, opts.read_options(), counter), workers))
@@ -447,6 +513,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
             for doc, ids in zip(docs, ids_list):
                 split = "val" if is_val(doc.doc_id, opts.seed, opts.val_fraction) else "train"
                 writers[split].add(doc, ids)
+                if split == "val":
+                    val_domains.add(doc.domain)
                 st = per_domain[doc.domain]
                 st["docs"] += 1
                 st["tokens"] += len(ids) + 1 + add_bos
@@ -519,6 +587,13 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     if writers["val"].n_samples == 0:
         print("dwm prepare: warning: the val split is empty (raise --val-fraction or add documents)",
               file=sys.stderr)
+    elif 2 * len(val_domains) < len(per_domain):
+        print(f"dwm prepare: warning: the val split ({writers['val'].n_docs:,} documents) covers only "
+              f"{len(val_domains)} of {len(per_domain)} domains ({', '.join(sorted(val_domains))}): `dwm eval`'s "
+              "per-domain val loss will miss the others (raise --val-fraction)", file=sys.stderr)
+    if counter.skipped.get("missing_domain"):
+        print(f"dwm prepare: warning: {counter.skipped['missing_domain']:,} records had no --domain-field "
+              f"{opts.domain_field!r} (missing, null or empty) and were skipped (stats.json)", file=sys.stderr)
     return meta
 
 

@@ -17,7 +17,7 @@ A prepared directory without the fields (written before) reads as "no BOS".
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +120,65 @@ def choose_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if n_vocab <= 65535 else np.dtype(np.uint32)
 
 
-def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens (the caller appends EOS). encode_batch_fast skips offsets."""
+PIECE_CHARS = 1 << 20  # a text longer than this is encoded in pieces of about this many characters
+
+
+def iter_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """Cut a long text into pieces of at most `size` characters (about), each cut just before a single space that
+    stands between two non-space characters: where a byte-level / whitespace pre-tokenizer cuts anyway (no
+    pre-token spans a non-space and the space after it, and the space starts the next word), so the pieces' ids
+    concatenated are the whole text's ids. A stretch of `size` characters without such a space (one giant
+    "word") is cut where it reaches `size`: only that one cut may tokenize differently. Lazily: one piece at a
+    time is copied out of the text."""
+    a, n = 0, len(text)
+    if n <= size:
+        yield text
+        return
+    while n - a > size:
+        b, lo = a + size, a + size // 2
+        cut = -1
+        i = text.rfind(" ", lo, b)
+        while i > lo:
+            if not text[i - 1].isspace() and not text[i + 1].isspace():
+                cut = i
+                break
+            i = text.rfind(" ", lo, i)
+        if cut <= a:
+            cut = b
+        yield text[a:cut]
+        a = cut
+    yield text[a:]
+
+
+def split_long(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`iter_pieces` as a list."""
+    return list(iter_pieces(text, size))
+
+
+def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     fast = getattr(tok, "encode_batch_fast", None)
-    encs = (fast or tok.encode_batch)(texts, add_special_tokens=False)
-    return [e.ids for e in encs]
+    return [e.ids for e in (fast or tok.encode_batch)(texts, add_special_tokens=False)]
+
+
+def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int] | np.ndarray]:
+    """Token ids of each text, no special tokens (the caller appends EOS). encode_batch_fast skips offsets.
+    A text longer than PIECE_CHARS is encoded piece by piece (`iter_pieces`) into one uint32 array, so a document
+    of any length takes memory in proportion to its tokens (4 bytes each), not the tokenizer's per-token
+    bookkeeping for the whole text at once."""
+    if all(len(t) <= PIECE_CHARS for t in texts):
+        return _encode(tok, texts)
+    out: list[list[int] | np.ndarray] = []
+    short: list[int] = []
+    for i, t in enumerate(texts):
+        if len(t) > PIECE_CHARS:
+            parts = [np.asarray(_encode(tok, [piece])[0], dtype=np.uint32) for piece in iter_pieces(t, PIECE_CHARS)]
+            out.append(np.concatenate(parts))
+        else:
+            out.append([])
+            short.append(i)
+    for i, ids in zip(short, _encode(tok, [texts[i] for i in short])):
+        out[i] = ids
+    return out
 
 
 def _ids(tok: object, text: str, special: bool) -> list[int]:
@@ -197,3 +251,39 @@ def load_prepared_tokenizer(path: str | Path, meta: dict) -> tuple[Tokenizer, bo
         raise UserError(f"cannot read tokenizer {path}: {e}") from None
     bos = meta.get("bos_id")
     return tok, set_bos_policy(tok, None if bos is None else int(bos), bool(meta.get("add_bos", False)))
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """What decides which token an id means: a sha256 of a tokenizer.json's normalizer, pre-tokenizer, model
+    (vocabulary, merges) and added tokens; the post-processor (the BOS template `set_bos_policy` may rewrite) and
+    the decoder do not count. Two files with one fingerprint encode text to the same ids. UserError when the file
+    cannot be read."""
+    import hashlib
+
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read tokenizer {p}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"cannot read tokenizer {p}: not a tokenizer.json object")
+    keep = {k: obj.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def describe_tokenizer(path: str | Path) -> str:
+    """A short name for messages: the file, its vocabulary size and the fingerprint's first 12 hex digits."""
+    p = Path(path)
+    try:
+        n = vocab_size(Tokenizer.from_file(str(p)))
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception on a malformed file
+        n = None
+    return f"{p} ({'' if n is None else f'vocab {n}, '}sha {tokenizer_fingerprint(p)[:12]})"
+
+
+def check_same_tokenizer(a: str | Path, b: str | Path, what: str) -> None:
+    """UserError naming both tokenizers when a and b encode text to different ids (`what` says who needs them to
+    agree, e.g. "dwm eval: the run's model and --data")."""
+    if tokenizer_fingerprint(a) != tokenizer_fingerprint(b):
+        raise UserError(f"{what} use different tokenizers: {describe_tokenizer(a)} vs {describe_tokenizer(b)}; "
+                        "a model's ids mean nothing on data tokenized by another tokenizer")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,11 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
     data_path = Path(data_dir)
     if not (data_path / "meta.json").is_file():
         raise UserError(f"prepared data directory not found: {data_path} (pass --data DIR)")
+    if (run / "tokenizer.json").is_file() and (data_path / "tokenizer.json").is_file():
+        from dwm.data.tokenizer import check_same_tokenizer
+
+        check_same_tokenizer(run / "tokenizer.json", data_path / "tokenizer.json",
+                             f"the run {run} and the data {data_path}")
 
     shots: dict[int | None, list[str]] = {}
     for t in tasks or ():  # "name" (the task's default shots) or "name:k" (k-shot), checked before any loading
@@ -110,6 +117,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
     result["heldout"] = heldout_eval(model, data_path, batch_size=batch_size, max_samples=max_samples)
     if "skipped" in result["heldout"]:
         print(f"dwm eval: held-out loss skipped: {result['heldout']['skipped']}", file=sys.stderr)
+    else:
+        _warn_few_val_domains(result["heldout"], data_path)
     if target_path is not None:
         from dwm.eval.lambada import lambada_eval, passage_loss
 
@@ -122,16 +131,35 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, target
         result["harness"] = {}
         with tempfile.TemporaryDirectory(prefix="dwm_export_") as tmp:
             export_run(run, tmp, name)
+            if not sys.stderr.isatty():  # lm-eval's request bars: one update per 30 s in a log, not hundreds
+                os.environ.setdefault("TQDM_MININTERVAL", "30")
             for k, names in shots.items():
+                t_h = time.perf_counter()
+                print(f"dwm eval: lm-eval {', '.join(names)}{'' if k is None else f' ({k}-shot)'} ...",
+                      file=sys.stderr, flush=True)
                 res = run_harness(tmp, names, target=target_path, batch_size=batch_size, device=device,
                                   limit=max_passages, include_path=task_include or (), num_fewshot=k)["results"]
                 result["harness"].update({(t if k is None else f"{t}:{k}"): r for t, r in res.items()})
+                print(f"dwm eval: lm-eval {', '.join(names)} done in {time.perf_counter() - t_h:.0f}s",
+                      file=sys.stderr, flush=True)
     del model
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()
     if write:
         (run / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
     return result
+
+
+def _warn_few_val_domains(held: dict[str, Any], data_path: Path) -> None:
+    """One warning line when the val split's rows cover fewer than half of the data's domains."""
+    from dwm.data.dataset import read_meta
+
+    domains = read_meta(data_path).get("domains") or []
+    seen = sorted(held.get("per_domain", {}))
+    if domains and 2 * len(seen) < len(domains):
+        print(f"dwm eval: warning: the val split covers only {len(seen)} of {len(domains)} domains "
+              f"({', '.join(seen)}): the val loss says nothing of the others (re-prepare with a larger "
+              "--val-fraction)", file=sys.stderr)
 
 
 class EvalResult(dict):

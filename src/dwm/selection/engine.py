@@ -16,6 +16,7 @@ from typing import Any
 
 from dwm.data import rayjobs
 from dwm.errors import UserError
+from dwm.progress import Progress
 
 ENGINES = ("local", "ray")
 
@@ -38,9 +39,9 @@ class LocalEngine:
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if self.workers <= 1 or len(items) <= 1:
-            return [fn(x) for x in items]
+            return _with_progress((fn(x) for x in items), len(items))
         with mp.get_context("fork").Pool(min(self.workers, len(items))) as pool:
-            return list(pool.imap(fn, items, chunksize=1))
+            return _with_progress(pool.imap(fn, items, chunksize=1), len(items))
 
     def close(self) -> None:
         pass
@@ -57,12 +58,22 @@ class RayEngine:
         self.started = rayjobs.start(self.workers, address)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return list(rayjobs.imap(fn, items))
+        return _with_progress(rayjobs.imap(fn, items), len(items))
 
     def close(self) -> None:
         if self.started:
             rayjobs.stop()
             self.started = False
+
+
+def _with_progress(results, total: int) -> list[Any]:
+    """The results, in order, counting shards done: a bar on a terminal, a line per interval in a log."""
+    out = []
+    with Progress("dwm select: shards", total=total, unit="shard", enabled=None) as bar:
+        for r in results:
+            out.append(r)
+            bar.update(1)
+    return out
 
 
 def make_engine(name: str, workers: int = 0, address: str | None = None) -> LocalEngine | RayEngine:

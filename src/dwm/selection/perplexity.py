@@ -11,13 +11,16 @@ rows). Otherwise the document text is decoded and re-tokenized with the LM's tok
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from dwm.data.tokenizer import describe_tokenizer, tokenizer_fingerprint
 from dwm.errors import UserError
+from dwm.progress import Progress
 from dwm.selection.method import SelectionMethod
 from dwm.selection.pool import Pool, shard_rows, shard_texts
 
@@ -78,25 +81,46 @@ def score(pool: Pool, opts: PerplexityOptions, device: str = "cpu") -> dict[str,
     if opts.band not in BANDS:
         raise UserError(f"--band must be one of {', '.join(BANDS)}, not {opts.band!r}")
     model, model_dir, tok_file = load_reference_lm(opts.model, device)
-    same = tok_file is not None and tok_file.read_bytes() == (pool.dir / "tokenizer.json").read_bytes()
+    data_tok = pool.dir / "tokenizer.json"
+    same = tok_file is not None and tokenizer_fingerprint(tok_file) == tokenizer_fingerprint(data_tok)
+    if not same:
+        if tok_file is None and not _has_hf_tokenizer(model_dir):
+            raise UserError(f"--ref-model {opts.model}: no tokenizer to re-tokenize the text with (neither "
+                            f"tokenizer.json nor tokenizer_config.json in {model_dir}); the data's is "
+                            f"{describe_tokenizer(pool.dir / 'tokenizer.json')}")
+        print(f"dwm select: --ref-model tokenizer {describe_tokenizer(tok_file) if tok_file else model_dir} differs "
+              f"from the data's {describe_tokenizer(pool.dir / 'tokenizer.json')}: re-tokenizing the text",
+              file=sys.stderr)
     out = []
-    for shard in pool.shards():
+    shards = list(pool.shards())
+    bar = Progress("dwm select: perplexity scoring", total=len(shards), unit="shard")
+    for shard in shards:
         if same:
             s, c = _row_nll(model, shard_rows(shard), shard.row_tokens, opts.batch_size, device)
             starts = shard.unit_rows[:-1]
             out.append(np.add.reduceat(s, starts) / np.maximum(np.add.reduceat(c, starts), 1))
         else:
-            out.append(_text_nll(model, model_dir, shard_texts(shard), opts, device))
+            out.append(_text_nll(model, model_dir, shard_texts(shard), opts, device, tok_file))
+        bar.update(1)
+    bar.close()
     nll = np.concatenate(out)
     return {"scores": nll, "eligible": np.isfinite(nll),
             "settings": {"model": str(Path(opts.model).resolve()), "band": opts.band,
                          "tokenization": "prepared rows" if same else "re-tokenized text"}}
 
 
-def _text_nll(model, model_dir: Path, texts: list[str], opts: PerplexityOptions, device: str) -> np.ndarray:
-    from transformers import AutoTokenizer
+def _has_hf_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
 
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+def _text_nll(model, model_dir: Path, texts: list[str], opts: PerplexityOptions, device: str,
+              tok_file: Path | None = None) -> np.ndarray:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if _has_hf_tokenizer(model_dir) or tok_file is None:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    else:  # a dwm run: its tokenizer.json sits in the run directory, not in the checkpoint's model/
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
     L = opts.max_length
     windows, owner = [], []
     for d, t in enumerate(texts):

@@ -4,10 +4,13 @@ A checkpoint is written into a hidden temp directory and renamed into place, the
 so a run killed at any instant leaves either the previous or the new checkpoint complete, never a half-written one
 that `--resume` would trust. Resume still verifies what it loads (a disk can lose files): a damaged newest
 checkpoint is skipped with a warning when an older good one exists; otherwise the run stops with a clear error.
+A temp directory left by a save that was killed is removed when the next run starts (`remove_stale_tmp`); a save
+that fails (a full disk) removes its own and reports the path and the bytes it needed in one line.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -40,12 +43,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def checkpoint_bytes(model: torch.nn.Module, state: dict[str, Any]) -> int:
+    """About the bytes a checkpoint takes: the model's tensors plus every tensor in the trainer state (the
+    optimizer's moments dominate); python objects (RNG states, config) add a few kB."""
+    def tensors(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensors(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensors(v) for v in obj)
+        return 0
+
+    return tensors(dict(model.state_dict())) + tensors(state) + 64 * 1024
+
+
+def remove_stale_tmp(ckpt_root: Path) -> list[str]:
+    """Remove the temp directories / LATEST temp files a killed save left behind; returns their names."""
+    if not ckpt_root.is_dir():
+        return []
+    gone = []
+    for p in sorted(ckpt_root.iterdir()):
+        if p.name.startswith((".tmp_", ".LATEST.")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                     keep_last: int = 2, keep_every: int = 0) -> Path:
-    """Write checkpoints/step_XXXXXXXX/{model/, trainer_state.pt} atomically, update LATEST, apply retention."""
+    """Write checkpoints/step_XXXXXXXX/{model/, trainer_state.pt} atomically, update LATEST, apply retention.
+    A full disk is a UserError naming the path and the bytes needed; the partial temp directory is removed and
+    the previous checkpoint (and LATEST) stay as they were."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / ckpt_name(step)
     tmp = ckpt_root / f".tmp_{ckpt_name(step)}_{os.getpid()}"
+    latest_tmp = ckpt_root / f".LATEST.{os.getpid()}"
+    try:
+        _write_checkpoint(tmp, final, latest_tmp, ckpt_root, model, state)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest_tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = checkpoint_bytes(model, state)
+            try:
+                free = shutil.disk_usage(ckpt_root).free
+            except OSError:
+                free = -1
+            raise UserError(f"no space left on device writing checkpoint {final}: it needs about {need:,} bytes, "
+                            f"{free:,} free (the previous checkpoint is kept; free space, then --resume)") from None
+        raise
+    apply_retention(ckpt_root, keep_last, keep_every)
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, latest_tmp: Path, ckpt_root: Path, model: torch.nn.Module,
+                      state: dict[str, Any]) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -61,12 +117,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: d
     if final.exists():  # re-saving the same step (e.g. after a resume): replace
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = ckpt_root / f".LATEST.{os.getpid()}"
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, ckpt_root / "LATEST")
     _fsync_dir(ckpt_root)
-    apply_retention(ckpt_root, keep_last, keep_every)
-    return final
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -78,7 +131,7 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 
 def apply_retention(ckpt_root: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Keep the newest `keep_last` checkpoints plus those at multiples of `keep_every`; drop stale temp dirs."""
+    """Keep the newest `keep_last` checkpoints plus those at multiples of `keep_every`."""
     for i, (step, path) in enumerate(list_checkpoints(ckpt_root)):
         if i < keep_last or (keep_every and step % keep_every == 0):
             continue

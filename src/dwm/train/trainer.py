@@ -12,6 +12,13 @@ The trainer never imports a particular weighter or selector: the caller (dwm.run
 Determinism: the default selector's order is a pure function of (seed, epoch) (or the selection manifest's order),
 and step s consumes positions [s*G, (s+1)*G) of that stream; rank r takes the r-th contiguous B_local slice, so the
 union over ranks of a step's samples is the 1-process global batch, and a resumed run sees exactly the same batches.
+
+Preemption: SIGTERM (what a cluster sends) or SIGINT during `train()` lets the current optimizer step finish, writes
+a checkpoint (atomically), logs a `preempted` event, sets `stopped_by` to the signal's name and raises `Preempted`
+(a KeyboardInterrupt: no caller mistakes a stopped run for a finished one); `dwm train` then exits with
+PREEMPTED_EXIT (75, EX_TEMPFAIL: "try again") and `--resume` continues bit-identically. A second Ctrl-C interrupts
+at once (the previous checkpoint is intact); a repeated SIGTERM is ignored (torchrun forwards the cluster's). Under DDP the ranks agree on the step to stop
+at (one all-reduce of a flag per step).
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import json
 import math
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +50,7 @@ from dwm.nn.losses import per_sample_nll
 from dwm.train import distributed as dist_utils
 from dwm.train import fsdp as fsdp_utils
 from dwm.train.callbacks import Callback
-from dwm.train.checkpoint import load_latest, save_checkpoint
+from dwm.train.checkpoint import load_latest, remove_stale_tmp, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
 from dwm.train.model import (
@@ -51,6 +61,15 @@ from dwm.train.model import (
 )
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
+
+PREEMPTED_EXIT = 75  # `dwm train` stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL): --resume it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(KeyboardInterrupt):
+    """train() stopped on SIGTERM / SIGINT after checkpointing its last step (`dwm` exits with `exit_code`)."""
+
+    exit_code = PREEMPTED_EXIT
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -172,6 +191,13 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.ctx = TrainContext(self)
         self.last_metrics: dict[str, Any] = {}
+        self.stopped_by: str | None = None  # the signal's name when train() stopped early on SIGTERM / SIGINT
+        self._stop_requested: int | None = None
+        if self.is_main:
+            gone = remove_stale_tmp(self.ckpt_root)
+            if gone:
+                print(f"dwm train: warning: removed {len(gone)} incomplete checkpoint temp file(s) left by an "
+                      f"interrupted save: {', '.join(gone)}", file=sys.stderr)
         state = self._resume() if resume else None
         if not resume:
             self._start_fresh()
@@ -221,10 +247,15 @@ class Trainer:
         if set(model_sd) - set(self.model.state_dict()):  # names save_pretrained renamed (GPT-NeoX's lm_head)
             model_sd = saved_state_dict(fsdp_utils.plain_like(self.model) if self.sharded else self.model,
                                         path / "model")
-        if self.sharded:  # every rank passes the full weights; each keeps its shards
-            missing, unexpected = fsdp_utils.load_full_model_state(self.model, model_sd)
-        else:
-            missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
+        try:
+            if self.sharded:  # every rank passes the full weights; each keeps its shards
+                missing, unexpected = fsdp_utils.load_full_model_state(self.model, model_sd)
+            else:
+                missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
+        except RuntimeError as e:  # shapes differ: another model size or vocabulary
+            first = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
+            raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
+                            f"({first.rstrip('.')})") from None
         # save_pretrained writes one name of each tied group (LLaMA: model.embed_tokens.weight, GPT-2:
         # transformer.wte.weight); the others may be missing when one of their group was loaded
         tied = set().union(*(g for g in tied_parameter_names(self.model) if g - set(missing)))
@@ -380,6 +411,44 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
+    # ------------------------------------------------------------ preemption
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training: SIGTERM / SIGINT ask the loop to stop after the current step; then a second SIGINT
+        (Ctrl-C again) interrupts at once and a repeated SIGTERM is ignored (a launcher forwarding what the workers
+        already got). Handlers can only be set from the main thread; elsewhere signals keep their usual effect."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        # a signal the process ignores (SIGINT of a background job, `nohup`) stays ignored
+        previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
+
+        def handler(signum, frame):
+            if self._stop_requested is not None:
+                if signum == signal.SIGINT:  # Ctrl-C again: stop now (the last checkpoint is complete)
+                    raise KeyboardInterrupt
+                return  # SIGTERM again (torchrun forwards the cluster's to workers that got it too): keep saving
+            self._stop_requested = signum
+            if self.is_main:
+                print(f"\ndwm train: {signal.Signals(signum).name} received: finishing step {self.step + 1}, then "
+                      "saving a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _should_stop(self) -> bool:
+        """Whether a stop signal arrived (on any rank: the ranks must stop at the same step)."""
+        flag = 1.0 if self._stop_requested is not None else 0.0
+        if self.world_size > 1:
+            flag = dist_utils.all_max(flag, self.device)
+        return flag > 0
+
     def save(self) -> None:
         """Checkpoint the current step (all ranks call it; rank 0 writes)."""
         state = self._state()
@@ -393,7 +462,23 @@ class Trainer:
         dist_utils.barrier()
 
     def train(self) -> dict[str, Any]:
-        """Run to total_steps; returns the last logged metrics."""
+        """Run to total_steps; returns the last logged metrics. On SIGTERM / SIGINT: finish the step, checkpoint it,
+        set `stopped_by` and raise `Preempted`."""
+        with self._stop_on_signals():
+            metrics = self._train()
+        if self.stopped_by is not None:
+            raise Preempted(f"dwm train: stopped by {self.stopped_by} after step {self.step}; checkpoint saved; "
+                            f"continue with `dwm train --out {self.run_dir} --resume` (exit code {PREEMPTED_EXIT})")
+        return metrics
+
+    def _stop_after_step(self, saved: bool) -> None:
+        """A stop signal arrived: checkpoint this step (unless just done), log it, and let the loop end."""
+        if not saved:
+            self.save()
+        self.stopped_by = signal.Signals(self._stop_requested).name if self._stop_requested else "a stop signal"
+        self.log({"event": "preempted", "signal": self.stopped_by})
+
+    def _train(self) -> dict[str, Any]:
         p, cfg = self.plan, self.cfg
         tokens_per_step = p.global_batch_size * p.seq_len
         bar = None
@@ -426,10 +511,14 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             every = cfg.checkpoint.every
-            if (every and self.step % every == 0) or self.step == self.total_steps:
+            saved = (every and self.step % every == 0) or self.step == self.total_steps
+            if saved:
                 self.save()
             for cb in self.callbacks:
                 cb.on_step_end(self.ctx, rec)
+            if self.step < self.total_steps and self._should_stop():
+                self._stop_after_step(saved)
+                break
         if bar is not None:
             bar.close()
         for cb in self.callbacks:

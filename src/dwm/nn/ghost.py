@@ -5,7 +5,7 @@ hypergradient of every sample the LM trains on,
 
     dL_ref(theta')/dw_i ~ -(lr/B) < grad L_ref(theta), P grad l_i(theta) >,
 
-the fd/exact lookahead's value with grad L_ref taken at theta instead of theta' (docs/METHOD.md section 9). It is
+the fd/exact lookahead's value with grad L_ref taken at theta instead of theta' (docs/METHOD.md section 12). It is
 computed from what the backward already has, never materialising a per-sample gradient (GhostSuite / GREATS, Wang
 et al. 2024-25): for a layer y = f(x; W) the sample's product is sum_t < delta_it, D_M y_it >, delta the gradient
 of the loss at the layer's output, D_M y the derivative of the output along M:

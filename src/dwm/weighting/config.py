@@ -187,7 +187,7 @@ class WeightingConfig:
     """where phi's evidence comes from: 'fd' (default: the lookahead hypergradient of `advanced.batch_size` probed
     samples at each update, by finite differences), 'exact' (the same by double backward, math attention), or
     'ghost' (every sample the LM trains on, labelled in its own backward with < P grad L_ref(theta), grad l_i >:
-    thousands a stage instead of 128 an update; docs/METHOD.md section 10)"""
+    thousands a stage instead of 128 an update; docs/METHOD.md section 12)"""
     schedule: Literal["staged", "interleaved"] = "staged"
     """'staged': K stages, M updates at each stage start then frozen; 'interleaved': one update every `interval` steps"""
     stages: int = 5

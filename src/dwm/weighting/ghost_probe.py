@@ -3,7 +3,7 @@
 At each LM step the hooks of dwm.nn.ghost read < M, grad l_i(theta) > for every trained sample, M = P grad L_ref
 (AdamW's diagonal times a reference batch's gradient, refreshed every `advanced.ref_every` steps). The step's
 samples become one `Probed` record with dL/dw = -(lr / G) x that product, the lookahead hypergradient's first-order
-value (docs/METHOD.md section 10), normalised by its spread over the step like a probe's. phi then fits the
+value (docs/METHOD.md section 12), normalised by its spread over the step like a probe's. phi then fits the
 records at the stage boundaries (the learner's buffer) instead of 128 probed samples an update. A share
 (`advanced.holdout`, by sample id) is held back from the fit; after each fit the Spearman correlation of phi's
 scores with their signal is logged ("ghost_holdout").

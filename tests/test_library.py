@@ -123,3 +123,17 @@ def test_hf_trainer_raises_the_target_like_domain(tmp_path):
     assert (tmp_path / "weighting" / "stage_4.safetensors").is_file()
     saved = torch.load(tmp_path / "checkpoint-20" / "dwm_state.pt", weights_only=False)  # with the HF checkpoint
     assert saved["n_updates"] == 5 and saved["stage"] == 4
+
+
+def test_readme_loop_is_the_tested_example():
+    """The README's loop is examples/plain_pytorch.py's, line for line (that file is what the tests run)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Using DWM in your own code", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    example = [line.strip() for line in (root / "examples" / "plain_pytorch.py").read_text().splitlines()]
+    lines = [line.strip() for line in block.splitlines() if line.strip()]
+    assert len(lines) >= 8
+    start = example.index(lines[0])
+    assert example[start:start + len(lines)] == lines

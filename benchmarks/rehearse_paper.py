@@ -52,9 +52,9 @@ def overrides(args: argparse.Namespace) -> list[str]:
             f"train.max_steps={args.steps}",
             "train.precision=fp32", "train.device=cpu", "train.compile=false", "optim.warmup_steps=1",
             "checkpoint.every=0", "log.every=1", "log.progress=false",
-            "weighting.mode=dwm", "weighting.schedule=staged", "weighting.stages=1", "weighting.updates_per_stage=1",
-            f"weighting.batch_size={args.probe}", f"weighting.ref_batch_size={args.ref}",
-            "weighting.probe_size=8", "weighting.probe_lm_loss=false", f"weighting.reference={args.reference}"]
+            "weighting.mode=dwm", "weighting.schedule=staged", "weighting.stages=1", "weighting.advanced.updates_per_stage=1",
+            f"weighting.advanced.batch_size={args.probe}", f"weighting.advanced.ref_batch_size={args.ref}",
+            "weighting.probe_size=8", "weighting.advanced.probe_lm_loss=false", f"weighting.reference={args.reference}"]
 
 
 def main() -> None:

@@ -188,8 +188,8 @@ def test_fsdp_dwm_bilevel_update_equals_one_process(tmp_path, free_port):
     common = [f"data.dir={tmp_path / 'data'}", "model.spec=tiny", "train.global_batch_tokens=256",
               "train.micro_batch_size=2", "train.max_steps=4", "train.precision=fp64", "train.device=cpu",
               "train.parallel=fsdp", "weighting.mode=dwm", f"weighting.reference={tmp_path / 'ref.jsonl'}",
-              "weighting.stages=2", "weighting.updates_per_stage=1", "weighting.batch_size=4",
-              "weighting.net.width=32", "weighting.net.heads=2", "weighting.probe_size=8", "weighting.ref_batch_size=4",
+              "weighting.stages=2", "weighting.advanced.updates_per_stage=1", "weighting.advanced.batch_size=4",
+              "weighting.net.width=32", "weighting.net.heads=2", "weighting.probe_size=8", "weighting.advanced.ref_batch_size=4",
               "log.progress=false", "log.every=1", "checkpoint.every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     one = subprocess.run([sys.executable, "-m", "dwm.cli", "train", "--out", str(tmp_path / "one"), *common],

@@ -55,7 +55,7 @@ def test_bilevel_update_cost_and_resample_stream(prepared_dir):
     cfg = load_config("src/dwm/recipes/cpu-small-dwm.toml", [*SMALL_RUN, f"data.dir={prepared_dir}"])
     rep = make_report(cfg, gpus=1, gpu_memory_gib=80, mfu=0.4, peak_tflops=989)
     T, G = 32, 8
-    n, R = cfg.weighting.batch_size, cfg.weighting.ref_batch_size  # 128 probed, 16 reference passages
+    n, R = cfg.weighting.advanced.batch_size, cfg.weighting.advanced.ref_batch_size  # 128 probed, 16 reference passages
     F = forward_flops_per_token(rep["shape"], T)
     assert rep["updates"] == 5 and rep["updates_per_stage"] == 1
     assert rep["update_flops"] == pytest.approx(F * T * (3 * G + 4 * R + 2 * n), rel=1e-12)

@@ -127,9 +127,9 @@ def _dwm_cfg(d: dict[str, Path], out: Path):
     return load_config(None, [
         f"data.dir={d['data']}", f"out={out}", "model.spec=tiny", "train.global_batch_tokens=256",
         "train.micro_batch_size=4", "train.max_steps=10", f"weighting.reference={d['ref']}", "weighting.mode=dwm",
-        "weighting.net.width=32", "weighting.net.heads=2", "weighting.probe_size=30", "weighting.ref_batch_size=4",
-        "weighting.lr=0.01", "weighting.schedule=interleaved", "weighting.interval=2", "weighting.apply=resample",
-        "weighting.batch_size=12", "weighting.phi_steps=2", "log.progress=false", "log.every=1", "checkpoint.every=4",
+        "weighting.net.width=32", "weighting.net.heads=2", "weighting.probe_size=30", "weighting.advanced.ref_batch_size=4",
+        "weighting.advanced.lr=0.01", "weighting.schedule=interleaved", "weighting.interval=2", "weighting.apply=resample",
+        "weighting.advanced.batch_size=12", "weighting.advanced.phi_steps=2", "log.progress=false", "log.every=1", "checkpoint.every=4",
         "train.device=cpu"])
 
 

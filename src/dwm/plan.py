@@ -8,8 +8,8 @@ Per optimizer step: tokens = train.global_batch_tokens; model FLOPs = tokens * (
 checkpointing the hardware runs 8 N_mm + 16 L d T per token. Time = hardware FLOPs / (GPUs x MFU x peak FLOP/s).
 
 Per bi-level update (weighting.mode = dwm, each learning stage's updates_per_stage updates), as the 'fd'
-hypergradient runs it (dwm.weighting.bilevel): with n probed samples (weighting.batch_size, 0 = the global batch
-G) of length T_p (weighting.probe_len or seq_len) and R = weighting.ref_batch_size reference passages (counted at
+hypergradient runs it (dwm.weighting.bilevel): with n probed samples (weighting.advanced.batch_size, 0 = the global batch
+G) of length T_p (weighting.advanced.probe_len or seq_len) and R = weighting.advanced.ref_batch_size reference passages (counted at
 seq_len, an upper bound):
     one weighted forward+backward over the first min(G, n):   3 * F(T_p) * min(G, n) * T_p
     one reference forward+backward and one no-grad forward:   4 * F(T)   * R * T
@@ -98,19 +98,19 @@ def n_updates(cfg: RunConfig, total_steps: int) -> tuple[int, int]:
         return 0, 0
     if w.schedule == "interleaved":
         return total_steps // w.interval, 1
-    per = w.updates_per_stage or max(1, round(w.update_fraction * total_steps / w.stages))
-    return (w.stages - w.uniform_stages - w.frozen_stages) * per, per
+    per = w.advanced.updates_per_stage or max(1, round(w.advanced.update_fraction * total_steps / w.stages))
+    return (w.stages - w.advanced.uniform_stages - w.advanced.frozen_stages) * per, per
 
 
 def update_flops(cfg: RunConfig, plan: Plan, shape, recompute: bool) -> float:
     """FLOPs of one bi-level update (module docstring)."""
     w = cfg.weighting
-    T, Tp = plan.seq_len, (min(w.probe_len, plan.seq_len) if w.probe_len else plan.seq_len)
-    n = w.batch_size or plan.global_batch_size
+    T, Tp = plan.seq_len, (min(w.advanced.probe_len, plan.seq_len) if w.advanced.probe_len else plan.seq_len)
+    n = w.advanced.batch_size or plan.global_batch_size
     g = min(plan.global_batch_size, n)
     F, Fp = forward_flops_per_token(shape, T), forward_flops_per_token(shape, Tp)
     back = 3.0 if recompute else 2.0  # a backward (+1 recomputed forward)
-    return ((1 + back) * Fp * g * Tp + (1 + back) * F * w.ref_batch_size * T + F * w.ref_batch_size * T
+    return ((1 + back) * Fp * g * Tp + (1 + back) * F * w.advanced.ref_batch_size * T + F * w.advanced.ref_batch_size * T
             + 2 * Fp * n * Tp)
 
 
@@ -209,10 +209,10 @@ def format_report(rep: dict) -> str:
          f"grads {fmt_gib(mem.step.grads)}, optimizer {fmt_gib(mem.step.optimizer)}, activations "
          f"{fmt_gib(mem.step.activations)}" + (f", CPU heap {fmt_gib(mem.heap)}" if mem.heap else "")]
     if rep["updates"]:
-        n = w.batch_size or plan.global_batch_size
+        n = w.advanced.batch_size or plan.global_batch_size
         L += ["",
               (f"per bi-level update ({w.backend}; {n} probed samples, {min(n, plan.global_batch_size)} weighted, "
-              f"{w.ref_batch_size} reference passages):"),
+              f"{w.advanced.ref_batch_size} reference passages):"),
               f"  FLOPs {rep['update_flops']:.3e}, time {rep['update_s']:.3g} s",
               (f"  peak memory per device (simulated) {fmt_gib(mem.update_peak)}: weights and optimizer state + "
               f"{fmt_gib(mem.update_extra)} of 3 fp32 parameter copies + one micro-batch's activations"),

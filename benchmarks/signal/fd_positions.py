@@ -23,10 +23,12 @@ from dwm.nn import bilevel
 
 
 def strided_losses(stride: int, seed: int):
-    """A stand-in for bilevel._per_sample_losses that scores every `stride`-th position (HF logits_to_keep)."""
+    """A stand-in for bilevel.Passes.sample_losses (the fd pair's forwards) that scores every `stride`-th
+    position (HF logits_to_keep)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def losses(model, input_ids, n_tokens, chunk):
+    def losses(passes, input_ids, n_tokens):
+        model, chunk = passes.model, passes.chunk
         B, T = input_ids.shape
         pos = torch.randint(0, stride, (B, 1), generator=gen) + stride * torch.arange((T - 1) // stride)[None]
         out = []
@@ -57,16 +59,16 @@ def main() -> None:
     ids = np.sort(rng.choice(len(data), a.n, replace=False))
     b, dom = data.batch(ids), data.domain_ids[ids]
     w = torch.cat([torch.ones(16), torch.zeros(a.n - 16)])
-    full_losses = bilevel._per_sample_losses
+    full_losses = bilevel.Passes.sample_losses
 
     def signal(ref_idx, losses=full_losses):
-        bilevel._per_sample_losses = losses
+        bilevel.Passes.sample_losses = losses
         try:
             r = bilevel.hypergradient(model, b.input_ids, b.n_tokens, w, *ref.batch(ref_idx), lr=lr,
                                       precond=bilevel.adam_lookahead(opt, model), measure_before=False,
                                       chunk_size=16)
         finally:
-            bilevel._per_sample_losses = full_losses
+            bilevel.Passes.sample_losses = full_losses
         return -r.dL_dw.double().numpy()
 
     def by_domain(x):

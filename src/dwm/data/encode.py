@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from dwm.data import tokenizer as tkz
+from dwm.data.formats import InputSource
 from dwm.data.prepare_options import PrepareOptions, is_val
-from dwm.data.readers import Document, InputSource, ReadOptions, SkipCounter, iter_documents
+from dwm.data.readers import Document, ReadOptions, SkipCounter, iter_documents
 from dwm.progress import Progress
 
 CHUNK_BYTES = 1 << 20  # text per tokenization task: large enough to amortise overhead, small for memory

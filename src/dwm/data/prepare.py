@@ -33,6 +33,7 @@ from typing import Literal
 
 from dwm.data import tokenizer as tkz
 from dwm.data.encode import CHUNK_BYTES, chunks, default_workers, tokenized, tokenized_ray, tokenizer_sample
+from dwm.data.formats import InputSource, expand_inputs
 from dwm.data.packing import ROW_GROUP, SplitWriter
 from dwm.data.pool import make_pool
 from dwm.data.prepare_options import (
@@ -48,7 +49,7 @@ from dwm.data.prepare_options import (
     parse_shard,
     select_shard,
 )
-from dwm.data.readers import DOMAIN_PROBE, InputSource, SkipCounter, expand_inputs
+from dwm.data.readers import DOMAIN_PROBE, SkipCounter
 from dwm.errors import UserError
 from dwm.progress import Progress
 

@@ -10,7 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dwm.data.readers import InputSource, ReadOptions
+from dwm.data.formats import InputSource
+from dwm.data.readers import ReadOptions
 from dwm.errors import UserError
 
 FORMAT = "dwm-prepared/1"

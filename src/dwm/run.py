@@ -8,8 +8,8 @@ by name, the Trainer built, and `dwm train`.
 `weighting.mode` names a weighter in `dwm.train.weighter.WEIGHTERS` ('uniform', 'dwm', anything registered in
 process or through the `dwm.weighters` entry-point group) or is a run directory whose learned weighting models to
 replay; `selector.mode` names a selector in `dwm.train.selector.SELECTORS`. The built-in Data Weighting Model is
-registered here, lazily, so neither the trainer nor a uniform run imports it; so is the MATES-style online
-selector `influence` (dwm/selection/influence.py), which gets the [influence] section.
+registered in dwm.runconfig (with RunConfig), lazily, so neither the trainer nor a uniform run imports it; so is
+the MATES-style online selector `influence` (dwm/selection/influence.py), which gets the [influence] section.
 
 `dwm train` launches with torchrun for DDP (`torchrun --nproc_per_node N -m dwm.cli train ...`); the same command
 runs on one process. `--data`, `--selection`, `--out`, `--weighting` and `--keep-learning` are shortcuts for the
@@ -28,78 +28,17 @@ from pathlib import Path
 
 from dwm import config as C
 from dwm.errors import UserError
-from dwm.selection.config import InfluenceConfig
-from dwm.train.config import Plan, TrainerConfig, plan_for_data
+from dwm.runconfig import RECIPES, RunConfig, help_config, load_config, recipe_path, validate
+from dwm.train.config import plan_for_data
 from dwm.train.memory import check_memory
-from dwm.train.selector import SELECTORS, Selector, SelectorConfig
+from dwm.train.selector import SELECTORS, Selector
 from dwm.train.weighter import WEIGHTERS, Weighter
-from dwm.weighting.config import WeightingConfig
 
-WEIGHTERS.register("dwm", "dwm.weighting.dwm_weighter:DWMWeighter")
-WEIGHTERS.register("domains", "dwm.weighting.domains:DomainWeighter")
-SELECTORS.register("influence", "dwm.selection.influence:InfluenceSelector")
-SELECTORS.register("dwm", "dwm.weighting.resample:ResampleSelector")
-RECIPES = Path(__file__).resolve().parent / "recipes"
-
-
-@dataclass
-class RunConfig(TrainerConfig):
-    """A whole `dwm train` run."""
-
-    selector: SelectorConfig = field(default_factory=SelectorConfig)
-    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
-
-    def validate(self, prefix: str = "") -> None:
-        super().validate(prefix)
-        mode = self.weighting.mode
-        if mode not in WEIGHTERS and not (Path(mode).is_dir() and (Path(mode) / "weighting").is_dir()):
-            hint = C.did_you_mean(mode, WEIGHTERS.names())
-            raise UserError(f"config key {prefix}weighting.mode: {mode!r} is not a weighter "
-                            f"({', '.join(WEIGHTERS.names())}) nor a run directory with a weighting/ folder{hint}")
-        SELECTORS.get(self.selector.mode)  # did-you-mean error on an unknown name
-        if mode == "dwm" and self.weighting.net.init_from_lm_embedding and not _lm_has_trained_weights(self):
-            raise UserError(f"config key {prefix}weighting.net.init_from_lm_embedding: the LM {self.model.spec!r} "
-                            "starts from random weights, so its embedding carries nothing at step 0; set it false "
-                            "(or start from a trained checkpoint)")
-
-
-def _lm_has_trained_weights(cfg: RunConfig) -> bool:
-    """Whether the LM starts from trained weights (a checkpoint directory), not from a fresh initialisation."""
-    from dwm.train.model import PRESETS
-
-    if cfg.model.spec in PRESETS or getattr(cfg.model, "init", "auto") == "scratch":
-        return False
-    return any(Path(cfg.model.spec).glob("*.safetensors")) or any(Path(cfg.model.spec).glob("*.bin"))
-
-
-def load_config(path: str | Path | None = None, overrides=()) -> RunConfig:
-    """Defaults, then the TOML file (if any), then the overrides in order (key=value strings and/or mappings of
-    dotted keys to typed values: `dwm.config.apply_overrides`). Not yet validated."""
-    return C.load(RunConfig, path, overrides)
-
-
-def help_config() -> str:
-    return C.help_text(RunConfig)
-
-
-def recipe_path(name: str) -> Path:
-    """A shipped recipe (src/dwm/recipes/NAME.toml) by name."""
-    return RECIPES / f"{name}.toml"
-
-
-def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> Plan | None:
-    """Reject every invalid value with a UserError; with check_paths, also the files the run reads, and return the
-    Plan (batch sizes, accumulation, steps) for this world size."""
-    C.validate(cfg)
-    if not check_paths:
-        return None
-    plan = plan_for_data(cfg, world_size)
-    cfg.weighting.check_paths()
-    section = getattr(SELECTORS.get(cfg.selector.mode), "config_section", None)  # a selector's own section
-    if section and hasattr(getattr(cfg, section), "check_paths"):
-        getattr(cfg, section).check_paths()
-    return plan
+# the names this module always offered; the run config, its loading and the registrations are dwm.runconfig
+__all__ = ["GUARDED", "NAME_OR_PATH_KEYS", "PATH_KEYS", "RECIPES", "RunConfig", "TrainResult", "absolute_paths",
+           "add_arguments", "adopt_replay_settings", "bilevel_param_copies", "build_selector", "build_trainer",
+           "build_weighter", "check_resume", "config_from_args", "help_config", "latest_step", "load_config",
+           "recipe_path", "resolve_config_path", "run", "train", "validate"]
 
 
 def adopt_replay_settings(cfg: RunConfig) -> list[str]:

@@ -8,6 +8,8 @@ static HTML report. It never imports the weighting or training code: it reads wh
     runs.py      load_run: a run directory -> RunData (stages, probe weights, sample properties, texts)
                  trained_shares: each domain's share of what a weighted run trained on (metrics.jsonl)
     measures.py  Spearman, correlation ratio, bigram novelty, weight-distribution summaries
+    summary.py   per-stage numbers of a run (summary.json)
+    plots.py     PNG plots (matplotlib, Agg)
     report.py    analyze(): summary.json, PNG plots (matplotlib, Agg), report.html
     cli.py       `dwm analyze RUN_DIR [RUN_DIR ...]`
 """

@@ -20,376 +20,45 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections import Counter, defaultdict, deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from dwm.data import tokenizer as tkz
-from dwm.data.readers import (
-    DOMAIN_PROBE,
-    Document,
-    InputSource,
-    ReadOptions,
-    SkipCounter,
-    expand_inputs,
-    iter_documents,
+from dwm.data.encode import CHUNK_BYTES, chunks, default_workers, tokenized, tokenized_ray, tokenizer_sample
+from dwm.data.formats import InputSource, expand_inputs
+from dwm.data.packing import ROW_GROUP, SplitWriter
+from dwm.data.pool import make_pool
+from dwm.data.prepare_options import (
+    FIXED_COLUMNS,
+    FORMAT,
+    OUTPUT_FILES,
+    SPLITS,
+    TMP_NAME,
+    PrepareOptions,
+    fingerprint,
+    is_complete,
+    is_val,
+    parse_shard,
+    select_shard,
 )
+from dwm.data.readers import DOMAIN_PROBE, SkipCounter
 from dwm.errors import UserError
 from dwm.progress import Progress
 
-FORMAT = "dwm-prepared/1"
-SPLITS = ("train", "val")
-FIXED_COLUMNS = ("sample_id", "doc_id", "domain", "source", "n_tokens")
-OUTPUT_FILES = ("tokenizer.json", "stats.json", *(f"{s}.{e}" for s in SPLITS for e in ("bin", "parquet")))
-TMP_NAME = ".tmp-prepare"
-CHUNK_BYTES = 1 << 20  # text per tokenization task: large enough to amortise overhead, small for memory
-ROW_GROUP = 65536
+# the names this module always offered, now kept in dwm.data.prepare_options, packing, encode and pool
+__all__ = ["CHUNK_BYTES", "EPILOG", "FIXED_COLUMNS", "FORMAT", "OUTPUT_FILES", "ROW_GROUP", "SPLITS", "TMP_NAME",
+           "PrepareOptions", "PreparedInfo", "SplitWriter", "add_arguments", "fingerprint", "is_complete", "is_val",
+           "make_pool", "parse_shard", "prepare", "prepare_data", "run", "select_shard"]
+
 # Test hook: hard-exit (like a kill) after this many documents have been written. Used by tests only.
-
-
-@dataclass
-class PrepareOptions:
-    text_field: str = "text"
-    id_field: str = "id"
-    domain_field: str | None = None
-    score_fields: tuple[str, ...] = ()
-    tokenizer: str | None = None  # path to tokenizer.json / HF tokenizer dir; None: train a BPE
-    vocab_size: int = 8192
-    tokenizer_sample_mb: float = 32.0
-    seq_len: int = 256
-    val_fraction: float = 0.01
-    packing: str = "stream"
-    on_error: str = "skip"
-    workers: int = 0  # 0: all cores
-    engine: str = "local"  # "local": a thread pool; "ray": Ray Data tasks, one per input source
-    ray_address: str | None = None  # engine "ray": a cluster address (None: a local Ray instance)
-    seed: int = 0
-    shard: tuple[int, int] | None = None  # (i, n): only the i-th of n parts of the sorted input files (see select_shard)
-    force: bool = False
-    progress: bool | None = None  # None: only on a terminal
-
-    def validate(self) -> None:
-        if self.seq_len < 2:
-            raise UserError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.packing not in ("stream", "doc"):
-            raise UserError(f"--packing must be stream or doc, not {self.packing!r}")
-        if self.on_error not in ("skip", "fail"):
-            raise UserError(f"--on-error must be skip or fail, not {self.on_error!r}")
-        if self.engine not in ("local", "ray"):
-            raise UserError(f"--engine must be local or ray, not {self.engine!r}")
-        if self.ray_address and self.engine != "ray":
-            raise UserError("--ray-address needs --engine ray")
-        if self.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {self.workers}")
-        if self.tokenizer_sample_mb <= 0:
-            raise UserError("--tokenizer-sample-mb must be > 0")
-        if self.shard is not None:
-            i, n = self.shard
-            if n < 1 or not 0 <= i < n:
-                raise UserError(f"--shard {i}/{n}: want I/N with N >= 1 and 0 <= I < N (shards count from 0)")
-            if i > 0 and not self.tokenizer:
-                raise UserError(f"--shard {i}/{n} needs --tokenizer: a BPE trained on each shard would give ids that "
-                                "mean different tokens in each; pass shard 0's DIR/tokenizer.json (or any tokenizer)")
-        bad = [f for f in self.score_fields if f in FIXED_COLUMNS]
-        if bad or len(set(self.score_fields)) != len(self.score_fields):
-            raise UserError(f"--score-fields must be distinct and not named like a fixed column {FIXED_COLUMNS}")
-
-    def read_options(self) -> ReadOptions:
-        return ReadOptions(self.text_field, self.id_field, self.domain_field, tuple(self.score_fields),
-                           self.on_error)
-
-
-def is_val(doc_id: str, seed: int, val_fraction: float) -> bool:
-    """Deterministic document-level split: a 64-bit hash of (seed, doc_id) against the fraction."""
-    if val_fraction <= 0:
-        return False
-    h = hashlib.blake2b(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(h, "little") < val_fraction * 2.0**64
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """"I/N" -> (I, N)."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {text!r}: want I/N, e.g. 0/8 (the first of 8 shards)") from None
-    return i, n
-
-
-def select_shard(sources: list[InputSource], shard: tuple[int, int]) -> list[InputSource]:
-    """The sources of shard (i, n): the input sources sorted by resolved path, then every n-th starting at i (round
-    robin: with many files of similar size, as SlimPajama's, the shards get about the same share). A source is a
-    file (or a directory of .txt files, or a save_to_disk split): never cut."""
-    i, n = shard
-    ordered = sorted(sources, key=lambda s: str(s.path.resolve()))
-    mine = ordered[i::n]
-    if not mine:
-        raise UserError(f"--shard {i}/{n}: the inputs hold only {len(ordered)} source file(s), none for shard {i}")
-    return mine
-
-
-# --- fingerprint / completion ---------------------------------------------------------------------------------
-def _file_sig(p: Path) -> list:
-    st = p.stat()
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def fingerprint(sources: list[InputSource], opts: PrepareOptions) -> str:
-    """Hash of what determines the output: input files (path, size, mtime) and the options that matter."""
-    files = []
-    for s in sources:
-        files.extend(_file_sig(f) for f in (s.files or (s.path,)))
-    o = asdict(opts)
-    for k in ("workers", "force", "progress", "engine", "ray_address"):
-        o.pop(k)
-    if opts.tokenizer:
-        tp = Path(opts.tokenizer)
-        o["tokenizer"] = [_file_sig(f) for f in sorted(tp.iterdir()) if f.is_file()] if tp.is_dir() \
-            else _file_sig(tp)
-    blob = json.dumps({"format": FORMAT, "files": files, "options": o}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def is_complete(out: Path, fp: str) -> bool:
-    """True when out/meta.json is a finished prepare with this fingerprint and all its files exist."""
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return meta.get("fingerprint") == fp and all((out / f).is_file() for f in OUTPUT_FILES)
-
-
-# --- writing ------------------------------------------------------------------------------------------------
-class SplitWriter:
-    """Cuts one split's token stream into rows, appends them to {split}.bin and their metadata to parquet."""
-
-    def __init__(self, d: Path, name: str, seq_len: int, dtype: np.dtype, eos_id: int, pad_id: int,
-                 packing: str, score_columns: tuple[str, ...], bos_id: int | None = None):
-        self.seq_len, self.dtype, self.eos_id, self.pad_id, self.packing = seq_len, dtype, eos_id, pad_id, packing
-        self.bos_id = bos_id  # prepended to every document when the tokenizer's BOS policy says so
-        self.score_columns = score_columns
-        self.bin = open(d / f"{name}.bin", "wb")  # noqa: SIM115 - closed in close()
-        fields = [("sample_id", pa.int64()), ("doc_id", pa.string()), ("domain", pa.string()),
-                  ("source", pa.string()), ("n_tokens", pa.int32())]
-        self.schema = pa.schema(fields + [(c, pa.float64()) for c in score_columns])
-        self.pq = pq.ParquetWriter(d / f"{name}.parquet", self.schema, compression="zstd")
-        self.n_samples = self.n_docs = self.n_real_tokens = 0
-        self._meta: list[tuple] = []  # per pending row: (doc_id, domain, source, n_tokens, scores)
-        # stream packing state: pending token arrays and, per pending document, its start and metadata
-        self._buf: list[np.ndarray] = []
-        self._buf_len = 0
-        self._starts: list[int] = []
-        self._docs: list[tuple] = []
-
-    def add(self, doc: Document, ids: list[int]) -> None:
-        lead = 0 if self.bos_id is None else 1
-        arr = np.empty(lead + len(ids) + 1, dtype=self.dtype)
-        if lead:
-            arr[0] = self.bos_id
-        arr[lead:-1] = ids
-        arr[-1] = self.eos_id
-        self.n_docs += 1
-        info = (doc.doc_id, doc.domain, doc.source, doc.scores)
-        if self.packing == "doc":
-            self._emit_stream(arr, [0], [info], final=True)
-            return
-        self._buf.append(arr)
-        self._starts.append(self._buf_len)
-        self._docs.append(info)
-        self._buf_len += len(arr)
-        if self._buf_len >= 64 * self.seq_len:
-            self._drain(final=False)
-
-    def end_source(self) -> None:
-        """A source's stream ends: its last partial row is padded (stream packing never crosses sources)."""
-        if self._buf:
-            self._drain(final=True)
-
-    def _drain(self, final: bool) -> None:
-        stream = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
-        consumed = self._emit_stream(stream, self._starts, self._docs, final)
-        rest = stream[consumed:]
-        if len(rest) == 0:
-            self._buf, self._buf_len, self._starts, self._docs = [], 0, [], []
-            return
-        k = int(np.searchsorted(np.asarray(self._starts), consumed, side="right")) - 1
-        self._buf, self._buf_len = [rest], len(rest)
-        self._starts = [s - consumed for s in self._starts[k:]]
-        self._docs = self._docs[k:]
-
-    def _emit_stream(self, stream: np.ndarray, starts: list[int], docs: list[tuple], final: bool) -> int:
-        """Write every full row of `stream` (and the padded tail if final); return the tokens consumed."""
-        L = self.seq_len
-        n_full = len(stream) // L
-        n_rows = n_full + (1 if final and len(stream) % L else 0)
-        if n_rows == 0:
-            return 0
-        if n_rows > n_full:
-            rows = np.full((n_rows, L), self.pad_id, dtype=self.dtype)
-            rows.reshape(-1)[: len(stream)] = stream
-        else:
-            rows = stream[: n_full * L].reshape(n_full, L)
-        self.bin.write(rows.tobytes())
-        row_starts = np.arange(n_rows, dtype=np.int64) * L
-        which = np.searchsorted(np.asarray(starts), row_starts, side="right") - 1
-        consumed = min(len(stream), n_rows * L)
-        for r in range(n_rows):
-            doc_id, domain, source, scores = docs[int(which[r])]
-            n_tok = min(L, len(stream) - r * L)
-            self._meta.append((doc_id, domain, source, n_tok, scores))
-        self.n_real_tokens += consumed
-        if len(self._meta) >= ROW_GROUP:
-            self._flush_meta()
-        return consumed
-
-    def _flush_meta(self) -> None:
-        if not self._meta:
-            return
-        m = self._meta
-        cols = {
-            "sample_id": pa.array(np.arange(self.n_samples, self.n_samples + len(m), dtype=np.int64)),
-            "doc_id": pa.array([r[0] for r in m], pa.string()),
-            "domain": pa.array([r[1] for r in m], pa.string()),
-            "source": pa.array([r[2] for r in m], pa.string()),
-            "n_tokens": pa.array([r[3] for r in m], pa.int32()),
-        }
-        for j, c in enumerate(self.score_columns):
-            cols[c] = pa.array([r[4][j] for r in m], pa.float64())
-        self.pq.write_table(pa.table(cols, schema=self.schema), row_group_size=ROW_GROUP)
-        self.n_samples += len(m)
-        self._meta = []
-
-    def close(self) -> None:
-        self.end_source()
-        self._flush_meta()
-        self.pq.close()
-        self.bin.close()
-
-
-# --- tokenization pipeline ----------------------------------------------------------------------------------
-def _chunks(sources: list[InputSource], ropts: ReadOptions, counter: SkipCounter
-            ) -> Iterator[tuple[int, list[Document]]]:
-    """(source index, documents) chunks of about CHUNK_BYTES; a chunk never spans two sources."""
-    for si, src in enumerate(sources):
-        chunk: list[Document] = []
-        size = 0
-        for doc in iter_documents(src, ropts, counter):
-            chunk.append(doc)
-            size += doc.n_bytes
-            if size >= CHUNK_BYTES or len(chunk) >= 4096:
-                yield si, chunk
-                chunk, size = [], 0
-        if chunk:
-            yield si, chunk
-
-
-def _tokenized(tok, chunks: Iterator[tuple[int, list[Document]]], workers: int
-               ) -> Iterator[tuple[int, list[Document], list[list[int]]]]:
-    """Tokenize chunks in order. With workers > 1, a thread pool (tokenizers releases the GIL while encoding)
-    with at most 2*workers chunks in flight, so memory stays bounded and the order is the input order."""
-    if workers <= 1:
-        for si, docs in chunks:
-            yield si, docs, tkz.encode_batch(tok, [d.text for d in docs])
-        return
-    pending: deque[tuple[int, list[Document], Future]] = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="dwm-tok") as ex:
-        for si, docs in chunks:
-            pending.append((si, docs, ex.submit(tkz.encode_batch, tok, [d.text for d in docs])))
-            if len(pending) >= 2 * workers:
-                si0, docs0, fut = pending.popleft()
-                yield si0, docs0, fut.result()
-        while pending:
-            si0, docs0, fut = pending.popleft()
-            yield si0, docs0, fut.result()
-
-
-def _tokenize_source(task: tuple) -> tuple[list[tuple[list[Document], list[list[int]]]], SkipCounter]:
-    """A Ray task: read one source, cut it into the local engine's chunks and tokenize them (the same chunks and
-    ids as `_tokenized`); returns them with the source's skip counter."""
-    from tokenizers import Tokenizer
-
-    src, ropts, tok_json = task
-    tok = Tokenizer.from_str(tok_json)
-    counter = SkipCounter()
-    out = [(docs, tkz.encode_batch(tok, [d.text for d in docs])) for _, docs in _chunks([src], ropts, counter)]
-    return out, counter
-
-
-def _tokenized_ray(tok, sources: list[InputSource], ropts: ReadOptions, counter: SkipCounter, workers: int,
-                   address: str | None) -> Iterator[tuple[int, list[Document], list[list[int]]]]:
-    """`_tokenized` as Ray Data tasks, one per input source (a source is the unit of parallelism: split a large
-    input into several files to spread it), yielded in source order; the skip counters are merged in that order,
-    so the prepared directory is byte-identical to the local engine's. With on_error = fail, a bad record's error
-    is raised by its task."""
-    from dwm.data import rayjobs
-
-    started = rayjobs.start(workers, address)
-    try:
-        tok_json = tok.to_str()
-        results = rayjobs.imap(_tokenize_source, [(s, ropts, tok_json) for s in sources])
-        for si, (chunks, c) in enumerate(results):
-            counter.docs_in += c.docs_in
-            counter.skipped.update(c.skipped)
-            counter.examples.extend(c.examples[: max(0, 20 - len(counter.examples))])
-            counter.scores_missing += c.scores_missing
-            for docs, ids in chunks:
-                yield si, docs, ids
-    finally:
-        if started:
-            rayjobs.stop()
-
-
-def _tokenizer_sample(sources: list[InputSource], opts: PrepareOptions, progress: Progress | None = None
-                      ) -> Iterator[str]:
-    """Bounded, deterministic training sample: the first share of each source's train documents (the document
-    that fills the share is given whole). A document over tkz.PIECE_CHARS characters is given in pieces
-    (tkz.iter_pieces: the same words) and only up to the share."""
-    share = opts.tokenizer_sample_mb * 1e6 / len(sources)
-    ropts = opts.read_options()
-    for src in sources:
-        taken = 0
-        for doc in iter_documents(src, ropts, SkipCounter()):
-            if is_val(doc.doc_id, opts.seed, opts.val_fraction):
-                continue
-            if len(doc.text) <= tkz.PIECE_CHARS:
-                yield doc.text
-                taken += doc.n_bytes
-                if progress is not None:
-                    progress.update(doc.n_bytes / 1e6)
-            else:  # a very long document: its pieces until the source's share is taken
-                for piece in tkz.iter_pieces(doc.text, tkz.PIECE_CHARS):
-                    yield piece
-                    n = len(piece.encode("utf-8", "surrogatepass"))
-                    taken += n
-                    if progress is not None:
-                        progress.update(n / 1e6)
-                    if taken >= share:
-                        break
-            if taken >= share:
-                break
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
 
 # --- main ---------------------------------------------------------------------------------------------------
 def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | None = None) -> dict:
@@ -478,7 +147,7 @@ def _prepare_into(out: Path, tmp: Path, sources: list[InputSource], inputs: list
     else:
         with Progress("dwm prepare: training the BPE tokenizer", total=opts.tokenizer_sample_mb, unit="MB",
                       enabled=opts.progress) as bpe_progress:
-            tok = tkz.train_bpe(_tokenizer_sample(sources, opts, bpe_progress), opts.vocab_size)
+            tok = tkz.train_bpe(tokenizer_sample(sources, opts, bpe_progress), opts.vocab_size)
         eos_id, pad_id = tok.token_to_id(tkz.EOS), tok.token_to_id(tkz.PAD)
         bos_id, add_bos = None, False  # the trained BPE has no BOS (the shipped data's tokens are unchanged)
         tok_info = {"trained": True, "vocab_size_requested": opts.vocab_size,
@@ -494,7 +163,7 @@ def _prepare_into(out: Path, tmp: Path, sources: list[InputSource], inputs: list
     counter = SkipCounter()
     per_domain: dict[str, Counter] = defaultdict(Counter)
     docs_written = 0
-    workers = opts.workers or _default_workers()
+    workers = opts.workers or default_workers()
     from tqdm import tqdm
 
     bar = tqdm(unit="doc", desc="prepare", disable=(None if opts.progress is None else not opts.progress),
@@ -503,8 +172,8 @@ def _prepare_into(out: Path, tmp: Path, sources: list[InputSource], inputs: list
     n_tokens_total = 0
     val_domains: set[str] = set()
     try:
-        stream = (_tokenized_ray(tok, sources, opts.read_options(), counter, workers, opts.ray_address)
-                  if opts.engine == "ray" else _tokenized(tok, _chunks(sources, opts.read_options(), counter), workers))
+        stream = (tokenized_ray(tok, sources, opts.read_options(), counter, workers, opts.ray_address)
+                  if opts.engine == "ray" else tokenized(tok, chunks(sources, opts.read_options(), counter), workers))
         for si, docs, ids_list in stream:
             if si != current:  # sources end in order; stream packing restarts per source
                 for w in writers.values():
@@ -605,104 +274,6 @@ in 8 shards that can run on 8 machines, then one pool that `dwm train data.dir=.
       --tokenizer sp/shard0/tokenizer.json --out sp/shard3          (likewise 1..7)
   dwm prepare --pool --out sp/pool sp/shard0 sp/shard1 ... sp/shard7
 """
-
-
-# --- pool ---------------------------------------------------------------------------------------------------
-def _merge_stats(stats: list[dict]) -> dict:
-    """Numbers summed key by key (nested dicts too); what is not a number in every shard is left out."""
-    out: dict = {}
-    for k in dict.fromkeys(k for s in stats for k in s):
-        vals = [s[k] for s in stats if k in s]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            out[k] = sum(vals)
-        elif all(isinstance(v, dict) for v in vals):
-            out[k] = _merge_stats(vals)
-    return out
-
-
-def make_pool(shard_dirs: list[str | Path], out: str | Path) -> dict:
-    """`dwm prepare --pool --out OUT SHARD_DIR...`: OUT becomes one data set made of the prepared shard directories
-    (read in the order given; nothing is copied but the tokenizer). Checks that the shards share seq_len, vocab,
-    dtype, pad/eos ids, score columns and the very same tokenizer.json. Returns the pool's meta.json dict."""
-    from dwm.data.dataset import POOL_FORMAT, check_shards_agree, file_sha256, read_meta
-
-    out = Path(out)
-    if not shard_dirs:
-        raise UserError("--pool needs the prepared shard directories as inputs")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path exists and is not a directory: {out}")
-    shards: list[tuple[Path, dict]] = []
-    seen: dict[Path, str] = {}
-    for raw in shard_dirs:
-        sd = Path(raw)
-        m = read_meta(sd)
-        if m["format"] == POOL_FORMAT:
-            raise UserError(f"{sd} is itself a pool: list its shards instead")
-        if sd.resolve() in seen:
-            raise UserError(f"{sd} is listed twice (also as {seen[sd.resolve()]})")
-        if sd.resolve() == out.resolve():
-            raise UserError(f"the pool {out} cannot be one of its shards")
-        if not (sd / "tokenizer.json").is_file():
-            raise UserError(f"{sd}: missing tokenizer.json")
-        seen[sd.resolve()] = str(raw)
-        shards.append((sd, m))
-    check_shards_agree(shards, "dwm prepare --pool")
-    tok_sha = [file_sha256(sd / "tokenizer.json") for sd, _ in shards]
-    for (sd, _), h in zip(shards, tok_sha):
-        if h != tok_sha[0]:
-            raise UserError(f"{sd}/tokenizer.json differs from {shards[0][0]}/tokenizer.json: the shards' ids mean "
-                            "different tokens (prepare every shard with the same --tokenizer)")
-    splits = list(shards[0][1]["splits"])
-    for sd, m in shards:
-        if sorted(m["splits"]) != sorted(splits):
-            raise UserError(f"{sd} has splits {sorted(m['splits'])} but {shards[0][0]} has {sorted(splits)}")
-    if (out / "meta.json").is_file():
-        try:
-            old = json.loads((out / "meta.json").read_text())
-        except (OSError, ValueError):
-            old = {}
-        if old.get("format") == FORMAT:
-            raise UserError(f"{out} is a prepared directory, not a pool: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    m0 = shards[0][1]
-    packings = {m.get("packing") for _, m in shards}
-    entries = [{"dir": os.path.relpath(sd.resolve(), out.resolve()), "meta_sha256": file_sha256(sd / "meta.json"),
-                "splits": m["splits"]} for sd, m in shards]
-    meta = {
-        "format": POOL_FORMAT,
-        **{k: m0[k] for k in ("seq_len", "vocab_size", "dtype", "pad_id", "eos_id")},
-        "packing": packings.pop() if len(packings) == 1 else "mixed",
-        "domains": sorted({d for _, m in shards for d in m["domains"]}),
-        "sources": sorted({s for _, m in shards for s in m.get("sources", [])}),
-        "score_columns": list(m0.get("score_columns", [])),
-        "splits": {s: {k: sum(int(m["splits"][s].get(k, 0)) for _, m in shards) for k in ("n_samples", "n_docs")}
-                   for s in splits},
-        "tokenizer": {**(m0["tokenizer"] if isinstance(m0.get("tokenizer"), dict) else {}),
-                      "sha256": tok_sha[0]},
-        "shards": entries,
-        "fingerprint": hashlib.sha256(json.dumps([e["meta_sha256"] for e in entries]).encode()).hexdigest(),
-    }
-    (out / "meta.json").unlink(missing_ok=True)  # from here on, OUT is not a finished pool
-    tmp = out / TMP_NAME
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    shutil.copyfile(shards[0][0] / "tokenizer.json", tmp / "tokenizer.json")
-    stats = []
-    for sd, _ in shards:
-        try:
-            stats.append(json.loads((sd / "stats.json").read_text()))
-        except (OSError, ValueError):
-            pass
-    (tmp / "stats.json").write_text(json.dumps({**_merge_stats(stats), "shards": len(shards)}, indent=2) + "\n")
-    for f in ("tokenizer.json", "stats.json"):
-        os.replace(tmp / f, out / f)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp / "meta.json", out / "meta.json")
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"dwm prepare: pool {out} of {len(shards)} shards: "
-          + " / ".join(f"{s} {meta['splits'][s]['n_samples']:,}" for s in splits)
-          + f" samples of {meta['seq_len']}, {len(meta['domains'])} domains")
-    return meta
 
 
 @dataclass

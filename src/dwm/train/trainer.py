@@ -27,10 +27,7 @@ import contextlib
 import json
 import math
 import random
-import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dwm.config import to_dict, to_toml, validate
+from dwm.config import validate
 from dwm.data.batch import Batch
 from dwm.data.dataset import PreparedData, data_fingerprint
 from dwm.data.tokenizer import load_prepared_tokenizer
@@ -50,26 +47,19 @@ from dwm.nn.losses import per_sample_nll
 from dwm.train import distributed as dist_utils
 from dwm.train import fsdp as fsdp_utils
 from dwm.train.callbacks import Callback
-from dwm.train.checkpoint import load_latest, remove_stale_tmp, save_checkpoint
+from dwm.train.checkpoint import remove_stale_tmp, save_checkpoint
 from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.context import TrainContext
 from dwm.train.model import (
     build_model,
     enable_activation_checkpointing,
-    saved_state_dict,
-    tied_parameter_names,
 )
+from dwm.train.preempt import PREEMPTED_EXIT, STOP_SIGNALS, Preempted, Preemptible
+from dwm.train.resume import Resumable
 from dwm.train.selector import Selector, SequentialSelector
 from dwm.train.weighter import UniformWeighter, Weighter
 
-PREEMPTED_EXIT = 75  # `dwm train` stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL): --resume it
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class Preempted(KeyboardInterrupt):
-    """train() stopped on SIGTERM / SIGINT after checkpointing its last step (`dwm` exits with `exit_code`)."""
-
-    exit_code = PREEMPTED_EXIT
+__all__ = ["PREEMPTED_EXIT", "STOP_SIGNALS", "Preempted", "Trainer", "load_selection", "lr_factor", "make_optimizer"]
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -126,7 +116,7 @@ def _check_fingerprint(p: Path, data_dir: str | Path, split: str) -> None:
                         f"{data_dir} split {split}; run `dwm select --data {data_dir}` again")
 
 
-class Trainer:
+class Trainer(Resumable, Preemptible):
     """One training run. Build it, then call `train()`; see the module docstring for what it guarantees.
 
     cfg: a TrainerConfig (or a composed config that extends it, such as dwm.run.RunConfig: the whole of it is
@@ -220,85 +210,6 @@ class Trainer:
     @property
     def ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
-
-    def _start_fresh(self) -> None:
-        """A new run: refuse to overwrite one that has checkpoints."""
-        if (self.ckpt_root / "LATEST").exists():
-            raise UserError(f"{self.run_dir} already has checkpoints: use --resume, or a new --out")
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "metrics.jsonl").write_text("")
-            self._write_run_files()
-        dist_utils.barrier()
-
-    def _write_run_files(self) -> None:
-        (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
-        if self._tokenizer_changed:  # a tokenizer.json whose post-processor disagreed with meta.json's BOS policy
-            self.tokenizer.save(str(self.run_dir / "tokenizer.json"))
-        else:
-            shutil.copyfile(self.train_data.tokenizer_path, self.run_dir / "tokenizer.json")
-
-    def _resume(self) -> dict[str, Any]:
-        path, model_sd, state = load_latest(self.ckpt_root)
-        if state.get("global_batch_size") != self.plan.global_batch_size or state.get("seq_len") != self.plan.seq_len:
-            raise UserError(f"--resume: checkpoint {path.name} was trained with global batch "
-                            f"{state.get('global_batch_size')} x seq_len {state.get('seq_len')}, this config has "
-                            f"{self.plan.global_batch_size} x {self.plan.seq_len}")
-        if set(model_sd) - set(self.model.state_dict()):  # names save_pretrained renamed (GPT-NeoX's lm_head)
-            model_sd = saved_state_dict(fsdp_utils.plain_like(self.model) if self.sharded else self.model,
-                                        path / "model")
-        try:
-            if self.sharded:  # every rank passes the full weights; each keeps its shards
-                missing, unexpected = fsdp_utils.load_full_model_state(self.model, model_sd)
-            else:
-                missing, unexpected = self.model.load_state_dict(model_sd, strict=False)
-        except RuntimeError as e:  # shapes differ: another model size or vocabulary
-            first = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
-            raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
-                            f"({first.rstrip('.')})") from None
-        # save_pretrained writes one name of each tied group (LLaMA: model.embed_tokens.weight, GPT-2:
-        # transformer.wte.weight); the others may be missing when one of their group was loaded
-        tied = set().union(*(g for g in tied_parameter_names(self.model) if g - set(missing)))
-        if unexpected or set(missing) - tied:
-            raise UserError(f"--resume: checkpoint {path.name} does not match model {self.cfg.model.spec!r} "
-                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        if tied and not self.sharded:
-            self.model.tie_weights()
-        if self.sharded or state.get("fsdp_sharded"):  # to re-shard, or saved by name by a sharded run
-            fsdp_utils.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_run_files()
-            self._truncate_metrics(self.step)
-        dist_utils.barrier()
-        self.log({"event": "resume", "checkpoint": path.name})
-        return state
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics of steps after the checkpoint (they are re-run), so the file reads as one clean run."""
-        mpath = self.run_dir / "metrics.jsonl"
-        if not mpath.is_file():
-            return
-        keep = []
-        for line in mpath.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
-            if rec.get("step", 0) <= step:
-                keep.append(line)
-        mpath.write_text("".join(x + "\n" for x in keep))
 
     # ------------------------------------------------------------ data order
 
@@ -396,59 +307,6 @@ class Trainer:
         loss.backward()
         return loss.detach(), nll.detach().sum()
 
-    def _state(self) -> dict[str, Any]:
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
-        return {
-            "step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.step * self.plan.global_batch_size,
-            "global_batch_size": self.plan.global_batch_size, "seq_len": self.plan.seq_len,
-            "world_size": self.world_size, "fsdp_sharded": self.sharded,
-            # fsdp: the full optimizer state keyed by parameter name (rank 0; collective)
-            "optimizer": (fsdp_utils.full_optimizer_state(self.model, self.optimizer) if self.sharded
-                          else self.optimizer.state_dict()),
-            "scheduler": self.scheduler.state_dict(), "rng": dist_utils.all_gather_object(rng),
-            "weighter": self.weighter.state_dict(), "selector": self.selector.state_dict(),
-            "config": to_dict(self.cfg),
-        }
-
-    # ------------------------------------------------------------ preemption
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """While training: SIGTERM / SIGINT ask the loop to stop after the current step; then a second SIGINT
-        (Ctrl-C again) interrupts at once and a repeated SIGTERM is ignored (a launcher forwarding what the workers
-        already got). Handlers can only be set from the main thread; elsewhere signals keep their usual effect."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        # a signal the process ignores (SIGINT of a background job, `nohup`) stays ignored
-        previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
-
-        def handler(signum, frame):
-            if self._stop_requested is not None:
-                if signum == signal.SIGINT:  # Ctrl-C again: stop now (the last checkpoint is complete)
-                    raise KeyboardInterrupt
-                return  # SIGTERM again (torchrun forwards the cluster's to workers that got it too): keep saving
-            self._stop_requested = signum
-            if self.is_main:
-                print(f"\ndwm train: {signal.Signals(signum).name} received: finishing step {self.step + 1}, then "
-                      "saving a checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
-
-        for s in previous:
-            signal.signal(s, handler)
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    def _should_stop(self) -> bool:
-        """Whether a stop signal arrived (on any rank: the ranks must stop at the same step)."""
-        flag = 1.0 if self._stop_requested is not None else 0.0
-        if self.world_size > 1:
-            flag = dist_utils.all_max(flag, self.device)
-        return flag > 0
-
     def save(self) -> None:
         """Checkpoint the current step (all ranks call it; rank 0 writes)."""
         state = self._state()
@@ -470,13 +328,6 @@ class Trainer:
             raise Preempted(f"dwm train: stopped by {self.stopped_by} after step {self.step}; checkpoint saved; "
                             f"continue with `dwm train --out {self.run_dir} --resume` (exit code {PREEMPTED_EXIT})")
         return metrics
-
-    def _stop_after_step(self, saved: bool) -> None:
-        """A stop signal arrived: checkpoint this step (unless just done), log it, and let the loop end."""
-        if not saved:
-            self.save()
-        self.stopped_by = signal.Signals(self._stop_requested).name if self._stop_requested else "a stop signal"
-        self.log({"event": "preempted", "signal": self.stopped_by})
 
     def _train(self) -> dict[str, Any]:
         p, cfg = self.plan, self.cfg

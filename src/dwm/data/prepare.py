@@ -50,15 +50,13 @@ from dwm.data.prepare_options import (
     select_shard,
 )
 from dwm.data.readers import DOMAIN_PROBE, SkipCounter
-from dwm.errors import UserError
+from dwm.errors import UserError, disk_full
 from dwm.progress import Progress
 
 # the names this module always offered, now kept in dwm.data.prepare_options, packing, encode and pool
 __all__ = ["CHUNK_BYTES", "EPILOG", "FIXED_COLUMNS", "FORMAT", "OUTPUT_FILES", "ROW_GROUP", "SPLITS", "TMP_NAME",
            "PrepareOptions", "PreparedInfo", "SplitWriter", "add_arguments", "fingerprint", "is_complete", "is_val",
            "make_pool", "parse_shard", "prepare", "prepare_data", "run", "select_shard"]
-
-# Test hook: hard-exit (like a kill) after this many documents have been written. Used by tests only.
 
 # --- main ---------------------------------------------------------------------------------------------------
 def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | None = None) -> dict:
@@ -98,13 +96,8 @@ def prepare(inputs: list[str | Path], out: str | Path, opts: PrepareOptions | No
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written temp directory behind
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = sum(_source_bytes(s) for s in sources)
-            try:
-                free = shutil.disk_usage(out).free
-            except OSError:
-                free = -1
-            raise UserError(f"no space left on device writing {e.filename or tmp}: the output needs about "
-                            f"{need:,} bytes (about the inputs' size), {free:,} free") from None
+            raise disk_full(e.filename or tmp, sum(_source_bytes(s) for s in sources), out,
+                            "the output is about the inputs' size") from None
         raise
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)

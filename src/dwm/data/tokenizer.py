@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dwm.errors import UserError
+from dwm.errors import UserError, read_json_object
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -260,13 +260,7 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     cannot be read."""
     import hashlib
 
-    p = Path(path)
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read tokenizer {p}: {e}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"cannot read tokenizer {p}: not a tokenizer.json object")
+    obj = read_json_object(path, "tokenizer")
     keep = {k: obj.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 

@@ -32,8 +32,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from dwm.data.passages import passage_nll
-from dwm.nn.bilevel import Passes, Sharded, all_reduce_, scalar_mean
 from dwm.nn.lookahead import adam_preconditioner, trainable
+from dwm.nn.passes import Passes, Sharded, all_reduce_, scalar_mean
 
 
 def _is_conv1d(m: nn.Module) -> bool:  # transformers.pytorch_utils.Conv1D: y = x W + b, W [in, out]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from dwm.errors import UserError
+from dwm.errors import UserError, disk_full
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -88,13 +88,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, state: d
         shutil.rmtree(tmp, ignore_errors=True)
         latest_tmp.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = checkpoint_bytes(model, state)
-            try:
-                free = shutil.disk_usage(ckpt_root).free
-            except OSError:
-                free = -1
-            raise UserError(f"no space left on device writing checkpoint {final}: it needs about {need:,} bytes, "
-                            f"{free:,} free (the previous checkpoint is kept; free space, then --resume)") from None
+            raise disk_full(f"checkpoint {final}", checkpoint_bytes(model, state), ckpt_root,
+                            "the previous checkpoint is kept; free space, then --resume") from None
         raise
     apply_retention(ckpt_root, keep_last, keep_every)
     return final

@@ -16,7 +16,6 @@ the embedding matrix is not counted twice); `tiny` exists for tests only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dwm.config import did_you_mean
-from dwm.errors import UserError
+from dwm.errors import UserError, read_json_object
 
 # Hugging Face architectures (config.json "model_type") that `model.spec=DIR` builds; each is tested end to end
 # (training, both hypergradient backends, export, activation checkpointing) in tests/test_hf_models.py.
@@ -135,12 +134,7 @@ def hf_config(path: Path, vocab_size: int, max_seq_len: int = 0) -> Any:
     cfile = path / "config.json"
     if not cfile.is_file():
         raise UserError(f"model directory {path} has no config.json (a Hugging Face model directory needs one)")
-    try:
-        raw = json.loads(cfile.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {cfile}: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{cfile}: expected a JSON object")
+    raw = read_json_object(cfile)
     mtype = raw.get("model_type")
     if not isinstance(mtype, str) or not mtype:
         raise UserError(f"{cfile} names no \"model_type\" (supported: {', '.join(HF_MODEL_TYPES)})")

@@ -48,3 +48,10 @@ def global_norm(tensors: list[torch.Tensor]) -> float:
             dist.all_reduce(sq)
         plain += float(sq)
     return plain ** 0.5
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a DTensor (a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from dwm.errors import UserError
-from dwm.nn.sharding import LOW_PRECISION, compute_dtype, global_norm, is_sharded, reshard  # noqa: F401
+from dwm.nn.sharding import (  # noqa: F401 (re-exported)
+    LOW_PRECISION,
+    compute_dtype,
+    full_tensor,
+    global_norm,
+    is_sharded,
+    reshard,
+)
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, *, bf16: bool) -> torch.nn.Module:
@@ -131,13 +138,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole of a DTensor (a collective), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 # ---------------------------------------------------------------- for a component's own passes (bi-level updates)

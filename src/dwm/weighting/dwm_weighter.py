@@ -23,18 +23,16 @@ import numpy as np
 import torch
 
 from dwm.data.batch import Batch
-from dwm.data.passages import PassageSet
 from dwm.errors import UserError
-from dwm.train import fsdp
 from dwm.train.context import TrainContext
 from dwm.train.weighter import Weighter
 from dwm.weighting.config import WeightingConfig
 from dwm.weighting.diagnostics import Diagnostics, EssWatch, weight_stats
 from dwm.weighting.ghost_probe import GhostProbe
-from dwm.weighting.learner import PhiLearner
-from dwm.weighting.net import WeightingNet
+from dwm.weighting.learner import PhiLearner, learning_parts
+from dwm.weighting.net import WeightingNet, fresh_net
 from dwm.weighting.outputs import StageWriter, probe_ids
-from dwm.weighting.probe import BilevelProbe, probed_records
+from dwm.weighting.probe import probed_records
 from dwm.weighting.schedule import StageSchedule, StageSource
 from dwm.weighting.scorer import Scorer
 
@@ -78,16 +76,10 @@ class DWMWeighter(Weighter):
         if self.source is not None:  # replayed as learned: the source's temperature and floor
             self.scorer.temperature = self.source.setting("temperature", cfg.temperature)
             self.scorer.floor = self.source.setting("floor", cfg.floor)
-            net = self.source.load(0, self.domains)
-        else:
-            emb = (fsdp.full_tensor(ctx.model.get_input_embeddings().weight.detach())  # fsdp: gathered
-                   if cfg.net.init_from_lm_embedding else None)
-            with torch.random.fork_rng(devices=[]):  # phi's init must not shift the LM's RNG streams
-                torch.manual_seed(ctx.seed + 1)
-                net = WeightingNet(cfg.net, ctx.plan.vocab_size, len(self.domains), lm_embedding=emb)
+        net = self.source.load(0, self.domains) if self.source is not None else fresh_net(ctx, cfg.net, len(self.domains))
         net.to(ctx.device, dtype=next(ctx.model.parameters()).dtype)  # fp64 runs: checks
         self.needs_losses = net.cfg.use_loss_feature  # a replayed net decides for itself
-        micro, G = ctx.plan.micro_batch_size, ctx.plan.global_batch_size
+        micro = ctx.plan.micro_batch_size
         self.scorer.bind(net, ctx.device, micro, ctx.rank, world)
         self.update_pool, diag_ids = ctx.pool, None
         if self.learn and adv.diagnostics:  # held back: never drawn for phi's updates
@@ -98,25 +90,8 @@ class DWMWeighter(Weighter):
         self.rng = np.random.default_rng([ctx.seed, 0xD3])
         reference = None
         if self.learn:
-            if fsdp.compute_dtype(ctx.model) in fsdp.LOW_PRECISION:  # fails at attach, not at the first update
-                raise UserError("the bi-level update's finite differences need float32 compute, but fsdp computes in "
-                                "bf16 here: set train.precision=fp32 (or train.parallel=ddp: fp32 weights under "
-                                "bf16 autocast)")
-            reference = PassageSet(cfg.reference, ctx.tokenizer, max_len=ctx.plan.seq_len, mode=adv.ref_loss,
-                                   pad_id=ctx.data.pad_id)
-            if adv.ref_batch_size % world:
-                raise UserError(f"weighting.advanced.ref_batch_size {adv.ref_batch_size} must be divisible by the "
-                                f"number of processes {world}")
-            if cfg.backend == "ghost":
-                probe = self.ghost = GhostProbe.from_config(self.scorer, reference, cfg, micro, G)
-                self.ghost.attach(ctx)
-            else:
-                probe = BilevelProbe.from_config(self.scorer, reference, cfg, micro, G)
-            self.learner = PhiLearner.from_config(self.scorer, probe, self.rng, adv, G)
-            if diag_ids is not None:  # measured by the lookahead (fd) whatever the evidence
-                diag_probe = probe if self.ghost is None else BilevelProbe(
-                    self.scorer, reference, ref_batch_size=adv.ref_batch_size, micro=micro, global_batch=G)
-                self.diagnostics = Diagnostics(diag_probe, diag_ids, self.domains)
+            self.learner, self.ghost, self.diagnostics, reference = learning_parts(
+                ctx, cfg, self.scorer, self.rng, diag_ids, self.domains)
         probes = probe_ids(ctx.data.domain_ids, min(cfg.probe_size, len(ctx.data)))
         self.writer = StageWriter(self.scorer, self.domains, probes, probe_lm_loss=adv.probe_lm_loss, micro=micro)
         if world > 1 and cfg.net.batch_context:
@@ -151,15 +126,9 @@ class DWMWeighter(Weighter):
             self.ghost.arm(step, k, self._lookahead_lr(ctx))
 
     def _harvest(self, ctx: TrainContext) -> None:
-        """Backend ghost: the finished step's labelled samples into phi's buffer, and every ref_every steps (and at
-        a stage's end) the stage's records into signal/. Every rank calls it (the scores are gathered)."""
+        """Backend ghost: the finished step's labelled samples into phi's buffer (and signal/). Every rank calls it."""
         assert self.ghost is not None and self.learner is not None
-        rec = self.ghost.harvest()
-        if rec is None:
-            return
-        self.learner.add(rec)
-        if (rec.step + 1) % self.cfg.advanced.ref_every == 0 or self.schedule.stage_of(rec.step + 1) != rec.stage:
-            self.writer.save_signal(ctx, self.learner.buffer, rec.stage)
+        self.ghost.harvest_into(ctx, self.learner, self.writer, self.schedule.stage_of)
 
     def _enter_stage(self, ctx: TrainContext, k: int, step: int) -> None:
         if self.source is not None and self.source.n_stages > 1 and k > 0:

@@ -111,6 +111,16 @@ class GhostProbe(BilevelProbe):
             self.heldout.append((ids[held], -dL_dw[held] / scale, p["stage"]))
         return Probed(ids[~held], dL_dw[~held], scale, p["step"], p["stage"])
 
+    def harvest_into(self, ctx: Any, learner: Any, writer: Any, stage_of: Any) -> None:
+        """`harvest` into the learner's buffer; every ref_every steps, and at a stage's end, the stage's records
+        are written to signal/ too (`writer.save_signal`)."""
+        rec = self.harvest()
+        if rec is None:
+            return
+        learner.add(rec)
+        if (rec.step + 1) % self.ref_every == 0 or stage_of(rec.step + 1) != rec.stage:
+            writer.save_signal(ctx, learner.buffer, rec.stage)
+
     def _held(self, ids: np.ndarray) -> np.ndarray:
         """A fixed share of sample ids (by a multiplicative hash), never fitted."""
         return ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1000)) < round(1000 * self.holdout)

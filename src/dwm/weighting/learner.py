@@ -145,3 +145,40 @@ class PhiLearner:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
                 "probed": [(b.ids.copy(), b.dL_dw.copy(), b.spread, b.step, b.stage) for b in self.buffer]}
+
+
+def learning_parts(ctx: Any, cfg: Any, scorer: Scorer, rng: np.random.Generator, diag_ids: np.ndarray | None,
+                   domains: list[str]) -> tuple[PhiLearner, Any, Any, Any]:
+    """What a learning DWM needs besides phi: (its learner with the probe `cfg.backend` names, the GhostProbe
+    when that is "ghost" (else None), the diagnostics when diag_ids are held back (else None), the reference
+    PassageSet). Refuses, in one line, what cannot learn here (bf16 compute under fsdp, a reference batch the
+    processes cannot share)."""
+    from dwm.data.passages import PassageSet
+    from dwm.nn import sharding
+    from dwm.weighting.diagnostics import Diagnostics
+    from dwm.weighting.ghost_probe import GhostProbe
+
+    adv, world = cfg.advanced, ctx.world_size
+    micro, G = ctx.plan.micro_batch_size, ctx.plan.global_batch_size
+    if sharding.compute_dtype(ctx.model) in sharding.LOW_PRECISION:  # fails at attach, not at the first update
+        raise UserError("the bi-level update's finite differences need float32 compute, but fsdp computes in "
+                        "bf16 here: set train.precision=fp32 (or train.parallel=ddp: fp32 weights under "
+                        "bf16 autocast)")
+    reference = PassageSet(cfg.reference, ctx.tokenizer, max_len=ctx.plan.seq_len, mode=adv.ref_loss,
+                           pad_id=ctx.data.pad_id)
+    if adv.ref_batch_size % world:
+        raise UserError(f"weighting.advanced.ref_batch_size {adv.ref_batch_size} must be divisible by the "
+                        f"number of processes {world}")
+    ghost = None
+    if cfg.backend == "ghost":
+        probe = ghost = GhostProbe.from_config(scorer, reference, cfg, micro, G)
+        ghost.attach(ctx)
+    else:
+        probe = BilevelProbe.from_config(scorer, reference, cfg, micro, G)
+    learner = PhiLearner.from_config(scorer, probe, rng, adv, G)
+    diagnostics = None
+    if diag_ids is not None:  # measured by the lookahead (fd) whatever the evidence
+        diag_probe = probe if ghost is None else BilevelProbe(scorer, reference, ref_batch_size=adv.ref_batch_size,
+                                                              micro=micro, global_batch=G)
+        diagnostics = Diagnostics(diag_probe, diag_ids, domains)
+    return learner, ghost, diagnostics, reference

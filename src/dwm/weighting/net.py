@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,3 +164,15 @@ def load_weighting_net(stem: str | Path, map_location: str | torch.device = "cpu
     except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot load weighting model {stem}: {e}") from e
     return net.to(map_location)
+
+
+def fresh_net(ctx: Any, cfg: WeightingNetConfig, n_domains: int) -> WeightingNet:
+    """A new weighting net for a run (`ctx`: a TrainContext): seeded from the run's seed without touching the LM's
+    RNG streams; with init_from_lm_embedding its token embedding starts from the LM's (gathered under fsdp)."""
+    from dwm.nn import sharding
+
+    emb = (sharding.full_tensor(ctx.model.get_input_embeddings().weight.detach())
+           if cfg.init_from_lm_embedding else None)
+    with torch.random.fork_rng(devices=[]):  # phi's init must not shift the LM's RNG streams
+        torch.manual_seed(ctx.seed + 1)
+        return WeightingNet(cfg, ctx.plan.vocab_size, n_domains, lm_embedding=emb)

@@ -103,6 +103,7 @@ def test_measures_by_hand():
     assert weight_summary(np.ones(5))["entropy"] == pytest.approx(1)
 
 
+@pytest.mark.slow
 def test_probes_record_the_lm_loss_of_their_step(runs):
     """probes/stage_k.parquet's lm_loss is the LM's per-sample NLL at the stage's step (checked against the
     checkpoint of that step)."""
@@ -122,6 +123,7 @@ def test_probes_record_the_lm_loss_of_their_step(runs):
     assert np.allclose(t.column("lm_loss").to_numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_probe_lm_loss_off_skips_that_column_and_trains_the_same(runs):
     """weighting.probe_lm_loss = false: the probes have no lm_loss column (dwm analyze then skips that
     correlation), and nothing else changes: the same probe scores and weights, the same training losses."""
@@ -182,6 +184,7 @@ def test_one_run_report(runs, capsys):
     assert "What the hypergradient said" in html and "Spearman: weight vs signal" in html
 
 
+@pytest.mark.slow
 def test_two_runs_side_by_side(runs, tmp_path):
     out = tmp_path / "both"
     assert main(["analyze", str(runs["dwm_a"]), str(runs["dwm_b"]), "--out", str(out), "--examples", "2"]) == 0
@@ -197,6 +200,7 @@ def test_two_runs_side_by_side(runs, tmp_path):
         assert two.width > 1.8 * one.width  # one column per run
 
 
+@pytest.mark.slow
 def test_run_without_lm_loss_is_analyzed_without_that_correlation(runs, tmp_path, capsys):
     old = tmp_path / "old_run"
     shutil.copytree(runs["dwm_b"], old, ignore=shutil.ignore_patterns("analysis", "checkpoints"))
@@ -229,6 +233,7 @@ def _one_line_error(capsys, args: list[str], *needles: str) -> None:
         assert n in err, err
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
     _one_line_error(capsys, [str(tmp_path / "nope")], "does not exist")
     (tmp_path / "empty").mkdir()

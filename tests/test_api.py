@@ -180,6 +180,7 @@ def test_evaluate_returns_what_the_cli_writes(runs, passages):
     assert dwm.evaluate(run, target=None, write=False).passage_loss is None
 
 
+@pytest.mark.slow
 def test_analyze_writes_what_the_cli_writes(runs, passages, tmp_path):
     overrides = {**TINY, "data.dir": runs["data"], "out": tmp_path / "dwm", "train.max_steps": 4,
                  "weighting": {"mode": "dwm", "reference": passages["reference"], "probe_size": 20,

@@ -110,6 +110,7 @@ def test_probe_ids_stratified_and_fixed():
     assert np.array_equal(ids, probe_ids(dom, 65))
 
 
+@pytest.mark.slow
 def test_dwm_run_stages_probes_and_metrics(data, tmp_path):
     run = tmp_path / "run"
     train(data, run, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2")
@@ -134,6 +135,7 @@ def test_dwm_run_stages_probes_and_metrics(data, tmp_path):
     assert steps[-1]["w_max"] > steps[-1]["w_min"]
 
 
+@pytest.mark.slow
 def test_uniform_stages_train_uniformly_then_learn(data, tmp_path):
     """uniform_stages = 2: no bi-level update in stages 0-1 and the LM trains there exactly as uniform training
     does (phi's initial scores are all 0); the updates start at stage 2's first step."""
@@ -157,6 +159,7 @@ def test_uniform_stages_train_uniformly_then_learn(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_frozen_stages_keep_phi(data, tmp_path):
     """frozen_stages = 2: updates in stages 0-2 only; the last two stages keep stage 2's phi."""
     run = tmp_path / "frozen"
@@ -168,6 +171,7 @@ def test_frozen_stages_keep_phi(data, tmp_path):
     assert any(not torch.equal(s[1][k], s[2][k]) for k in s[1])
 
 
+@pytest.mark.slow
 def test_interleaved_schedule_skips_uniform_and_frozen_stages(data, tmp_path):
     """The interleaved schedule obeys both: with 4-step stages and an update every 2 steps, stage 0 (uniform) and
     stage 4 (frozen) take none."""
@@ -177,6 +181,7 @@ def test_interleaved_schedule_skips_uniform_and_frozen_stages(data, tmp_path):
     assert [e["step"] for e in events(run, "bilevel")] == [4, 6, 8, 10, 12, 14]
 
 
+@pytest.mark.slow
 def test_floor_one_is_exactly_uniform_training(data, tmp_path):
     """w = (1-1)*w + 1 == 1: the bi-level updates still run, and must leave the LM bit-identical to uniform."""
     uni = tmp_path / "uni"
@@ -228,6 +233,7 @@ def test_dwm_kill_and_resume_is_exact(data, tmp_path):
         assert np.allclose(ta["signal"], tb["signal"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_replay_matches_stages_by_fraction_without_updates(data, tmp_path):
     src = tmp_path / "src"
     train(data, src, "weighting.mode=dwm", "weighting.advanced.updates_per_stage=2")
@@ -299,6 +305,7 @@ def test_ddp_two_processes_equal_one(data, tmp_path, free_port):
         assert x["w_ess"] == pytest.approx(y["w_ess"], rel=1e-9) and x["w_max"] == pytest.approx(y["w_max"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_interleaved_schedule_updates_every_interval(data, tmp_path):
     run = tmp_path / "inter"
     train(data, run, "weighting.mode=dwm", "weighting.schedule=interleaved", "weighting.interval=3")
@@ -317,6 +324,7 @@ def test_low_effective_sample_size_warns_and_counts(data, tmp_path, caplog):
     assert any("effective sample size" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_replay_on_another_selection(data, tmp_path):
     """A learned schedule transfers to another data selection: a manifest of half the samples, reversed."""
     import pyarrow as pa

@@ -103,6 +103,7 @@ def test_ghost_refuses_compile(data, tmp_path):
         build_trainer(load_config(None, overrides(data, tmp_path / "c", *GHOST, "train.compile=true")))
 
 
+@pytest.mark.slow
 def test_replay_draws_the_batches_the_learner_drew(data, tmp_path):
     """A learner that resampled with candidates 2, tau 0.5 and systematic draws; its replay under a config with
     the defaults (candidates 4, tau 0.25, gumbel) adopts the source's settings and trains on the same batches."""

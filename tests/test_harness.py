@@ -41,6 +41,7 @@ def test_local_tasks_shipped_and_bound_to_target(tmp_path):
     assert not d.exists()  # temporary
 
 
+@pytest.mark.slow
 def test_lambada_eval_equals_lm_eval(exported):
     run, hf, target, passages = exported
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,6 +96,7 @@ def test_harness_errors(exported, tmp_path):
         run_harness(hf, ["hub_lambada"], include_path=[inc], include_defaults=False)
 
 
+@pytest.mark.slow
 def test_few_shot_prompts_and_scores(exported):
     """num_fewshot=K (`dwm eval --tasks dwm_lambada:K`): every prompt is K *other* passages of the file (never the
     passage itself: its answer would be in the prompt), then the passage's own context; lm-eval's log-likelihood

@@ -218,6 +218,7 @@ def test_resume_restores_tied_and_untied_models_exactly(arch, data, tmp_path):
         assert torch.equal(p, q), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_dwm_weighting_fd_trains(arch, data, tmp_path):
     run = tmp_path / "run"

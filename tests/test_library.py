@@ -38,6 +38,7 @@ def test_plain_pytorch_loop_raises_the_target_like_domain():
     _check_moved(weighter, w, dom)
 
 
+@pytest.mark.slow
 def test_litgpt_shaped_loop_raises_the_target_like_domain():
     toy_batch = _example("plain_pytorch").toy_batch
     g = torch.Generator().manual_seed(0)
@@ -81,6 +82,7 @@ def test_unknown_option_is_one_line_with_did_you_mean():
         dwm.DWM(model, torch.optim.SGD(model.parameters(), lr=0.1), REFERENCE, vocab_size=64, temprature=0.5)
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_continues_identically():
     mod = _example("plain_pytorch")
     a, _, _ = mod.main(steps=10)

@@ -28,6 +28,7 @@ def test_parameter_count_is_the_built_models(spec, vocab):
     assert shape.layer_params * shape.layers + shape.outer_params == shape.n_params
 
 
+@pytest.mark.slow
 def test_flops_follow_the_hand_formula(prepared_dir):
     from dwm.plan import make_report
 
@@ -67,6 +68,7 @@ def test_bilevel_update_cost_and_resample_stream(prepared_dir):
     assert "per bi-level update" in __import__("dwm.plan", fromlist=["x"]).format_report(rep)
 
 
+@pytest.mark.slow
 def test_memory_breakdown_sums_and_matches_the_state():
     n = model_shape("cpu-mini", 8192, 64).n_params
     m = plan_memory("cpu-mini", 8192, 64, 4, accum=2, device_type="cuda", precision="fp32")
@@ -82,6 +84,7 @@ def test_memory_breakdown_sums_and_matches_the_state():
     assert more.step.activations > 1.8 * s.activations  # activations scale with the micro-batch
 
 
+@pytest.mark.slow
 def test_fsdp_divides_the_state_and_ddp_keeps_it():
     shape = model_shape("cpu-mini", 8192, 64)
     kw = {"accum": 2, "device_type": "cuda", "precision": "fp32", "shape": shape, "update_param_copies": 3}
@@ -136,6 +139,7 @@ def test_bad_input_is_one_line(argv, needle, capsys):
     assert rc == 2 and err.count("\n") == 1 and needle in err, err
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_the_fit(prepared_dir, capsys):
     rc = main(["plan", "cpu-small-dwm", f"data.dir={prepared_dir}", "model.spec=tiny",
                "train.global_batch_tokens=256", "train.micro_batch_size=4", "--gpu-memory", "0.001"])
@@ -145,6 +149,7 @@ def test_plan_cli_prints_the_fit(prepared_dir, capsys):
     assert GIB == 1024 ** 3
 
 
+@pytest.mark.slow
 def test_layer_extrapolation_equals_the_full_trace():
     """Deeper models are traced at 1 and 2 layers and extrapolated: the same bytes as tracing all 4 of
     cpu-small, with and without activation checkpointing."""

@@ -142,6 +142,7 @@ class SignalAfter(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_dwm_sigterm_mid_stage_resumes_bit_identically(dwm_data, tmp_path):
     full = build_trainer(_dwm_cfg(dwm_data, tmp_path / "full"))
     full.train()

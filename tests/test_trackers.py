@@ -107,6 +107,7 @@ def test_tensorboard_resume_hides_the_rerun_steps(make_cfg, tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, pytest.approx(x, rel=1e-6)) for s, x in want]
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_its_run_dir(make_cfg, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -136,3 +136,27 @@ def test_resample_on_a_small_selection_warns_once_before_step_0(data, tmp_path, 
                                                       "weighting.apply=resample")))
     lines = [r.getMessage() for r in caplog.records if "passes over them" in r.getMessage()]
     assert len(lines) == 1 and "6.7 passes" in lines[0] and t.step == 0
+
+
+@pytest.mark.slow
+def test_ghost_two_processes_equal_one(data, tmp_path, free_port):
+    """Each rank scores its own rows in its backward, the records are gathered in rank order, M is the mean over
+    the ranks' reference shares: 2 gloo processes label the same samples with the same numbers and train the same
+    LM and phi as 1 (float64; one phi step per update, see test_dwm's DDP test)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*GHOST, "train.precision=fp64", "weighting.advanced.phi_steps=1", "weighting.advanced.buffer_stages=5"]
+    assert _cli(overrides(data, one, *common)).returncode == 0
+    r = _cli(overrides(data, two, *common), nproc=2, port=free_port())
+    assert r.returncode == 0, r.stderr
+    a, b = final_params(one), final_params(two)
+    assert all(torch.allclose(a[k], b[k], atol=1e-8, rtol=0) for k in a)
+    for k in range(5):
+        sa = load_file(str(one / "weighting" / f"stage_{k}.safetensors"))
+        sb = load_file(str(two / "weighting" / f"stage_{k}.safetensors"))
+        assert all(torch.allclose(sa[n], sb[n], atol=1e-8, rtol=0) for n in sa)
+    ha, hb = events(one, "ghost_holdout"), events(two, "ghost_holdout")
+    assert [x["n_all"] for x in ha] == [x["n_all"] for x in hb] and len(ha) == 4
+    for k in range(4):
+        ta, tb = (pq.read_table(r / "signal" / f"stage_{k}.parquet").to_pydict() for r in (one, two))
+        assert ta["sample_id"] == tb["sample_id"]
+        np.testing.assert_allclose(ta["dL_dw"], tb["dL_dw"], rtol=1e-7, atol=1e-14)

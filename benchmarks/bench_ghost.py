@@ -14,8 +14,6 @@ Goals: ghost CPU time <= 1.3x plain, memory <= 1.2x plain.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -29,18 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_bilevel import setup
+from bench_update_memory import reset_peak, rss_mb
 
 from dwm.nn.ghost import GhostScores, reference_direction
 from dwm.train.losses import per_sample_nll
 
 MODES = ("plain", "ghost", "refresh")
-
-
-def rss(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def step(mode, model, opt, data, ghost):
@@ -63,12 +55,9 @@ def child(args) -> None:
     M, _ = reference_direction(model, data[3], data[4], opt)
     ghost.set_direction(M)
     del M
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = rss("VmRSS")
+    before = reset_peak()
     step(args.measure_memory, model, opt, data, ghost)
-    print(json.dumps({"before_mb": before, "own_mb": rss("VmHWM") - before}))
+    print(json.dumps({"before_mb": before, "own_mb": rss_mb("VmHWM") - before}))
 
 
 def main() -> int:

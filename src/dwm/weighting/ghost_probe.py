@@ -22,12 +22,8 @@ import torch
 
 from dwm.errors import UserError
 from dwm.nn.ghost import GhostScores, reference_direction
+from dwm.weighting.diagnostics import corr, rank
 from dwm.weighting.probe import BilevelProbe, Probed
-
-
-def _rank(x: np.ndarray) -> np.ndarray:
-    _, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.cumsum(cnt) - (cnt + 1) / 2)[inv]
 
 
 class GhostProbe(BilevelProbe):
@@ -159,6 +155,5 @@ class GhostProbe(BilevelProbe):
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
-        return math.nan
-    return float(np.corrcoef(_rank(a), _rank(b))[0, 1])
+    """Spearman's correlation (diagnostics' ranks and correlation); nan below 3 values or for a constant side."""
+    return corr(rank(a), rank(b)) if len(a) >= 3 else math.nan

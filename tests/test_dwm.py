@@ -91,6 +91,16 @@ def final_params(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / latest / "model" / "model.safetensors"))
 
 
+def assert_same_models(a: Path, b: Path, atol: float, stages: int = 5) -> None:
+    """Two runs ended with the same LM (last checkpoint) and the same stage models of phi, to atol."""
+    pa, pb = final_params(a), final_params(b)
+    assert all(torch.allclose(pa[k], pb[k], atol=atol, rtol=0) for k in pa)
+    for k in range(stages):
+        sa = load_file(str(a / "weighting" / f"stage_{k}.safetensors"))
+        sb = load_file(str(b / "weighting" / f"stage_{k}.safetensors"))
+        assert all(torch.allclose(sa[n], sb[n], atol=atol, rtol=0) for n in sa)
+
+
 def test_weight_stats_by_hand():
     w = torch.tensor([2.0, 1.0, 1.0, 0.0])
     s = weight_stats(w, torch.tensor([0, 0, 1, 1]), ["x", "y"])
@@ -221,12 +231,8 @@ def test_dwm_kill_and_resume_is_exact(data, tmp_path):
     assert r.returncode != 0  # SIGKILLed mid-stage 2, after the step-10 checkpoint
     r = _cli(["--resume", *overrides(data, killed, *common)])
     assert r.returncode == 0, r.stderr
-    a, b = final_params(full), final_params(killed)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert_same_models(full, killed, atol=1e-6)
     for k in range(5):
-        sa = load_file(str(full / "weighting" / f"stage_{k}.safetensors"))
-        sb = load_file(str(killed / "weighting" / f"stage_{k}.safetensors"))
-        assert all(torch.allclose(sa[n], sb[n], atol=1e-6, rtol=0) for n in sa)
         # the stage's probed samples come back too (signal/ is rewritten from the checkpointed state)
         ta, tb = (pq.read_table(r / "signal" / f"stage_{k}.parquet").to_pydict() for r in (full, killed))
         assert ta["sample_id"] == tb["sample_id"] and ta["step"] == tb["step"] and len(ta["step"]) >= 12
@@ -286,13 +292,8 @@ def test_ddp_two_processes_equal_one(data, tmp_path, free_port):
     assert r.returncode == 0, r.stderr
     r = _cli(overrides(data, two, *common), nproc=2, port=free_port())
     assert r.returncode == 0, r.stderr
-    a, b = final_params(one), final_params(two)
-    assert a["model.embed_tokens.weight"].dtype == torch.float64
-    assert all(torch.allclose(a[k], b[k], atol=1e-8, rtol=0) for k in a)
-    for k in range(5):
-        sa = load_file(str(one / "weighting" / f"stage_{k}.safetensors"))
-        sb = load_file(str(two / "weighting" / f"stage_{k}.safetensors"))
-        assert all(torch.allclose(sa[n], sb[n], atol=1e-8, rtol=0) for n in sa)
+    assert final_params(one)["model.embed_tokens.weight"].dtype == torch.float64
+    assert_same_models(one, two, atol=1e-8)
     wa, wb = events(one, "bilevel"), events(two, "bilevel")
     assert len(wa) == len(wb) == 10
     for x, y in zip(wa, wb, strict=True):

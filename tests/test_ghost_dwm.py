@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_dwm import IN_BATCH, STEPS, _cli, data, events, final_params, overrides  # noqa: F401 (fixture)
+from test_dwm import IN_BATCH, STEPS, _cli, assert_same_models, data, events, overrides  # noqa: F401 (fixture)
 
 from dwm.errors import UserError
 from dwm.run import build_trainer, load_config
@@ -88,12 +88,7 @@ def test_ghost_kill_and_resume_is_exact(data, tmp_path):
     assert _cli(overrides(data, killed, *common), kill_after=11).returncode != 0
     r = _cli(["--resume", *overrides(data, killed, *common)])
     assert r.returncode == 0, r.stderr
-    a, b = final_params(full), final_params(killed)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-    for k in range(5):
-        sa = load_file(str(full / "weighting" / f"stage_{k}.safetensors"))
-        sb = load_file(str(killed / "weighting" / f"stage_{k}.safetensors"))
-        assert all(torch.allclose(sa[n], sb[n], atol=1e-6, rtol=0) for n in sa)
+    assert_same_models(full, killed, atol=1e-6)
     ra, rb = (events(r, "ghost_holdout") for r in (full, killed))
     assert [x["n_all"] for x in ra] == [x["n_all"] for x in rb]
 
@@ -148,12 +143,7 @@ def test_ghost_two_processes_equal_one(data, tmp_path, free_port):
     assert _cli(overrides(data, one, *common)).returncode == 0
     r = _cli(overrides(data, two, *common), nproc=2, port=free_port())
     assert r.returncode == 0, r.stderr
-    a, b = final_params(one), final_params(two)
-    assert all(torch.allclose(a[k], b[k], atol=1e-8, rtol=0) for k in a)
-    for k in range(5):
-        sa = load_file(str(one / "weighting" / f"stage_{k}.safetensors"))
-        sb = load_file(str(two / "weighting" / f"stage_{k}.safetensors"))
-        assert all(torch.allclose(sa[n], sb[n], atol=1e-8, rtol=0) for n in sa)
+    assert_same_models(one, two, atol=1e-8)
     ha, hb = events(one, "ghost_holdout"), events(two, "ghost_holdout")
     assert [x["n_all"] for x in ha] == [x["n_all"] for x in hb] and len(ha) == 4
     for k in range(4):

@@ -159,6 +159,7 @@ class Cell:
     arm: str  # "uniform" | "dwm" | "static:<share>" | "inbatch:<weight>" | "ablation:<name>"
     seed: int
     overrides: list[str] = field(default_factory=list)
+    recipe: str = ""  # the run recipe (default: cpu-small-uniform for uniform/static/inbatch arms, else cpu-small-dwm)
 
     @property
     def key(self) -> str:
@@ -171,39 +172,45 @@ class Cell:
 
 def prepare_targets(out: Path) -> dict[str, Target]:
     """The shipped corpus and target, and the speech target cut from held-out speech documents."""
-    from dwm.data.prepare import PrepareOptions, is_val, prepare
+    from dwm.data.prepare import PrepareOptions, prepare
 
     novels = Target("novels", out / "data", REPO / "data/target/reference.jsonl",
                     REPO / "data/target/heldout.jsonl", "books")
     prepare([REPO / "data" / "corpus"], novels.data, PrepareOptions(vocab_size=8192, seq_len=256, progress=False))
-    sp = out / "speech"
-    corpus = sp / "corpus"
-    held = sp / "speech__heldout.jsonl"
-    if not (sp / "target" / "heldout.jsonl").is_file():
+    return {"novels": novels, "speech": cut_target(out / "speech", "speech", novels.data / "tokenizer.json")}
+
+
+def cut_target(where: Path, domain: str, tokenizer: Path) -> Target:
+    """A target cut from `domain`: a quarter of its documents (by a seeded hash of the id) become the target's
+    passages (`dwm target build --from`), never trained on; the corpus without them is prepared with `tokenizer`."""
+    from dwm.data.prepare import PrepareOptions, is_val, prepare
+
+    corpus = where / "corpus"
+    held = where / f"{domain}__heldout.jsonl"
+    if not (where / "target" / "heldout.jsonl").is_file():
         import zstandard
 
         corpus.mkdir(parents=True, exist_ok=True)
+        held.unlink(missing_ok=True)
         for f in sorted((REPO / "data" / "corpus").glob("*.jsonl.zst")):
-            if not f.name.startswith("speech__"):
+            if not f.name.startswith(f"{domain}__"):
                 if not (corpus / f.name).exists():
                     (corpus / f.name).symlink_to(f)
                 continue
             with open(f, "rb") as fh:
                 text = zstandard.ZstdDecompressor().stream_reader(fh).read().decode("utf-8")
             rows = [json.loads(x) for x in text.splitlines() if x.strip()]
-            # a quarter of the speeches (by a seeded hash of the id) become the target, never trained on
             (corpus / f.name.removesuffix(".zst")).write_text(
                 "".join(json.dumps(r) + "\n" for r in rows if not is_val(r["id"], 7, 0.25)))
-            held.write_text("".join(json.dumps(r) + "\n" for r in rows if is_val(r["id"], 7, 0.25)))
-        prepare([corpus], sp / "data", PrepareOptions(tokenizer=str(novels.data / "tokenizer.json"), seq_len=256,
-                                                      progress=False))
+            with open(held, "a") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in rows if is_val(r["id"], 7, 0.25)))
+        prepare([corpus], where / "data", PrepareOptions(tokenizer=str(tokenizer), seq_len=256, progress=False))
         from dwm.cli import main
 
-        if main(["target", "build", "--from", str(held), "--train", str(sp / "data"), "--out",
-                 str(sp / "target")]) != 0:
-            raise SystemExit("speech target build failed")
-    speech = Target("speech", sp / "data", sp / "target/reference.jsonl", sp / "target/heldout.jsonl", "speech")
-    return {"novels": novels, "speech": speech}
+        if main(["target", "build", "--from", str(held), "--train", str(where / "data"), "--out",
+                 str(where / "target")]) != 0:
+            raise SystemExit(f"{domain} target build failed")
+    return Target(domain, where / "data", where / "target/reference.jsonl", where / "target/heldout.jsonl", domain)
 
 
 # ---------------------------------------------------------------- one run (in a worker process)
@@ -214,8 +221,8 @@ def cell_config(cell: Cell, target: Target, out: Path, budget: Budget) -> Any:
     from dwm.run import load_config, recipe_path
 
     run = out / cell.key
-    recipe = ("cpu-small-uniform" if cell.arm == "uniform" or cell.arm.startswith(("static:", "inbatch:"))
-              else "cpu-small-dwm")
+    plain = cell.arm == "uniform" or cell.arm.startswith(("static:", "inbatch:"))
+    recipe = cell.recipe or ("cpu-small-uniform" if plain else "cpu-small-dwm")
     steps = budget.steps
     ov = [f"data.dir={target.data}", f"out={run}", f"model.spec={budget.preset}", f"train.max_steps={steps}",
           f"train.seed={cell.seed}",

@@ -57,7 +57,7 @@ def test_an_option_the_old_file_lacks_matches_only_at_its_default(bench, tmp_pat
     # a run from before [weighting.advanced]: its flat [weighting] keys count under their new names
     head, _, rest = text.partition("[weighting.advanced]\n")
     block, nl, tail = rest.partition("\n[")
-    flat = (head + nl + "[" + tail if nl else head).replace("[weighting]\n", "[weighting]\n" + block + "\n")
+    flat = (head + nl + tail if nl else head).replace("[weighting]\n", "[weighting]\n" + block + "\n")
     assert "[weighting.advanced]" not in flat and "kl = 0.25" in block
     toml.write_text(flat)
     assert bench.same_run(toml, _cfg(tmp_path / "b"))

@@ -76,8 +76,8 @@ def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector
     wanted = getattr(weighter, "selector", None)
     if wanted and wanted != mode:
         if mode != "sequential":
-            raise UserError(f"the {weighter.name} weighter draws its batches with the {wanted!r} selector "
-                            f"(weighting.apply = resample); selector.mode must stay 'sequential', not {mode!r}")
+            raise UserError(f"the {weighter.name} weighter draws its batches with the {wanted!r} selector; "
+                            f"selector.mode must stay 'sequential', not {mode!r}")
         mode = wanted
     cls = SELECTORS.get(mode)
     args = [cfg.selector] + ([getattr(cfg, cls.config_section)] if getattr(cls, "config_section", None) else [])
@@ -91,10 +91,10 @@ def build_selector(cfg: RunConfig, weighter: Weighter | None = None) -> Selector
 
 # keys holding a path (made absolute, so RUN_DIR/config.toml works from any directory), and keys that hold a
 # registered name or a path (made absolute only when they name an existing path)
-PATH_KEYS = ("out", "data.dir", "data.selection", "weighting.reference", "influence.reference")
+PATH_KEYS = ("out", "data.dir", "data.selection", "weighting.reference", "influence.reference", "doge.reference")
 NAME_OR_PATH_KEYS = ("model.spec", "weighting.mode")
 # what a resume may not change without --allow-config-change (the tokenizer is compared by its file)
-GUARDED = ("model.", "data.", "weighting.", "selector.", "influence.")
+GUARDED = ("model.", "data.", "weighting.", "selector.", "influence.", "doge.", "odm.")
 
 
 def _get(cfg, key: str):

@@ -1,6 +1,6 @@
 """The run config: RunConfig, the sections of every part of a `dwm train` run (the trainer's, selector, influence,
-weighting), checked as a whole; the built-in weighters and selectors registered by name (lazily, so neither the
-trainer nor a uniform run imports them); `load_config` (defaults, TOML, overrides), `help_config`, the shipped
+weighting, and the domain mixtures doge and odm), checked as a whole; the built-in weighters and selectors
+registered by name (lazily, so neither the trainer nor a uniform run imports them); `load_config` (defaults, TOML, overrides), `help_config`, the shipped
 recipes (`recipe_path`) and `validate` (every value, the files the run reads, the Plan for a world size).
 dwm.run wires a run from it."""
 
@@ -16,11 +16,15 @@ from dwm.train.config import Plan, TrainerConfig, plan_for_data
 from dwm.train.selector import SELECTORS, SelectorConfig
 from dwm.train.weighter import WEIGHTERS
 from dwm.weighting.config import WeightingConfig
+from dwm.weighting.mixing_config import DoGEConfig, ODMConfig
 
 WEIGHTERS.register("dwm", "dwm.weighting.dwm_weighter:DWMWeighter")
 WEIGHTERS.register("domains", "dwm.weighting.domains:DomainWeighter")
+WEIGHTERS.register("doge", "dwm.weighting.mixing:DoGEWeighter")
+WEIGHTERS.register("odm", "dwm.weighting.mixing:ODMWeighter")
 SELECTORS.register("influence", "dwm.selection.influence:InfluenceSelector")
 SELECTORS.register("dwm", "dwm.weighting.resample:ResampleSelector")
+SELECTORS.register("domain-mix", "dwm.weighting.mixing:DomainMixSelector")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
@@ -31,6 +35,8 @@ class RunConfig(TrainerConfig):
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    doge: DoGEConfig = field(default_factory=DoGEConfig)
+    odm: ODMConfig = field(default_factory=ODMConfig)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -78,6 +84,8 @@ def validate(cfg: RunConfig, world_size: int = 1, check_paths: bool = True) -> P
         return None
     plan = plan_for_data(cfg, world_size)
     cfg.weighting.check_paths()
+    if cfg.weighting.mode == "doge":
+        cfg.doge.check_paths()
     section = getattr(SELECTORS.get(cfg.selector.mode), "config_section", None)  # a selector's own section
     if section and hasattr(getattr(cfg, section), "check_paths"):
         getattr(cfg, section).check_paths()

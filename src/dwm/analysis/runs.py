@@ -91,7 +91,8 @@ def trained_shares(run_dir: str | Path) -> dict[str, float]:
     resample: its share of the samples trained on), from RUN_DIR/metrics.jsonl; a domain absent from a logged step
     counts 0 there. {} when the run logged no weighted steps (uniform, static, or no metrics.jsonl); a line that
     is not JSON (the torn last line of a killed run) is skipped, as `dwm eval` does."""
-    steps = [r for r in read_metrics(rundir.RunDir(run_dir).metrics) if "loss" in r and "dwm_stage" in r]
+    steps = [r for r in read_metrics(rundir.RunDir(run_dir).metrics)
+             if "loss" in r and any(k.startswith("share/") for k in r)]
     doms = sorted({k.removeprefix("share/") for r in steps for k in r if k.startswith("share/")})
     return {d: sum(r.get(f"share/{d}", 0.0) for r in steps) / len(steps) for d in doms} if steps else {}
 

@@ -1,0 +1,180 @@
+"""DWM against its peers at equal compute: per-sample weighting against per-domain mixing and model-aware selection
+(prints figures; not a test)
+
+    .venv/bin/python benchmarks/bench_peers.py [--seeds 10 11 12] [--targets novels speech wiki] [--jobs 2]
+    .venv/bin/python benchmarks/bench_peers.py --matched uniform    # then: the cheaper arms at DWM's compute
+
+Methods, every one on the same model, budget, seeds and data stream (paired by seed):
+- uniform: the stream as it comes;
+- oracle: the static mixture of the target-like domain only (`static:1.0`, a selection manifest): the best of the
+  share grid {0.25, 0.5, 1.0} on the reference side for novels and speech at both budgets measured
+  (benchmarks/results/dwm.md), taken a priori for the third target;
+- influence: MATES-style online selection (selector.mode = influence, its defaults: every 10 steps the better half
+  of 2x candidates by influence on the reference loss);
+- doge: DoGE-style exponentiated-gradient domain weights on the ghost hypergradient (weighting.mode = doge);
+- odm: Online Data Mixing, EXP3 over domains on the training loss (weighting.mode = odm);
+- dwm: the Data Weighting Model with the shipped defaults (backend fd, resample);
+- dwm-ghost: the same with weighting.backend = ghost (every trained sample labelled, phi fits them at stage ends).
+doge, odm and the DWM arms draw each batch from 4x streamed candidates by their policy and train it at weight 1, so
+the comparison between them isolates per-domain against per-sample.
+
+Targets: novels (the shipped one), speech and wiki, each of the last two cut from a quarter of that domain's
+documents with `dwm target build --from` and held out of the training corpus (bench_dwm.cut_target).
+
+Figures per target: heldout passage loss per method (mean +- s.e.), the paired difference to uniform (+- s.e. and
+per seed), the share of the uniform -> oracle gap, the whole-run cost against uniform (train wall time; runs train
+`--jobs` at a time with 1 thread each, so a ratio of two runs is only side by side where they ran together), and the
+target domain's rank among the domains by its mean share of the trained batches (methods that log shares).
+
+Compute matching: `--matched ARM ...` trains those arms again with max_steps = round(steps x c), c = the median
+whole-run cost of the `dwm` arm over every target and seed of this invocation (`--matched-cost` to give it): the
+tokens DWM's overhead costs, given to the cheaper method. Printed as extra rows `ARM@c`.
+
+Runs are cached in --out by their resolved configuration (bench_dwm's cache): an interrupted invocation resumes.
+Results are appended to benchmarks/results/peers.md with the date, commit and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_dwm as B
+
+REPO = B.REPO
+RESULTS = REPO / "benchmarks" / "results" / "peers.md"
+METHODS = ("uniform", "oracle", "influence", "doge", "odm", "dwm", "dwm-ghost")
+
+
+def method_cell(t: B.Target, method: str, seed: int, steps: int | None = None) -> B.Cell:
+    """The bench cell of one method on one target and seed (`steps`: a compute-matched run of that length)."""
+    ref = str(t.reference)
+    arm, recipe, ov = {
+        "uniform": ("uniform", "cpu-small-uniform", []),
+        "oracle": ("static:1.0", "cpu-small-uniform", []),
+        "influence": ("influence", "cpu-small-uniform", ["selector.mode=influence", f"influence.reference={ref}"]),
+        "doge": ("doge", "cpu-small-uniform", ["weighting.mode=doge", f"doge.reference={ref}"]),
+        "odm": ("odm", "cpu-small-uniform", ["weighting.mode=odm"]),
+        "dwm": ("dwm", "cpu-small-dwm", []),
+        "dwm-ghost": ("dwm-ghost", "cpu-small-dwm", ["weighting.backend=ghost"]),
+    }[method]
+    if steps is not None:
+        arm, ov = f"{arm}@{steps}", [*ov, f"train.max_steps={steps}"]
+    return B.Cell(t.name, arm, seed, ov, recipe)
+
+
+def rank_of(result: dict, domain: str, run_dir: Path) -> int | None:
+    """The domain's rank (1 = most) by mean share of the trained batches, for runs that log shares."""
+    from dwm.analysis.runs import trained_shares
+
+    shares = trained_shares(run_dir)
+    if not shares:
+        return None
+    return sorted(shares, key=lambda d: -shares[d]).index(domain) + 1 if domain in shares else len(shares) + 1
+
+
+def report(results: dict[str, dict], t: B.Target, seeds: list[int], budget: B.Budget, out: Path,
+           matched: dict[str, int]) -> str:
+    key = "heldout_passage_loss"
+    rows = [(m, method_cell(t, m, 0).arm) for m in METHODS]
+    rows += [(f"{m}@{n}", method_cell(t, m, 0, n).arm) for m, n in matched.items()]
+    have = {name: [results.get(B.Cell(t.name, arm, s).key) for s in seeds] for name, arm in rows}
+    uni, orc = have["uniform"], have["oracle"]
+    complete = [s for i, s in enumerate(seeds) if uni[i] and orc[i]]
+    gaps = [u[key] - o[key] for u, o in zip(uni, orc, strict=True) if u and o]
+    gap = statistics.fmean(gaps) if gaps else float("nan")
+    lines = [f"### target `{t.name}` (its domain: `{t.domain}`), {budget}, seeds {seeds}", "",
+             f"uniform -> oracle gap (heldout passage loss): {B.fmt(gaps) if len(gaps) > 1 else gaps}", "",
+             ("| method | seeds | heldout passage loss | - uniform (paired) ± s.e. [per seed] | s.e.s | below uniform | "
+              "share of oracle gap | cost / uniform | target's rank |"), "|---|---|---|---|---|---|---|---|---|"]
+    for name, arm in rows:
+        rs = have[name]
+        pairs = [(r, u, s) for r, u, s in zip(rs, uni, seeds, strict=True) if r and u]
+        if not pairs:
+            lines.append(f"| {name} | 0 | not run | | | | | | |")
+            continue
+        vals = [r[key] for r, _, _ in pairs]
+        diffs = [r[key] - u[key] for r, u, _ in pairs]
+        m, se = B.mse(diffs)
+        cost = statistics.median(r["train_seconds"] / u["train_seconds"] for r, u, _ in pairs)
+        ranks = [rank_of(r, t.domain, out / B.Cell(t.name, arm, s).key) for r, _, s in pairs]
+        lines.append(
+            f"| {name} | {len(pairs)} | {B.fmt(vals)} | "
+            + ("" if name == "uniform" else f"{m:+.4f} ± {se:.4f} {[round(x, 3) for x in diffs]}") + " | "
+            + ("" if name == "uniform" or not se > 0 else f"{abs(m) / se:.1f}") + " | "
+            + ("" if name == "uniform" else f"{sum(x < 0 for x in diffs)}/{len(diffs)}") + " | "
+            + ("" if name == "uniform" or not gap > 0 else f"{-m / gap:.0%}") + f" | {cost:.2f} | "
+            + (str(ranks) if any(x is not None for x in ranks) else "—") + " |")
+    if len(complete) < len(seeds):
+        lines += ["", f"(seeds with both uniform and oracle finished: {complete})"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12],
+                   help="seeds, paired across methods (default: ones no default was chosen on)")
+    p.add_argument("--targets", nargs="+", default=["novels", "speech", "wiki"], choices=["novels", "speech", "wiki"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train now")
+    p.add_argument("--matched", nargs="*", default=[], choices=METHODS,
+                   help="also train these at DWM's compute (max_steps = steps x DWM's median cost)")
+    p.add_argument("--matched-cost", type=float, default=None, help="the cost factor c (default: measured)")
+    p.add_argument("--preset", default="cpu-mini", help="model preset (default: the demo's model)")
+    p.add_argument("--steps", type=int, default=150, help="LM steps per run (default: the demo's)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="global batch in tokens (default: the demo's)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "peers", help="run cache")
+    p.add_argument("--no-report", action="store_true", help="train only (fills the cache)")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    budget = B.Budget(args.steps, args.batch_tokens, args.preset)
+    targets = B.prepare_targets(args.out)
+    if "wiki" in args.targets:
+        targets["wiki"] = B.cut_target(args.out / "wiki", "wiki", targets["novels"].data / "tokenizer.json")
+    ts = [targets[n] for n in args.targets]
+    cells = [method_cell(t, m, s) for t in ts for s in args.seeds for m in args.methods]
+    results = B.run_all(cells, targets, args.out, budget, args.jobs)
+    matched: dict[str, int] = {}
+    if args.matched:
+        c = args.matched_cost
+        if c is None:
+            cs = [results[method_cell(t, "dwm", s).key]["train_seconds"]
+                  / results[method_cell(t, "uniform", s).key]["train_seconds"]
+                  for t in ts for s in args.seeds if method_cell(t, "dwm", s).key in results
+                  and method_cell(t, "uniform", s).key in results]
+            if not cs:
+                p.error("--matched needs the dwm and uniform arms (or --matched-cost)")
+            c = statistics.median(cs)
+        matched = {m: round(args.steps * c) for m in args.matched}
+        more = [method_cell(t, m, s, n) for t in ts for s in args.seeds for m, n in matched.items()]
+        results.update(B.run_all(more, targets, args.out, budget, args.jobs))
+    if args.no_report:
+        return 0
+    # every finished cell of these targets and seeds, whichever invocation trained it
+    for t in ts:
+        for s in args.seeds:
+            for m in METHODS:
+                cell = method_cell(t, m, s)
+                if cell.key not in results and (args.out / cell.key / "result.json").is_file():
+                    import json
+
+                    results[cell.key] = json.loads((args.out / cell.key / "result.json").read_text())
+    text = "\n\n".join(report(results, t, args.seeds, budget, args.out, matched) for t in ts)
+    print(text)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True, check=False).stdout.strip()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} {commit} bench_peers.py {' '.join(sys.argv[1:])} -->\n"
+                f"{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -300,8 +300,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --resume: accept these changed config keys (or sections, e.g. weighting; 'tokenizer' "
                         "for another tokenizer) instead of refusing them")
     p.add_argument("--weighting", metavar="MODE_OR_RUN_DIR",
-                   help="'uniform', 'dwm', 'domains' (weighting.domain_weights), another registered weighter, or a run "
-                        "directory whose weighting models to replay (weighting.mode; default uniform)")
+                   help="'uniform', 'dwm', 'domains' (weighting.domain_weights), the per-domain mixtures 'doge' "
+                        "([doge]) and 'odm' ([odm]), another registered weighter, or a run directory whose weighting "
+                        "models to replay (weighting.mode; default uniform)")
     p.add_argument("--keep-learning", action="store_true",
                    help="with --weighting RUN_DIR: keep updating the replayed model (weighting.keep_learning)")
     p.add_argument("--help-config", action="store_true", help="print every config key, its type, default and doc")

@@ -30,6 +30,11 @@ Compute matching: `--matched ARM ...` trains those arms again with max_steps = r
 whole-run cost of the `dwm` arm over every target and seed of this invocation (`--matched-cost` to give it): the
 tokens DWM's overhead costs, given to the cheaper method. Printed as extra rows `ARM@c`.
 
+FLOPs: `--flops` trains every method once more (the first target and seed, no evaluation) under torch's
+FlopCounterMode and prints each one's counted FLOPs (matmuls and attention: forward, backward, the bi-level
+update's and phi's passes, selection scoring) against uniform's; written to --out/flops.json and reported beside the
+wall-time cost.
+
 Runs are cached in --out by their resolved configuration (bench_dwm's cache): an interrupted invocation resumes.
 Results are appended to benchmarks/results/peers.md with the date, commit and command.
 """
@@ -79,8 +84,59 @@ def rank_of(result: dict, domain: str, run_dir: Path) -> int | None:
     return sorted(shares, key=lambda d: -shares[d]).index(domain) + 1 if domain in shares else len(shares) + 1
 
 
+def count_flops(cell: B.Cell, target: B.Target, out: Path, budget: B.Budget) -> float:
+    """Total FLOPs torch counts while the cell's run trains (in a worker process; no evaluation)."""
+    import shutil
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dwm.data.dataset import PreparedData
+    from dwm.data.mixture import mixture_ids, write_manifest
+    from dwm.run import build_trainer
+
+    torch.set_num_threads(int(os.environ.get("DWM_BENCH_THREADS", "1")))
+    flops_out = out / "flops"
+    cfg = B.cell_config(cell, target, flops_out, budget)
+    run = Path(cfg.out)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    if cell.arm.startswith("static:"):
+        data = PreparedData(target.data, "train")
+        n = budget.steps * budget.batch_tokens // data.seq_len
+        write_manifest(mixture_ids(data.domain_ids, data.domains, {target.domain: 1.0}, n, seed=cell.seed),
+                       run / "mixture.parquet")
+    trainer = build_trainer(cfg)
+    with FlopCounterMode(display=False) as fc:
+        trainer.train()
+    return float(fc.get_total_flops())
+
+
+def flops_table(targets: dict[str, B.Target], t: B.Target, seed: int, out: Path, budget: B.Budget,
+                jobs: int) -> dict[str, float]:
+    """{method: counted FLOPs of its run / uniform's} (cached in out/flops.json by budget)."""
+    import json
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = out / "flops.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    key = f"{t.name}/{budget}/s{seed}"
+    have = cache.get(key, {})
+    todo = [m for m in METHODS if m not in have]
+    if todo:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = {m: ex.submit(count_flops, method_cell(t, m, seed), t, out, budget) for m in todo}
+            for m, f in futs.items():
+                have[m] = f.result()
+                print(f"[bench] flops {m}: {have[m]:.4g}", file=sys.stderr, flush=True)
+        cache[key] = have
+        path.write_text(json.dumps(cache, indent=1))
+    return {m: have[m] / have["uniform"] for m in METHODS}
+
+
 def report(results: dict[str, dict], t: B.Target, seeds: list[int], budget: B.Budget, out: Path,
-           matched: dict[str, int]) -> str:
+           matched: dict[str, int], flops: dict[str, float] | None = None) -> str:
     key = "heldout_passage_loss"
     rows = [(m, method_cell(t, m, 0).arm) for m in METHODS]
     rows += [(f"{m}@{n}", method_cell(t, m, 0, n).arm) for m, n in matched.items()]
@@ -92,12 +148,13 @@ def report(results: dict[str, dict], t: B.Target, seeds: list[int], budget: B.Bu
     lines = [f"### target `{t.name}` (its domain: `{t.domain}`), {budget}, seeds {seeds}", "",
              f"uniform -> oracle gap (heldout passage loss): {B.fmt(gaps) if len(gaps) > 1 else gaps}", "",
              ("| method | seeds | heldout passage loss | - uniform (paired) ± s.e. [per seed] | s.e.s | below uniform | "
-              "share of oracle gap | cost / uniform | target's rank |"), "|---|---|---|---|---|---|---|---|---|"]
+              "share of oracle gap | cost / uniform (wall) | FLOPs / uniform | target's rank |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, arm in rows:
         rs = have[name]
         pairs = [(r, u, s) for r, u, s in zip(rs, uni, seeds, strict=True) if r and u]
         if not pairs:
-            lines.append(f"| {name} | 0 | not run | | | | | | |")
+            lines.append(f"| {name} | 0 | not run | | | | | | | |")
             continue
         vals = [r[key] for r, _, _ in pairs]
         diffs = [r[key] - u[key] for r, u, _ in pairs]
@@ -110,6 +167,7 @@ def report(results: dict[str, dict], t: B.Target, seeds: list[int], budget: B.Bu
             + ("" if name == "uniform" or not se > 0 else f"{abs(m) / se:.1f}") + " | "
             + ("" if name == "uniform" else f"{sum(x < 0 for x in diffs)}/{len(diffs)}") + " | "
             + ("" if name == "uniform" or not gap > 0 else f"{-m / gap:.0%}") + f" | {cost:.2f} | "
+            + (f"{flops[name]:.2f}" if flops and name in flops else "—") + " | "
             + (str(ranks) if any(x is not None for x in ranks) else "—") + " |")
     if len(complete) < len(seeds):
         lines += ["", f"(seeds with both uniform and oracle finished: {complete})"]
@@ -131,6 +189,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (1 torch thread each)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "peers", help="run cache")
     p.add_argument("--no-report", action="store_true", help="train only (fills the cache)")
+    p.add_argument("--flops", action="store_true", help="also count every method's training FLOPs (one seed)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budget = B.Budget(args.steps, args.batch_tokens, args.preset)
@@ -165,7 +224,11 @@ def main() -> int:
                     import json
 
                     results[cell.key] = json.loads((args.out / cell.key / "result.json").read_text())
-    text = "\n\n".join(report(results, t, args.seeds, budget, args.out, matched) for t in ts)
+    flops = flops_table(targets, ts[0], args.seeds[0], args.out, budget, args.jobs) if args.flops else None
+    if flops:
+        print(f"FLOPs / uniform ({ts[0].name}, seed {args.seeds[0]}): "
+              + ", ".join(f"{m} {r:.3f}" for m, r in flops.items()), file=sys.stderr)
+    text = "\n\n".join(report(results, t, args.seeds, budget, args.out, matched, flops) for t in ts)
     print(text)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=False).stdout.strip()

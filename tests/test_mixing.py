@@ -153,6 +153,7 @@ def test_doge_step_uses_the_hand_computed_per_domain_products(data, tmp_path):
     np.testing.assert_allclose(w.log_q - log_q0, 0.1 * want, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["doge", "odm"])
 def test_mixture_runs_draw_by_their_policy(data, tmp_path, mode):
     """20 steps: the batches are drawn by q (logged as mix/ and share/ every step), q moves, and each step trains
@@ -180,6 +181,10 @@ def test_mixture_config_errors(data, tmp_path):
         validate(_cfg(data, tmp_path / "a", "doge", f"doge.reference={tmp_path / 'nope.jsonl'}"))
     with pytest.raises(UserError, match=r"config key doge.draw: 'gumble' is not one of .*\(did you mean gumbel\?\)"):
         validate(_cfg(data, tmp_path / "a", "doge", "doge.draw=gumble"), check_paths=False)
+
+
+@pytest.mark.slow
+def test_mixture_build_errors(data, tmp_path):
     with pytest.raises(UserError, match="the odm weighter draws its batches with the 'domain-mix' selector"):
         build_trainer(_cfg(data, tmp_path / "b", "odm", "selector.mode=influence",
                            f"influence.reference={data['ref']}"))

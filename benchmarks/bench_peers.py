@@ -135,6 +135,56 @@ def flops_table(targets: dict[str, B.Target], t: B.Target, seed: int, out: Path,
     return {m: have[m] / have["uniform"] for m in METHODS}
 
 
+def signal_by_domain(run: Path) -> list[dict]:
+    """Per stage of a ghost run: how much of the per-sample signal phi fitted is the sample's domain. `r2`: the
+    between-domain share of its variance; `domain_spearman`: Spearman of a domain-mean predictor fitted on half of
+    the stage's samples (by a hash of the id) with the signal of the other half; `phi_spearman`: phi's own score
+    against the held-back samples of the stage (its "ghost_holdout" record; other samples, the same stage)."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from dwm.weighting.diagnostics import corr, rank
+
+    holdout = {r["stage"]: r["spearman_stage"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r.get("event") == "ghost_holdout"}
+    rows = []
+    for f in sorted((run / "signal").glob("stage_*.parquet")):
+        t = pq.read_table(f).to_pydict()
+        k = int(f.stem.split("_")[1])
+        sig, dom = np.asarray(t["signal"], dtype=np.float64), np.asarray(t["domain"])
+        ids = np.asarray(t["sample_id"], dtype=np.uint64)
+        means = {d: sig[dom == d].mean() for d in set(dom)}
+        fitted = np.array([means[d] for d in dom])
+        r2 = 1 - ((sig - fitted) ** 2).sum() / ((sig - sig.mean()) ** 2).sum()
+        half = (ids * np.uint64(2654435761) % np.uint64(2)).astype(bool)
+        train = {d: sig[~half & (dom == d)].mean() for d in set(dom[~half])}
+        test = half & np.isin(dom, list(train))
+        pred = np.array([train[d] for d in dom[test]])
+        rows.append({"stage": k, "n": len(sig), "r2": float(r2),
+                     "domain_spearman": corr(rank(pred), rank(sig[test])) if test.sum() > 2 else float("nan"),
+                     "phi_spearman": holdout.get(k, float("nan"))})
+    return rows
+
+
+def signal_lines(t: B.Target, seeds: list[int], out: Path) -> list[str]:
+    """The per-stage domain share of the ghost signal, mean over the seeds' dwm-ghost runs."""
+    runs = [out / method_cell(t, "dwm-ghost", s).key for s in seeds]
+    per = [signal_by_domain(r) for r in runs if (r / "signal").is_dir()]
+    if not per:
+        return []
+    lines = ["", (f"ghost signal of dwm-ghost by stage (mean over {len(per)} seeds): between-domain share of its "
+                  "variance (R²); Spearman with the signal of a domain-mean predictor (split half) and of phi (its "
+                  "held-back samples)"), "", "| stage | samples | R² of domain | domain-mean Spearman | phi Spearman |",
+             "|---|---|---|---|---|"]
+    for k in range(max(len(x) for x in per)):
+        rs = [x[k] for x in per if len(x) > k]
+        m = {c: statistics.fmean(r[c] for r in rs) for c in ("n", "r2", "domain_spearman", "phi_spearman")}
+        lines.append(f"| {k} | {m['n']:.0f} | {m['r2']:.2f} | {m['domain_spearman']:.2f} | {m['phi_spearman']:.2f} |")
+    return lines
+
+
 def report(results: dict[str, dict], t: B.Target, seeds: list[int], budget: B.Budget, out: Path,
            matched: dict[str, int], flops: dict[str, float] | None = None) -> str:
     key = "heldout_passage_loss"
@@ -171,6 +221,7 @@ def report(results: dict[str, dict], t: B.Target, seeds: list[int], budget: B.Bu
             + (str(ranks) if any(x is not None for x in ranks) else "—") + " |")
     if len(complete) < len(seeds):
         lines += ["", f"(seeds with both uniform and oracle finished: {complete})"]
+    lines += signal_lines(t, seeds, out)
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ Methods, every one on the same model, budget, seeds and data stream (paired by s
 - odm: Online Data Mixing, EXP3 over domains on the training loss (weighting.mode = odm);
 - dwm: the Data Weighting Model with the shipped defaults (backend fd, resample);
 - dwm-ghost: the same with weighting.backend = ghost (every trained sample labelled, phi fits them at stage ends).
+Two DWM variants ask where a gap to a per-domain peer comes from (`--methods dwm-kl0 dwm-ghost-online`): without
+the KL pull toward uniform, and with phi fitted to the ghost labels every 10 steps (as DoGE updates every step).
 doge, odm and the DWM arms draw each batch from 4x streamed candidates by their policy and train it at weight 1, so
 the comparison between them isolates per-domain against per-sample.
 
@@ -55,6 +57,8 @@ import bench_dwm as B
 REPO = B.REPO
 RESULTS = REPO / "benchmarks" / "results" / "peers.md"
 METHODS = ("uniform", "oracle", "influence", "doge", "odm", "dwm", "dwm-ghost")
+# DWM variants that ask where a gap to a per-domain peer comes from (trained only when named in --methods)
+EXTRAS = ("dwm-kl0", "dwm-ghost-online")
 
 
 def method_cell(t: B.Target, method: str, seed: int, steps: int | None = None) -> B.Cell:
@@ -68,6 +72,12 @@ def method_cell(t: B.Target, method: str, seed: int, steps: int | None = None) -
         "odm": ("odm", "cpu-small-uniform", ["weighting.mode=odm"]),
         "dwm": ("dwm", "cpu-small-dwm", []),
         "dwm-ghost": ("dwm-ghost", "cpu-small-dwm", ["weighting.backend=ghost"]),
+        # no pull of phi's weights toward uniform
+        "dwm-kl0": ("dwm-kl0", "cpu-small-dwm", ["weighting.advanced.kl=0"]),
+        # phi fitted to the ghost labels every 10 steps instead of at the 5 stage starts, as DoGE updates often
+        "dwm-ghost-online": ("dwm-ghost-online", "cpu-small-dwm", ["weighting.backend=ghost",
+                                                                    "weighting.schedule=interleaved",
+                                                                    "weighting.interval=10"]),
     }[method]
     if steps is not None:
         arm, ov = f"{arm}@{steps}", [*ov, f"train.max_steps={steps}"]
@@ -189,6 +199,8 @@ def report(results: dict[str, dict], t: B.Target, seeds: list[int], budget: B.Bu
            matched: dict[str, int], flops: dict[str, float] | None = None) -> str:
     key = "heldout_passage_loss"
     rows = [(m, method_cell(t, m, 0).arm) for m in METHODS]
+    rows += [(m, method_cell(t, m, 0).arm) for m in EXTRAS
+             if any((out / method_cell(t, m, s).key / "result.json").is_file() for s in seeds)]
     rows += [(f"{m}@{n}", method_cell(t, m, 0, n).arm) for m, n in matched.items()]
     have = {name: [results.get(B.Cell(t.name, arm, s).key) for s in seeds] for name, arm in rows}
     uni, orc = have["uniform"], have["oracle"]
@@ -230,7 +242,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12],
                    help="seeds, paired across methods (default: ones no default was chosen on)")
     p.add_argument("--targets", nargs="+", default=["novels", "speech", "wiki"], choices=["novels", "speech", "wiki"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train now")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRAS,
+                   help=f"methods to train now (default: all but the DWM variants {', '.join(EXTRAS)})")
     p.add_argument("--matched", nargs="*", default=[], choices=METHODS,
                    help="also train these at DWM's compute (max_steps = steps x DWM's median cost)")
     p.add_argument("--matched-cost", type=float, default=None, help="the cost factor c (default: measured)")
@@ -269,7 +282,7 @@ def main() -> int:
     # every finished cell of these targets and seeds, whichever invocation trained it
     for t in ts:
         for s in args.seeds:
-            for m in METHODS:
+            for m in METHODS + EXTRAS:
                 cell = method_cell(t, m, s)
                 if cell.key not in results and (args.out / cell.key / "result.json").is_file():
                     import json

@@ -277,6 +277,10 @@ def main() -> int:
         matched = {m: round(args.steps * c) for m in args.matched}
         more = [method_cell(t, m, s, n) for t in ts for s in args.seeds for m, n in matched.items()]
         results.update(B.run_all(more, targets, args.out, budget, args.jobs))
+    flops = flops_table(targets, ts[0], args.seeds[0], args.out, budget, args.jobs) if args.flops else None
+    if flops:
+        print(f"FLOPs / uniform ({ts[0].name}, seed {args.seeds[0]}): "
+              + ", ".join(f"{m} {r:.3f}" for m, r in flops.items()), file=sys.stderr)
     if args.no_report:
         return 0
     # every finished cell of these targets and seeds, whichever invocation trained it
@@ -288,10 +292,6 @@ def main() -> int:
                     import json
 
                     results[cell.key] = json.loads((args.out / cell.key / "result.json").read_text())
-    flops = flops_table(targets, ts[0], args.seeds[0], args.out, budget, args.jobs) if args.flops else None
-    if flops:
-        print(f"FLOPs / uniform ({ts[0].name}, seed {args.seeds[0]}): "
-              + ", ".join(f"{m} {r:.3f}" for m, r in flops.items()), file=sys.stderr)
     text = "\n\n".join(report(results, t, args.seeds, budget, args.out, matched, flops) for t in ts)
     print(text)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,

@@ -243,7 +243,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-PATH_KEYS = ("data.dir", "data.selection", "weighting.reference")
+def _path_keys() -> tuple[str, ...]:
+    """The input paths of a run config (dwm.run's list, which `dwm train` stores absolute), not the output dir."""
+    from dwm.run import PATH_KEYS as RUN_KEYS
+
+    return tuple(k for k in RUN_KEYS if k != "out")
 
 
 def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +255,7 @@ def _normalised(flat: dict[str, Any]) -> dict[str, Any]:
     repository, where the benchmark runs): `--out benchmarks/out/x` and `--out $PWD/benchmarks/out/x` are the
     same runs."""
     flat = {k: v for k, v in flat.items() if k != "out"}
-    for k in PATH_KEYS:
+    for k in _path_keys():
         if isinstance(flat.get(k), str) and flat[k]:
             flat[k] = str((REPO / flat[k]).resolve())
     return flat

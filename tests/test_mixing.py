@@ -155,11 +155,16 @@ def test_doge_step_uses_the_hand_computed_per_domain_products(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["doge", "odm"])
-def test_mixture_runs_draw_by_their_policy(data, tmp_path, mode):
+def test_mixture_runs_draw_by_their_policy(data, tmp_path, mode, caplog):
     """20 steps: the batches are drawn by q (logged as mix/ and share/ every step), q moves, and each step trains
-    G = 8 samples at weight 1."""
+    G = 8 samples at weight 1; the stream of 4 x 8 x 20 candidates wraps the 96-sample pool, said before step 0."""
+    import logging
+
     run = tmp_path / mode
-    t = build_trainer(_cfg(data, run, mode))
+    with caplog.at_level(logging.WARNING):
+        t = build_trainer(_cfg(data, run, mode))
+    assert any(r.getMessage().startswith("drawing by the domain mixture streams 4 x the budget from 96 samples: 6.7 "
+                                         "passes") for r in caplog.records)
     assert type(t.selector).__name__ == "DomainMixSelector"
     t.train()
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -55,6 +55,7 @@ class DomainMixSelector(ResampleSelector):
 
     name = "domain-mix"
     config_section = None
+    what = "drawing by the domain mixture"
 
     def __init__(self, cfg: SelectorConfig | None = None, *, scorer: DomainPolicy):
         OnlineSelector.__init__(self, SelectorConfig(mode=self.name, every=1, candidates=scorer.candidates))

@@ -36,6 +36,7 @@ class ResampleSelector(OnlineSelector):
     config_section = "weighting"  # its candidates ratio is weighting.candidates
     uses_scorer = True  # constructed with the weighter's scorer
     log_selections = False  # one per step: the weighter logs the batch's domain shares instead
+    what = "weighting.apply = resample"  # what draws the batches, for the coverage warning
 
     def __init__(self, cfg: SelectorConfig | None = None, weighting: WeightingConfig | None = None, *,
                  scorer: Scorer):
@@ -48,7 +49,7 @@ class ResampleSelector(OnlineSelector):
         self.rng = np.random.default_rng([ctx.seed, 0x5E1])
         cov = stream_coverage(len(ctx.pool), ctx.total_steps, self.G, self.cfg.candidates)
         if cov["passes"] > 1:
-            msg = (f"weighting.apply = resample streams {self.cfg.candidates:g} x the budget from {len(ctx.pool):,} "
+            msg = (f"{self.what} streams {self.cfg.candidates:g} x the budget from {len(ctx.pool):,} "
                    f"samples: {cov['passes']:.1f} passes over them; with flat scores ~{cov['never']:,.0f} samples "
                    f"({cov['never'] / len(ctx.pool):.0%}) would never be trained and ~{cov['twice_or_more']:,.0f} "
                    f"({cov['twice_or_more'] / len(ctx.pool):.0%}) twice or more")

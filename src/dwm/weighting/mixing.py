@@ -80,7 +80,7 @@ def domain_sums(values: torch.Tensor, domain_ids: torch.Tensor, K: int) -> torch
 
 
 class MixWeighter(Weighter):
-    """The shared part: the policy, weight-1 batches, the trained shares as metrics, the checkpoint."""
+    """The shared part: weight-1 batches, the trained shares and q as metrics (subclasses own q and its state)."""
 
     selector = "domain-mix"
 

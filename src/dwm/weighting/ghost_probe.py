@@ -26,6 +26,16 @@ from dwm.weighting.diagnostics import corr, rank
 from dwm.weighting.probe import BilevelProbe, Probed
 
 
+def refuse_unhookable(ctx: Any, who: str, instead: str) -> None:
+    """One-line errors where GhostScores' hooks cannot read the LM: under torch.compile (hooks bypassed) and on a
+    sharded LM (a sharded M). `who` names the setting, `instead` what to use on a sharded LM."""
+    if ctx.compiled:
+        raise UserError(f"{who} reads the LM's layers through hooks, which torch.compile bypasses: set "
+                        "train.compile = false")
+    if any(type(p).__name__ == "DTensor" for p in ctx.model.parameters()):
+        raise UserError(f"{who} does not run on a sharded LM (train.parallel = fsdp) yet: {instead}")
+
+
 class GhostProbe(BilevelProbe):
     """Evidence from the training backward (see the module docstring); `streams`: no samples are probed at an
     update, the learner fits what the steps labelled."""
@@ -49,12 +59,7 @@ class GhostProbe(BilevelProbe):
                    normalize=a.normalize, micro=micro, global_batch=global_batch)
 
     def attach(self, ctx: Any) -> None:
-        if ctx.compiled:
-            raise UserError("weighting.backend = ghost reads the LM's layers through hooks, which torch.compile "
-                            "bypasses: set train.compile = false")
-        if any(type(p).__name__ == "DTensor" for p in ctx.model.parameters()):
-            raise UserError("weighting.backend = ghost does not run on a sharded LM (train.parallel = fsdp) yet: "
-                            "use ddp, or backend 'fd'")
+        refuse_unhookable(ctx, "weighting.backend = ghost", "use ddp, or backend 'fd'")
         self.ghost = GhostScores(ctx.model)
         if self.M is not None:
             self.ghost.set_direction(self.M)

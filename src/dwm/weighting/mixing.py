@@ -24,14 +24,15 @@ import torch.distributed as dist
 
 from dwm.data.batch import Batch
 from dwm.data.passages import PassageSet
-from dwm.errors import UserError
 from dwm.nn.ghost import GhostScores, reference_direction
 from dwm.nn.sampling import draw
 from dwm.train.context import TrainContext
 from dwm.train.distributed import is_dist
 from dwm.train.selector import OnlineSelector, SelectorConfig
 from dwm.train.weighter import Weighter
+from dwm.weighting.ghost_probe import refuse_unhookable
 from dwm.weighting.mixing_config import DoGEConfig, ODMConfig
+from dwm.weighting.probe import reference_draw
 from dwm.weighting.resample import ResampleSelector
 
 
@@ -163,11 +164,7 @@ class DoGEWeighter(MixWeighter):
         self.ghost: GhostScores | None = None
 
     def attach(self, ctx: TrainContext) -> None:
-        if ctx.compiled:
-            raise UserError("weighting.mode = doge reads the LM's layers through hooks, which torch.compile bypasses: "
-                            "set train.compile = false")
-        if any(type(p).__name__ == "DTensor" for p in ctx.model.parameters()):
-            raise UserError("weighting.mode = doge does not run on a sharded LM (train.parallel = fsdp): use ddp")
+        refuse_unhookable(ctx, "weighting.mode = doge", "use ddp")
         K = len(ctx.data.domains)
         if self.log_q is None:
             share = np.bincount(ctx.data.domain_ids[ctx.pool], minlength=K) / len(ctx.pool)
@@ -190,12 +187,10 @@ class DoGEWeighter(MixWeighter):
     def before_step(self, ctx: TrainContext, step: int) -> None:
         self._harvest()
         if self.M is None or step % self.cfg.ref_every == 0:
-            n = min(self.cfg.ref_batch_size, len(self.reference))
-            idx = self.rng.choice(len(self.reference), size=n, replace=False)
-            r = max(1, n // ctx.world_size)
-            ids, mask = self.reference.batch(idx[ctx.rank * r:(ctx.rank + 1) * r])
-            self.M, _ = reference_direction(ctx.model, ids.to(ctx.device), mask.to(ctx.device), ctx.optimizer,
-                                            chunk_size=ctx.plan.micro_batch_size, autocast_dtype=ctx.autocast_dtype)
+            ids, mask = reference_draw(self.reference, self.cfg.ref_batch_size, self.rng, ctx.rank, ctx.world_size,
+                                       ctx.device)
+            self.M, _ = reference_direction(ctx.model, ids, mask, ctx.optimizer, chunk_size=ctx.plan.micro_batch_size,
+                                            autocast_dtype=ctx.autocast_dtype)
             self.ghost.set_direction(self.M)
         self.ghost.collect()  # nothing recorded before this step counts
         self.ghost.start()

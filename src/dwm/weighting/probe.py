@@ -47,6 +47,16 @@ def probed_records(state: dict[str, Any]) -> list[Probed]:
     return [Probed(np.asarray(i), np.asarray(t), float(c), int(st), int(k)) for i, t, c, st, k in rows]
 
 
+def reference_draw(reference: Any, size: int, rng: np.random.Generator, rank: int, world: int,
+                   device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` reference passages drawn without replacement (every rank draws the same), this rank's share of them
+    as (input_ids, loss_mask) on `device`."""
+    ref_idx = rng.choice(len(reference), size=min(size, len(reference)), replace=False)
+    r_local = max(1, len(ref_idx) // world)
+    ref_ids, ref_mask = reference.batch(ref_idx[rank * r_local:(rank + 1) * r_local])
+    return ref_ids.to(device), ref_mask.to(device)
+
+
 class BilevelProbe:
     """dL_ref(theta')/dw_i of training samples by one lookahead step of the LM (see the module docstring).
 
@@ -78,11 +88,8 @@ class BilevelProbe:
 
     def ref_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A draw of reference passages (this rank's share), from the learner's generator."""
-        world, rank = self.scorer.world, self.scorer.rank
-        ref_idx = rng.choice(len(self.reference), size=min(self.ref_batch_size, len(self.reference)), replace=False)
-        r_local = max(1, len(ref_idx) // world)
-        ref_ids, ref_mask = self.reference.batch(ref_idx[rank * r_local:(rank + 1) * r_local])
-        return ref_ids.to(self.scorer.device), ref_mask.to(self.scorer.device)
+        sc = self.scorer
+        return reference_draw(self.reference, self.ref_batch_size, rng, sc.rank, sc.world, sc.device)
 
     def measure(self, ctx: Any, ids: np.ndarray, ref: tuple[torch.Tensor, torch.Tensor],
                 lookahead_lr: float) -> tuple[torch.Tensor, HyperResult]:

@@ -306,6 +306,19 @@ def domain_share(run: Path, domain: str) -> float | None:
     return shares.get(domain, 0.0) if shares else None
 
 
+def write_static_manifest(cell: Cell, target: Target, run: Path, budget: Budget) -> None:
+    """A `static:<share>` cell's selection manifest (run/mixture.parquet): the budget's samples with the target's
+    domain at that share, drawn with the cell's seed."""
+    from dwm.data.dataset import PreparedData
+    from dwm.data.mixture import mixture_ids, write_manifest
+
+    data = PreparedData(target.data, "train")
+    n = budget.steps * budget.batch_tokens // data.seq_len
+    ids = mixture_ids(data.domain_ids, data.domains, {target.domain: float(cell.arm.split(":")[1])}, n,
+                      seed=cell.seed)
+    write_manifest(ids, run / "mixture.parquet")
+
+
 def run_cell(cell: Cell, target: Target, out: Path, budget: Budget) -> dict:
     """Train one arm and evaluate it, or reuse a finished run with the same configuration; returns its record.
     A cached run of this cell whose configuration no longer matches (the recipe's defaults changed) is kept aside
@@ -338,19 +351,13 @@ def run_cell(cell: Cell, target: Target, out: Path, budget: Budget) -> dict:
         (run / "result.json").write_text(json.dumps(result, indent=1))
         print(f"[bench] {cell.key}: same configuration as {hit.name}, reused", file=sys.stderr, flush=True)
         return result
-    from dwm.data.dataset import PreparedData
-    from dwm.data.mixture import mixture_ids, write_manifest
     from dwm.eval.cli import evaluate_run
     from dwm.eval.lambada import passage_loss
     from dwm.metrics import read_metrics
     from dwm.run import build_trainer
 
     if cell.arm.startswith("static:"):
-        data = PreparedData(target.data, "train")
-        n = budget.steps * budget.batch_tokens // data.seq_len
-        ids = mixture_ids(data.domain_ids, data.domains, {target.domain: float(cell.arm.split(":")[1])}, n,
-                          seed=cell.seed)
-        write_manifest(ids, run / "mixture.parquet")
+        write_static_manifest(cell, target, run, budget)
     trainer = build_trainer(cfg)
     t0 = time.perf_counter()
     trainer.train()

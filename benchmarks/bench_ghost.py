@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_bilevel import setup
 from bench_update_memory import reset_peak, rss_mb
+from benchlib import git_commit
 
 from dwm.nn.ghost import GhostScores, reference_direction
 from dwm.train.losses import per_sample_nll
@@ -104,8 +105,7 @@ def main() -> int:
             f"{mem[m]['before_mb'] + mem[m]['own_mb']:.0f} |" for m in MODES]
     t_ratio, m_ratio = c["ghost"] / c["plain"], mem["ghost"]["own_mb"] / mem["plain"]["own_mb"]
     tot = (mem["ghost"]["before_mb"] + mem["ghost"]["own_mb"]) / (mem["plain"]["before_mb"] + mem["plain"]["own_mb"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent, check=False).stdout.strip()
+    commit = git_commit()
     from datetime import date
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -46,13 +46,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_dwm as B
+from benchlib import git_commit
 
 REPO = B.REPO
 RESULTS = REPO / "benchmarks" / "results" / "peers.md"
@@ -101,8 +101,6 @@ def count_flops(cell: B.Cell, target: B.Target, out: Path, budget: B.Budget) -> 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dwm.data.dataset import PreparedData
-    from dwm.data.mixture import mixture_ids, write_manifest
     from dwm.run import build_trainer
 
     torch.set_num_threads(int(os.environ.get("DWM_BENCH_THREADS", "1")))
@@ -112,10 +110,7 @@ def count_flops(cell: B.Cell, target: B.Target, out: Path, budget: B.Budget) -> 
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     if cell.arm.startswith("static:"):
-        data = PreparedData(target.data, "train")
-        n = budget.steps * budget.batch_tokens // data.seq_len
-        write_manifest(mixture_ids(data.domain_ids, data.domains, {target.domain: 1.0}, n, seed=cell.seed),
-                       run / "mixture.parquet")
+        B.write_static_manifest(cell, target, run, budget)
     trainer = build_trainer(cfg)
     with FlopCounterMode(display=False) as fc:
         trainer.train()
@@ -294,8 +289,7 @@ def main() -> int:
                     results[cell.key] = json.loads((args.out / cell.key / "result.json").read_text())
     text = "\n\n".join(report(results, t, args.seeds, budget, args.out, matched, flops) for t in ts)
     print(text)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = git_commit()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a") as f:
         f.write(f"\n<!-- {time.strftime('%Y-%m-%d %H:%M')} {commit} bench_peers.py {' '.join(sys.argv[1:])} -->\n"

@@ -20,13 +20,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import git_commit  # benchmarks/ is sys.path[0] when a script runs
 
 SETS = ["RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook", "RedPajamaArXiv",
         "RedPajamaWikipedia", "RedPajamaStackExchange"]
@@ -159,8 +159,7 @@ def main() -> None:
         r = json.loads(out)
         bin_mb = sum((work / f"shard{i}" / "train.bin").stat().st_size for i in range(k)) / 1e6
         rows.append((k, r, rss, bin_mb, psec, prss))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,
-                            capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     cmd = "python benchmarks/bench_pool.py " + " ".join(sys.argv[1:])
     MB = 1 << 20
     print(f"## Sharded prepare and pools: memory as the pool grows ({time.strftime('%Y-%m-%d', time.gmtime())}, "

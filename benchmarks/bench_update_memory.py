@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from benchlib import git_commit  # benchmarks/ is sys.path[0] when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,10 +133,7 @@ def main() -> int:
     upd = [res[f"update:{n}"] for n in args.probes if "failed" not in res[f"update:{n}"]]
     growth = res[hi]["peak_mb"] / res[lo]["peak_mb"] if len(upd) == len(args.probes) else float("nan")
     worst = max(r["peak_mb"] for r in upd) / plain["peak_mb"] if upd else float("nan")
-    import subprocess as sp
-
-    commit = sp.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                    text=True, check=False).stdout.strip()
+    commit = git_commit()
     cmd = " ".join([".venv/bin/python benchmarks/bench_update_memory.py", *sys.argv[1:]])
     text = "\n".join([
         f"## Peak memory of a bi-level update (recipe {args.recipe}, model {args.preset}, micro-batch {args.micro})",

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from benchlib import git_commit  # benchmarks/ is sys.path[0] when a script runs
 
 MIB = 1024 ** 2
 
@@ -107,8 +107,7 @@ def main() -> None:
         "measured_update_mib": round((marks.get("update_hwm", float("nan")) - base) / MIB),
         "measured_steps_mib": round((end_hwm - base) / MIB) if marks.get("reset") else None,
         "rss_base_mib": round(base / MIB),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": git_commit(),
     }
     print("\n| phase | predicted peak (simulated + CPU heap) | measured peak (RSS over pre-trainer RSS) | "
           "predicted / measured |")

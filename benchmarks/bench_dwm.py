@@ -381,18 +381,6 @@ def run_cell(cell: Cell, target: Target, out: Path, budget: Budget) -> dict:
     return result
 
 
-def die_with_parent() -> None:
-    """A worker is killed with the benchmark (Linux): a worker left running after its parent was stopped would go on
-    training queued cells into the cache while a new invocation uses it."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, budget: Budget,
             jobs: int) -> dict[str, dict]:
     """Every cell's result: reused where a finished run has its configuration, else trained, `jobs` at a time
@@ -406,6 +394,8 @@ def run_all(cells: list[Cell], targets: dict[str, Target], out: Path, budget: Bu
     results: dict[str, dict] = {}
     if jobs > 1 and todo:
         import multiprocessing as mp
+
+        from dwm.host import die_with_parent
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent) as ex:
             futs = {c.key: ex.submit(run_cell, c, targets[c.target], out, budget) for c in todo}

@@ -124,13 +124,15 @@ def flops_table(targets: dict[str, B.Target], t: B.Target, seed: int, out: Path,
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from dwm.host import die_with_parent
+
     path = out / "flops.json"
     cache = json.loads(path.read_text()) if path.is_file() else {}
     key = f"{t.name}/{budget}/s{seed}"
     have = cache.get(key, {})
     todo = [m for m in METHODS if m not in have]
     if todo:
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=B.die_with_parent) as ex:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent) as ex:
             futs = {m: ex.submit(count_flops, method_cell(t, m, seed), t, out, budget) for m in todo}
             for m, f in futs.items():
                 have[m] = f.result()

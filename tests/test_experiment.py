@@ -98,7 +98,8 @@ def test_grid_resumes_after_kill_and_tables_equal_eval(grid, one_thread):
 
     records = run_experiment(load(str(grid["recipe"])), log=log.append)
     assert (first.stat().st_mtime_ns, first.read_text()) == before  # the finished cell was not rerun
-    assert "done before" in log[0] and "done before" not in log[1]
+    assert log[0] == "dwm experiment: 2 cells, 1 finished before, 1 to run"
+    assert log[1] == "[1/1] random/dwm/tiny/s0: running"
     resumed = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert [r["checkpoint"] for r in resumed if r.get("event") == "resume"] == ["step_00000002"]
     assert max(r["step"] for r in resumed if "loss" in r) == 4
@@ -122,6 +123,35 @@ def test_grid_resumes_after_kill_and_tables_equal_eval(grid, one_thread):
     # the selection the cells trained on is a real `dwm select` manifest of the budget
     report = json.loads((out / "selections" / "random-s0.json").read_text())
     assert report["method"] == "random" and report["budget_tokens"] == 4 * 256
+
+
+@pytest.mark.slow
+def test_side_by_side_cells_equal_one_after_another(grid, tmp_path):
+    """jobs = 2 (worker processes, a transfer cell waiting for its learner) gives the numbers of jobs = 1 in this
+    process, bit for bit, at a fixed thread count."""
+    from dwm.experiment import run_experiment
+
+    common = ["weightings=uniform,dwm,transfer", "threads=1", "steps=3"]
+    runs, threads = {}, torch.get_num_threads()
+    for jobs in (1, 2):
+        cfg = load(str(grid["recipe"]), [f"out={tmp_path / f'j{jobs}'}", f"jobs={jobs}", *common])
+        cfg.selections["again"] = "--method random"  # a second selection (the same documents) to transfer to
+        log: list[str] = []
+        runs[jobs] = run_experiment(cfg, log=log.append)
+        if jobs == 2:
+            assert log[0] == "dwm experiment: 5 cells, 0 finished before, 5 to run, 2 at a time, 1 torch thread each"
+            started = [x.split("] ")[1].split(":")[0] for x in log if x.endswith(": running")]
+            ended = [x.split("] ")[1].split(":")[0] for x in log[1:] if not x.endswith(": running")]
+            assert sorted(started) == sorted(ended) == sorted(r["cell"] for r in runs[2])
+            assert started.index("again/transfer/tiny/s0") > ended.index("random/dwm/tiny/s0")
+    assert [r["cell"] for r in runs[2]] == [r["cell"] for r in runs[1]] == [
+        "random/uniform/tiny/s0", "random/dwm/tiny/s0", "again/uniform/tiny/s0", "again/dwm/tiny/s0",
+        "again/transfer/tiny/s0"]
+    for a, b in zip(runs[1], runs[2], strict=True):
+        assert a["metrics"] == b["metrics"], a["cell"]
+    assert torch.get_num_threads() == threads  # the grid's thread count does not outlive it
+    with pytest.raises(UserError, match="callbacks run in this process: jobs must be 1"):
+        run_experiment(load(str(grid["recipe"]), [f"out={tmp_path / 'cb'}", "jobs=2"]), callbacks=[object()])
 
 
 def test_summary_statistics_by_hand():

@@ -11,7 +11,10 @@ A cell is (selection method, weighting, model preset, seed):
 
 Cells run in order (learners before the cells that replay them), each trained with the recipe's `run_recipe` and
 `overrides` (in this process, or through `launcher`, e.g. torchrun, as `dwm train` subprocesses), then evaluated
-on the `heldout` target, the prepared data's `val` split and the lm-eval `tasks`. The grid is resumable: a cell
+on the `heldout` target, the prepared data's `val` split and the lm-eval `tasks`. `jobs = N` trains N cells side
+by side, each in its own process (a transfer cell starts once the cell it replays has finished); `threads` fixes
+the torch threads of every cell, selection and evaluation, so a cell's numbers do not depend on how many ran beside
+it (they reproduce bit for bit on the same machine at the same thread count, not across CPUs). The grid is resumable: a cell
 whose `cell.json` exists is never rerun; a cell killed mid-run continues from its newest checkpoint.
 
 Writes OUT/cells.csv (one row per cell), OUT/results.csv and OUT/results.md (one row per selection x weighting x
@@ -84,6 +87,12 @@ class ExperimentConfig:
     """device of the evaluation"""
     eval_batch_size: int = 16
     """batch size of the evaluation"""
+    jobs: int = 1
+    """cells trained side by side, each in its own process (the work of a cell is serial: on N cores, jobs = N with
+    threads = 1 finishes a grid soonest); 1: one after another in this process"""
+    threads: int = 0
+    """torch threads of every cell (training, selection, evaluation), fixed for the whole grid; 0: torch's default
+    (the cores of the machine). The numbers reproduce bit for bit only at the same thread count"""
 
     def validate(self, prefix: str = "") -> None:
         if not self.seeds or not self.quick_seeds:
@@ -100,6 +109,9 @@ class ExperimentConfig:
                 raise UserError(f"config key {prefix}size_transfer: {pair!r} is not LEARNER->RECEIVER")
         C.check_positive(prefix + "steps", self.steps)
         C.check_positive(prefix + "batch_tokens", self.batch_tokens)
+        C.check_positive(prefix + "jobs", self.jobs)
+        if self.threads < 0:
+            raise UserError(f"config key {prefix}threads: >= 0 (0: torch's default), got {self.threads}")
 
 
 @dataclass
@@ -265,23 +277,81 @@ def run_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> dict
     return rec
 
 
+def _pool_cell(cfg: ExperimentConfig, out: Path, cell: Cell) -> dict[str, Any]:
+    """A cell in a worker process of `jobs > 1`, at the grid's thread count."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return run_cell(cfg, out, cell)
+
+
+def _side_by_side(cfg: ExperimentConfig, out: Path, todo: list[Cell], done: set[str], log) -> dict[str, dict]:
+    """Train and evaluate `todo`, `cfg.jobs` at a time in worker processes, in plan order except that a transfer
+    cell waits for the cell it replays. Selections are made here, one at a time, before the cells that use them."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from dwm.host import die_with_parent
+
+    records: dict[str, dict] = {}
+    pending, running = list(todo), {}
+    with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent) as pool:
+        while pending or running:
+            for cell in [c for c in pending if not c.source or c.source in done]:
+                if len(running) >= cfg.jobs:
+                    break
+                _selection(cfg, out, cell.selection, cell.seed)
+                running[pool.submit(_pool_cell, cfg, out, cell)] = (cell, time.perf_counter())
+                pending.remove(cell)
+                log(f"{cell.key}: running")
+            if not running:  # only cells whose learner is not in this grid: cannot happen with plan()'s cells
+                raise UserError(f"cells {', '.join(c.key for c in pending)} replay cells that never run")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                cell, t0 = running.pop(f)
+                records[cell.key] = f.result()
+                done.add(cell.key)
+                m = records[cell.key]["metrics"]
+                log(f"{cell.key}: {time.perf_counter() - t0:.0f} s, heldout passage loss "
+                    f"{m.get('passage_loss', float('nan')):.4f}, acc {m.get('lambada_acc', float('nan')):.4f}")
+    return records
+
+
 def run_experiment(cfg: ExperimentConfig, quick: bool = False, callbacks=(), log=print) -> list[dict[str, Any]]:
+    """Run every cell not finished yet (in this process, or `cfg.jobs` at a time in worker processes, which take no
+    `callbacks`), write the tables, and return one record per cell in plan order."""
+    import torch
+
+    if cfg.jobs > 1 and callbacks:
+        raise UserError("experiment callbacks run in this process: jobs must be 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.toml").write_text(C.to_toml(cfg, "resolved dwm experiment configuration"))
     cells = plan(cfg, cfg.quick_seeds if quick else cfg.seeds)
-    records = []
-    for i, cell in enumerate(cells, 1):
-        finished = (out / cell.key / "cell.json").is_file()
-        t0 = time.perf_counter()
-        if not finished:  # a cell trains for minutes: say which one runs now (its result line follows)
-            log(f"[{i}/{len(cells)}] {cell.key}: running")
-        rec = run_cell(cfg, out, cell, callbacks)
-        m = rec["metrics"]
-        log(f"[{i}/{len(cells)}] {cell.key}: " + ("done before" if finished else f"{time.perf_counter() - t0:.0f} s")
-            + f", heldout passage loss {m.get('passage_loss', float('nan')):.4f}, "
-              f"acc {m.get('lambada_acc', float('nan')):.4f}")
-        records.append(rec)
+    done = {c.key for c in cells if (out / c.key / "cell.json").is_file()}
+    todo = [c for c in cells if c.key not in done]
+    log(f"dwm experiment: {len(cells)} cells, {len(done)} finished before, {len(todo)} to run"
+        + (f", {cfg.jobs} at a time" if cfg.jobs > 1 and todo else "")
+        + (f", {cfg.threads} torch thread{'s' * (cfg.threads > 1)} each" if cfg.threads else ""))
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        if cfg.jobs > 1 and todo:
+            new = _side_by_side(cfg, out, todo, done, lambda s: log(f"[{len(done)}/{len(cells)} done] {s}"))
+        else:
+            new = {}
+            for i, cell in enumerate(todo, 1):  # a cell trains for minutes: say which one runs now
+                log(f"[{i}/{len(todo)}] {cell.key}: running")
+                t0 = time.perf_counter()
+                new[cell.key] = m = run_cell(cfg, out, cell, callbacks)
+                log(f"[{i}/{len(todo)}] {cell.key}: {time.perf_counter() - t0:.0f} s, heldout passage loss "
+                    f"{m['metrics'].get('passage_loss', float('nan')):.4f}, "
+                    f"acc {m['metrics'].get('lambada_acc', float('nan')):.4f}")
+    finally:
+        torch.set_num_threads(threads)
+    records = [new.get(c.key) or json.loads((out / c.key / "cell.json").read_text()) for c in cells]
     write_results(out, records)
     return records
 

@@ -1,4 +1,5 @@
-"""Process-level settings of the machine a run executes on (nothing here changes a result, only its speed).
+"""Process-level settings of the machine a run executes on (nothing here changes a result, only its speed or what
+happens to a worker process when its parent dies).
 
 glibc's malloc serves blocks above its mmap threshold (128 kB, adapting up to 32 MB) with fresh `mmap`s and
 returns them to the kernel on free. On CPU a cpu-small micro-batch's logits and their gradient are
@@ -36,3 +37,17 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; a no-op elsewhere). For pool workers: a
+    worker left running after its parent was stopped would go on training queued cells into a grid or a cache that
+    a new invocation is using."""
+    if not sys.platform.startswith("linux"):
+        return
+    import signal
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

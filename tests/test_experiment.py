@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from eval_helpers import make_passages, write_jsonl
@@ -79,6 +80,10 @@ def test_plan_orders_learners_before_transfers():
     for c in cells:  # every replayed learner runs earlier
         if c.source:
             assert keys.index(c.source) < keys.index(c.key)
+    cfg.oracle = "books=1.0"  # one oracle cell per model and seed, compared with transfer_from's uniform cell
+    oracles = [c for c in plan(cfg, cfg.seeds) if c.selection == "oracle"]
+    assert [(c.key, c.baseline, c.row) for c in oracles] == [
+        (f"oracle/uniform/cpu-small/s{s}", "random", "oracle (books=1.0) | uniform | cpu-small") for s in (0, 1)]
 
 
 @pytest.mark.slow
@@ -131,7 +136,7 @@ def test_side_by_side_cells_equal_one_after_another(grid, tmp_path):
     process, bit for bit, at a fixed thread count."""
     from dwm.experiment import run_experiment
 
-    common = ["weightings=uniform,dwm,transfer", "threads=1", "steps=3"]
+    common = ["weightings=uniform,dwm,transfer", "threads=1", "steps=3", "oracle=a=1.0"]
     runs, threads = {}, torch.get_num_threads()
     for jobs in (1, 2):
         cfg = load(str(grid["recipe"]), [f"out={tmp_path / f'j{jobs}'}", f"jobs={jobs}", *common])
@@ -139,16 +144,26 @@ def test_side_by_side_cells_equal_one_after_another(grid, tmp_path):
         log: list[str] = []
         runs[jobs] = run_experiment(cfg, log=log.append)
         if jobs == 2:
-            assert log[0] == "dwm experiment: 5 cells, 0 finished before, 5 to run, 2 at a time, 1 torch thread each"
+            assert log[0] == "dwm experiment: 6 cells, 0 finished before, 6 to run, 2 at a time, 1 torch thread each"
             started = [x.split("] ")[1].split(":")[0] for x in log if x.endswith(": running")]
             ended = [x.split("] ")[1].split(":")[0] for x in log[1:] if not x.endswith(": running")]
             assert sorted(started) == sorted(ended) == sorted(r["cell"] for r in runs[2])
             assert started.index("again/transfer/tiny/s0") > ended.index("random/dwm/tiny/s0")
     assert [r["cell"] for r in runs[2]] == [r["cell"] for r in runs[1]] == [
         "random/uniform/tiny/s0", "random/dwm/tiny/s0", "again/uniform/tiny/s0", "again/dwm/tiny/s0",
-        "again/transfer/tiny/s0"]
+        "again/transfer/tiny/s0", "oracle/uniform/tiny/s0"]
     for a, b in zip(runs[1], runs[2], strict=True):
         assert a["metrics"] == b["metrics"], a["cell"]
+    # the oracle trained on its static mixture (domain a only) at the grid's budget, compared with random's uniform
+    from dwm.data.dataset import PreparedData
+
+    data = PreparedData(grid["root"] / "data", "train")
+    ids = pq.read_table(tmp_path / "j2" / "selections" / "oracle-s0.parquet")["sample_id"].to_numpy()
+    assert len(ids) == 3 * 256 // 32 and set(data.domain_ids[ids]) == {data.domains.index("a")}
+    res = {r["selection"] + "/" + r["weighting"]: r
+           for r in csv.DictReader((tmp_path / "j2" / "results.csv").read_text().splitlines())}
+    o, u = runs[2][5]["metrics"], runs[2][0]["metrics"]
+    assert float(res["oracle/uniform"]["passage_loss - uniform"]) == pytest.approx(o["passage_loss"] - u["passage_loss"])
     assert torch.get_num_threads() == threads  # the grid's thread count does not outlive it
     with pytest.raises(UserError, match="callbacks run in this process: jobs must be 1"):
         run_experiment(load(str(grid["recipe"]), [f"out={tmp_path / 'cb'}", "jobs=2"]), callbacks=[object()])
@@ -165,6 +180,12 @@ def test_summary_statistics_by_hand():
     assert s["dwm"]["passage_loss - uniform"] == pytest.approx(-0.3)  # mean(-0.5, -0.1)
     assert s["dwm"]["passage_loss - uniform se"] == pytest.approx(0.2)
     assert "passage_loss - uniform" not in s["uniform"]
+    # the oracle's row: a uniform cell, differenced against its baseline selection's uniform cell
+    recs += [{"row": "oracle (a=1.0) | uniform | m", "selection": "oracle", "weighting": "uniform", "model": "m",
+              "seed": seed, "baseline": "r", "metrics": {"passage_loss": v}} for seed, v in enumerate([4.0, 5.6])]
+    o = {x["row"]: x for x in summarise(recs)}["oracle (a=1.0) | uniform | m"]
+    assert o["passage_loss - uniform"] == pytest.approx(-0.7)  # mean(-1.0, -0.4)
+    assert o["passage_loss - uniform se"] == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.toml")))
@@ -195,6 +216,12 @@ def test_bad_recipes_one_line(tmp_path, capsys):
         load("cpu-mini", ["transfer_from=randm"])
     with pytest.raises(UserError, match="LEARNER->RECEIVER"):
         load("cpu-mini", ["size_transfer=cpu-mini"])
+    with pytest.raises(UserError, match="mixture 'books': expected domain=share pairs"):
+        load("cpu-mini", ["oracle=books"])
+    with pytest.raises(UserError, match="config key jobs: must be > 0, got 0"):
+        load("cpu-mini", ["jobs=0"])
+    with pytest.raises(UserError, match="threads: >= 0"):
+        load("cpu-mini", ["threads=-1"])
     bad = tmp_path / "bad.toml"
     bad.write_text('seeds = [0]\nselction = {random = ""}\n')
     with pytest.raises(UserError, match="unknown config key selction.*did you mean selections"):

@@ -7,7 +7,10 @@ A cell is (selection method, weighting, model preset, seed):
   the `dwm` cell of the `transfer_from` selection, same model and seed, replayed: `weighting.mode = RUN_DIR`);
 - model: a preset; `size_transfer = ["cpu-mini->cpu-small"]` adds, per seed, the learner's `dwm` cell on the
   `transfer_from` selection and the receiver's `uniform` and `transfer` cells there, the receiver replaying the
-  learner's weighting models (a small model teaches a larger one).
+  learner's weighting models (a small model teaches a larger one);
+- the oracle: `oracle = "books=1.0"` adds, per model and seed, a uniform cell trained on that static domain mixture
+  of the whole prepared data at the same budget (the headroom: how much a better choice of data could gain here),
+  compared against the uniform cell of `transfer_from`.
 
 Cells run in order (learners before the cells that replay them), each trained with the recipe's `run_recipe` and
 `overrides` (in this process, or through `launcher`, e.g. torchrun, as `dwm train` subprocesses), then evaluated
@@ -70,6 +73,10 @@ class ExperimentConfig:
     """model presets of the grid"""
     size_transfer: list[str] = field(default_factory=list)
     """"LEARNER->RECEIVER" preset pairs: the receiver replays what the learner's DWM learned on transfer_from"""
+    oracle: str = ""
+    """a static domain mixture, domain=share pairs (the rest uniform over the other domains), e.g. "books=1.0" for
+    a target of novels: adds an `oracle` uniform cell per model and seed on that mixture, at the same budget, whose
+    difference against transfer_from's uniform cell is the headroom; empty: none"""
     run_recipe: str = "cpu-small-dwm"
     """`dwm train` recipe of every cell (a shipped name or a TOML path); uniform cells set weighting.mode=uniform"""
     steps: int = 80
@@ -104,6 +111,17 @@ class ExperimentConfig:
         if ("transfer" in self.weightings or self.size_transfer) and self.transfer_from not in self.selections:
             raise UserError(f"config key {prefix}transfer_from: {self.transfer_from!r} is not one of the selections"
                             f" ({', '.join(self.selections)}){C.did_you_mean(self.transfer_from, list(self.selections))}")
+        if "oracle" in self.selections:
+            raise UserError(f"config key {prefix}selections: the name 'oracle' is the grid's static-mixture cell"
+                            f" (key oracle); name the selection otherwise")
+        if self.oracle:
+            from dwm.data.mixture import parse_shares
+
+            parse_shares(self.oracle)
+            if self.transfer_from not in self.selections:
+                raise UserError(f"config key {prefix}transfer_from: {self.transfer_from!r} (the oracle's baseline) is"
+                                f" not one of the selections ({', '.join(self.selections)})"
+                                f"{C.did_you_mean(self.transfer_from, list(self.selections))}")
         for pair in self.size_transfer:
             if pair.count("->") != 1 or not all(pair.split("->")):
                 raise UserError(f"config key {prefix}size_transfer: {pair!r} is not LEARNER->RECEIVER")
@@ -122,6 +140,7 @@ class Cell:
     seed: int
     source: str = ""  # the key of the dwm cell a transfer cell replays
     label: str = ""  # the row of the results table (size-transfer cells get their own)
+    baseline: str = ""  # the selection whose uniform cell the paired difference is taken against (default: own)
 
     @property
     def key(self) -> str:
@@ -166,6 +185,9 @@ def plan(cfg: ExperimentConfig, seeds: list[int]) -> list[Cell]:
             cells += [src, Cell(cfg.transfer_from, "uniform", receiver, seed),
                       Cell(cfg.transfer_from, "transfer", receiver, seed, source=src.key,
                            label=f"{cfg.transfer_from} | transfer from {learner} | {receiver}")]
+        if cfg.oracle:
+            cells += [Cell("oracle", "uniform", model, seed, label=f"oracle ({cfg.oracle}) | uniform | {model}",
+                           baseline=cfg.transfer_from) for model in cfg.models]
     seen: set[str] = set()
     return [c for c in cells if not (c.key in seen or seen.add(c.key))]
 
@@ -174,9 +196,20 @@ def plan(cfg: ExperimentConfig, seeds: list[int]) -> list[Cell]:
 
 
 def _selection(cfg: ExperimentConfig, out: Path, name: str, seed: int) -> Path:
-    """The manifest of selection `name` at `seed` (made once)."""
+    """The manifest of selection `name` at `seed` (made once); `oracle`: the static mixture of `cfg.oracle`."""
     path = out / "selections" / f"{name}-s{seed}.parquet"
     if path.is_file():
+        return path
+    if name == "oracle":
+        from dwm.data.dataset import PreparedData
+        from dwm.data.mixture import mixture_ids, parse_shares, write_manifest
+
+        data = PreparedData(cfg.data, "train")
+        ids = mixture_ids(data.domain_ids, data.domains, parse_shares(cfg.oracle),
+                          cfg.steps * cfg.batch_tokens // data.seq_len, seed=seed)
+        tmp = path.with_name(path.stem + ".tmp.parquet")
+        write_manifest(ids, tmp)
+        tmp.replace(path)
         return path
     from dwm.selection.cli import parse_options, select_documents
 
@@ -269,7 +302,8 @@ def run_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> dict
     ev = evaluate(out / cell.key, data=cfg.data, target=cfg.heldout, tasks=cfg.tasks,
                   batch_size=cfg.eval_batch_size, device=cfg.eval_device)
     rec = {"cell": cell.key, "row": cell.row, "selection": cell.selection, "weighting": cell.weighting,
-           "model": cell.model, "seed": cell.seed, "source": cell.source, "train_seconds": round(seconds, 1),
+           "model": cell.model, "seed": cell.seed, "source": cell.source, "baseline": cell.baseline or cell.selection,
+           "train_seconds": round(seconds, 1),
            "metrics": metrics_of(ev)}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1))
@@ -366,7 +400,7 @@ def _mse(xs: list[float]) -> tuple[float, float]:
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per selection x weighting x model: mean and s.e. of every metric over seeds, and the paired
-    difference against the uniform cell of the same selection and model (same seed)."""
+    difference against the uniform cell of the same selection (the oracle: of its baseline) and model, same seed."""
     rows: dict[str, list[dict]] = {}
     for r in records:
         rows.setdefault(r["row"], []).append(r)
@@ -379,8 +413,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in keys:
             vals = [r["metrics"][k] for r in rs if k in r["metrics"]]
             s[k], s[k + " se"] = _mse(vals)
-        if rs[0]["weighting"] != "uniform":
-            base = [uniform.get((r["selection"], r["model"], r["seed"])) for r in rs]
+        if rs[0]["weighting"] != "uniform" or rs[0].get("baseline", rs[0]["selection"]) != rs[0]["selection"]:
+            base = [uniform.get((r.get("baseline", r["selection"]), r["model"], r["seed"])) for r in rs]
             for k in ("passage_loss", "avg_acc"):
                 d = [r["metrics"][k] - b["metrics"][k] for r, b in zip(rs, base, strict=True)
                      if b is not None and k in r["metrics"] and k in b["metrics"]]
@@ -431,7 +465,8 @@ def write_results(out: Path, records: list[dict[str, Any]]) -> None:
         for s in summary:
             lines.append(f"| {s['row']} | " + " | ".join(f"{s[d]:.4f}" if d in s else "" for d in doms) + " |")
     lines += ["", ("`passage_loss` and `lambada_*` are on the heldout target; `... - uniform` is the paired difference "
-                   "against the uniform cell of the same selection and model (mean ± s.e. over seeds).")]
+                   "against the uniform cell of the same selection and model (the oracle's: against its baseline "
+                   "selection's), mean ± s.e. over seeds.")]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -365,7 +365,7 @@ def run_experiment(cfg: ExperimentConfig, quick: bool = False, callbacks=(), log
     cells = plan(cfg, cfg.quick_seeds if quick else cfg.seeds)
     done = {c.key for c in cells if (out / c.key / "cell.json").is_file()}
     todo = [c for c in cells if c.key not in done]
-    log(f"dwm experiment: {len(cells)} cells, {len(done)} finished before, {len(todo)} to run"
+    log(f"dwm experiment: {len(cells)} cell{'s' * (len(cells) != 1)}, {len(done)} finished before, {len(todo)} to run"
         + (f", {cfg.jobs} at a time" if cfg.jobs > 1 and todo else "")
         + (f", {cfg.threads} torch thread{'s' * (cfg.threads > 1)} each" if cfg.threads else ""))
     threads = torch.get_num_threads()

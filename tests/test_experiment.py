@@ -234,9 +234,12 @@ def test_bad_recipes_one_line(tmp_path, capsys):
 def test_launcher_runs_cells_as_dwm_train_subprocesses(grid, tmp_path):
     from dwm.experiment import run_experiment
 
-    cfg = load(str(grid["recipe"]), [f"out={tmp_path / 'g'}", "weightings=uniform", f"launcher={sys.executable}",
-                                     "steps=2"])
+    launcher = tmp_path / "launch.sh"  # records the thread count the cell's process was given, then runs it
+    launcher.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS" > {tmp_path / "threads"}\nexec {sys.executable} "$@"\n')
+    cfg = load(str(grid["recipe"]), [f"out={tmp_path / 'g'}", "weightings=uniform", f"launcher=sh {launcher}",
+                                     "steps=2", "threads=3"])
     records = run_experiment(cfg, log=lambda s: None)
+    assert (tmp_path / "threads").read_text().strip() == "3"
     run = tmp_path / "g" / "random/uniform/tiny/s0"
     assert (run / "checkpoints" / "LATEST").read_text().strip() == "step_00000002"
     assert "weighting.mode=uniform" not in (run / "config.toml").read_text()  # the resolved config, not argv

@@ -16,9 +16,10 @@ Cells run in order (learners before the cells that replay them), each trained wi
 `overrides` (in this process, or through `launcher`, e.g. torchrun, as `dwm train` subprocesses), then evaluated
 on the `heldout` target, the prepared data's `val` split and the lm-eval `tasks`. `jobs = N` trains N cells side
 by side, each in its own process (a transfer cell starts once the cell it replays has finished); `threads` fixes
-the torch threads of every cell, selection and evaluation, so a cell's numbers do not depend on how many ran beside
-it (they reproduce bit for bit on the same machine at the same thread count, not across CPUs). The grid is resumable: a cell
-whose `cell.json` exists is never rerun; a cell killed mid-run continues from its newest checkpoint.
+the torch threads of every cell, selection and evaluation, so a cell's numbers do not depend on how many ran
+beside it (they reproduce bit for bit on the same machine at the same thread count, not across CPUs). The grid is
+resumable: a cell whose `cell.json` exists is never rerun; a cell killed mid-run continues from its newest
+checkpoint.
 
 Writes OUT/cells.csv (one row per cell), OUT/results.csv and OUT/results.md (one row per selection x weighting x
 model: every metric as mean ± standard error over seeds, the average of the accuracies, and the paired difference
@@ -31,6 +32,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -98,8 +100,9 @@ class ExperimentConfig:
     """cells trained side by side, each in its own process (the work of a cell is serial: on N cores, jobs = N with
     threads = 1 finishes a grid soonest); 1: one after another in this process"""
     threads: int = 0
-    """torch threads of every cell (training, selection, evaluation), fixed for the whole grid; 0: torch's default
-    (the cores of the machine). The numbers reproduce bit for bit only at the same thread count"""
+    """torch threads of every cell (training, selection, evaluation), fixed for the whole grid (a launcher's
+    subprocesses get it as OMP_NUM_THREADS); 0: torch's default (the cores of the machine). The numbers reproduce
+    bit for bit only at the same thread count"""
 
     def validate(self, prefix: str = "") -> None:
         if not self.seeds or not self.quick_seeds:
@@ -259,7 +262,8 @@ def train_cell(cfg: ExperimentConfig, out: Path, cell: Cell, callbacks=()) -> fl
     if cfg.launcher:
         cmd = [*shlex.split(cfg.launcher), "-m", "dwm", "train", "--config", str(recipe),
                *(["--resume"] if resume else []), *_argv(ov)]
-        if subprocess.run(cmd, check=False).returncode != 0:
+        env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)} if cfg.threads else None
+        if subprocess.run(cmd, check=False, env=env).returncode != 0:
             raise UserError(f"cell {cell.key}: `{shlex.join(cmd)}` failed")
     else:
         from dwm.run import train

@@ -207,6 +207,20 @@ def test_shipped_recipes_load_and_models_build(name):
         assert want[m][0] < n < want[m][1], (m, n)
 
 
+def test_table_keys_from_the_command_line():
+    """A table key (selections) is set whole as a TOML inline table, or one entry at a time as KEY.NAME=value."""
+    assert load("cpu-mini", ['selections={random = "", mine = "--method dsir --top-k"}']).selections == {
+        "random": "", "mine": "--method dsir --top-k"}
+    assert load("cpu-mini", ["selections.dsir=--top-k", "selections.more=--method random"]).selections == {
+        "random": "", "dsir": "--top-k", "quality": "--classifier", "more": "--method random"}
+    with pytest.raises(UserError, match=r"selections: '\{random' is not a TOML inline table"):
+        load("cpu-mini", ["selections={random"])
+    with pytest.raises(UserError, match=r"expected a table of name = value \(on the command line selections="):
+        load("cpu-mini", ["selections=random"])
+    with pytest.raises(UserError, match="selections: at least one selection"):
+        load("cpu-mini", ["selections={}"])
+
+
 def test_bad_recipes_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="did you mean cpu-mini"):
         load("cpu-mni")

@@ -150,8 +150,16 @@ def _coerce(key: str, t: Any, value: Any, from_str: bool) -> Any:
             raise UserError(f"config key {key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", elem, x, from_str) for i, x in enumerate(items)]
     if typing.get_origin(t) is dict:
-        if from_str or not isinstance(value, dict):
-            raise UserError(f"config key {key}: expected a table of name = value, got {value!r}")
+        if from_str and value.strip().startswith("{"):  # a TOML inline table: selections={random="", dsir=""}
+            import tomllib
+
+            try:
+                value = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError as e:
+                raise UserError(f"config key {key}: {value!r} is not a TOML inline table ({e})") from None
+        elif from_str or not isinstance(value, dict):
+            raise UserError(f"config key {key}: expected a table of name = value (on the command line "
+                            f"{key}={{name = \"value\"}}, or {key}.NAME=value for one entry), got {value!r}")
         return {str(k): _coerce(f"{key}.{k}", typing.get_args(t)[1], v, False) for k, v in value.items()}
     allowed = choices(t)
     if allowed is not None:
@@ -278,8 +286,14 @@ def set_key(cfg: Any, key: str, value: Any, command: str = "dwm train", from_str
         value = list(value)
     parts = key.strip().split(".")
     obj, prefix = cfg, ""
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         hs = hints(type(obj))
+        if p in hs and typing.get_origin(hs[p]) is dict and i == len(parts) - 2:  # one entry of a table
+            entry = parts[-1]
+            if from_str is None:
+                from_str = isinstance(value, str)
+            getattr(obj, p)[entry] = _coerce(key.strip(), typing.get_args(hs[p])[1], value, from_str)
+            return
         if p not in hs or not is_dataclass(hs[p]):
             raise _unknown(p, type(obj), prefix, command)
         obj, prefix = getattr(obj, p), f"{prefix}{p}."

@@ -14,8 +14,8 @@ uniform cell of the same selection, model and seed:
   with the LM's loss of the sample and with its diversity (bigram novelty within the probe set), and the target
   domain's mean weight.
 
-Verdict rule (fixed before the grid ran; 3 seeds, so a paired mean has 2 degrees of freedom: 2 s.e. is about an
-80% two-sided t interval, 4.3 s.e. 95%):
+Verdict rule (committed at ccad281, while the grid ran, when 3 of its 33 cells had finished; 3 seeds, so a paired
+mean has 2 degrees of freedom: 2 s.e. is about an 80% two-sided t interval, 4.3 s.e. 95%):
 - supported: below uniform in every seed and the mean beyond 2 s.e.;
 - leaning supported: below uniform in every seed, the mean within 2 s.e.;
 - contradicted: the mean above uniform beyond 2 s.e.;

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -43,13 +42,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO, git_commit
 
-
-def mse(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
+from dwm.experiment import mean_se
 
 
 def verdict(diffs: list[float]) -> str:
-    m, se = mse(diffs)
+    m, se = mean_se(diffs)
     if all(d < 0 for d in diffs):
         return "**supported**" if -m >= 2 * se else "**leaning supported**"
     if m > 0 and m >= 2 * se:
@@ -58,7 +55,8 @@ def verdict(diffs: list[float]) -> str:
 
 
 def load_cells(grid: Path) -> dict[str, dict]:
-    return {json.loads(p.read_text())["cell"]: json.loads(p.read_text()) for p in grid.glob("*/*/*/s*/cell.json")}
+    records = [json.loads(p.read_text()) for p in grid.glob("*/*/*/s*/cell.json")]
+    return {r["cell"]: r for r in records}
 
 
 def paired(cells: dict[str, dict], a: str, b: str, seeds: list[int], metric: str = "passage_loss") -> list[float]:
@@ -67,7 +65,7 @@ def paired(cells: dict[str, dict], a: str, b: str, seeds: list[int], metric: str
 
 
 def fmt(diffs: list[float]) -> str:
-    m, se = mse(diffs)
+    m, se = mean_se(diffs)
     return f"{m:+.4f} ± {se:.4f} ({abs(m) / se:.1f} s.e.)" if se > 0 else f"{m:+.4f}"
 
 
@@ -127,7 +125,7 @@ def stage_table(grid: Path, seeds: list[int], target_domain: str) -> list[str]:
     out += ["", "| first -> last stage change of | per seed | mean ± s.e. | consistent sign, beyond 2 s.e. |",
             "|---|---|---|---|"]
     for k, d in change.items():
-        m, se = mse(d)
+        m, se = mean_se(d)
         ok = (all(x > 0 for x in d) or all(x < 0 for x in d)) and abs(m) >= 2 * se
         out.append(f"| Spearman with {k} | {', '.join(f'{x:+.2f}' for x in d)} | {m:+.2f} ± {se:.2f} | "
                    f"{'yes' if ok else 'no'} |")

@@ -219,6 +219,8 @@ def test_table_keys_from_the_command_line():
         load("cpu-mini", ["selections=random"])
     with pytest.raises(UserError, match="selections: at least one selection"):
         load("cpu-mini", ["selections={}"])
+    with pytest.raises(UserError, match=r"selections is a table of name = value: set one entry as selections\.NAME"):
+        load("cpu-mini", ["selections.dsir.x=1"])
 
 
 def test_bad_recipes_one_line(tmp_path, capsys):

@@ -288,11 +288,13 @@ def set_key(cfg: Any, key: str, value: Any, command: str = "dwm train", from_str
     obj, prefix = cfg, ""
     for i, p in enumerate(parts[:-1]):
         hs = hints(type(obj))
-        if p in hs and typing.get_origin(hs[p]) is dict and i == len(parts) - 2:  # one entry of a table
-            entry = parts[-1]
+        if p in hs and typing.get_origin(hs[p]) is dict:  # one entry of a table: KEY.NAME=value
+            if i != len(parts) - 2:
+                raise UserError(f"config key {prefix}{p} is a table of name = value: set one entry as "
+                                f"{prefix}{p}.NAME=value, not {key.strip()}")
             if from_str is None:
                 from_str = isinstance(value, str)
-            getattr(obj, p)[entry] = _coerce(key.strip(), typing.get_args(hs[p])[1], value, from_str)
+            getattr(obj, p)[parts[-1]] = _coerce(key.strip(), typing.get_args(hs[p])[1], value, from_str)
             return
         if p not in hs or not is_dataclass(hs[p]):
             raise _unknown(p, type(obj), prefix, command)

@@ -397,7 +397,8 @@ def run_experiment(cfg: ExperimentConfig, quick: bool = False, callbacks=(), log
 # ---------------------------------------------------------------- tables
 
 
-def _mse(xs: list[float]) -> tuple[float, float]:
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds (nan with one seed)."""
     m = statistics.fmean(xs)
     return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
 
@@ -416,14 +417,14 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "model": rs[0]["model"], "seeds": [r["seed"] for r in rs]}
         for k in keys:
             vals = [r["metrics"][k] for r in rs if k in r["metrics"]]
-            s[k], s[k + " se"] = _mse(vals)
+            s[k], s[k + " se"] = mean_se(vals)
         if rs[0]["weighting"] != "uniform" or rs[0].get("baseline", rs[0]["selection"]) != rs[0]["selection"]:
             base = [uniform.get((r.get("baseline", r["selection"]), r["model"], r["seed"])) for r in rs]
             for k in ("passage_loss", "avg_acc"):
                 d = [r["metrics"][k] - b["metrics"][k] for r, b in zip(rs, base, strict=True)
                      if b is not None and k in r["metrics"] and k in b["metrics"]]
                 if d:
-                    s[f"{k} - uniform"], s[f"{k} - uniform se"] = _mse(d)
+                    s[f"{k} - uniform"], s[f"{k} - uniform se"] = mean_se(d)
         out.append(s)
     return out
 

@@ -222,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+        from dwm.host import die_with_parent
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent) as ex:
             futs = {a: ex.submit(train_and_eval, a, out / a, overrides[a], args.steps, args.heldout,
                                  args.max_passages, threads) for a in arms}
             results = {a: f.result() for a, f in futs.items()}
